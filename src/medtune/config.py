@@ -1,0 +1,156 @@
+"""The only config schema: dataclasses. YAML fills values, `--set a.b=v` overrides, unknown keys are errors."""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from medtune.errors import MedtuneError
+
+
+@dataclass
+class DataConfig:
+    source: str = "demo"  # preset (demo, medqa, medmcqa, ...) or a local file
+    eval_source: str | None = None  # evaluate on another source instead of the held-out part of `source`
+    train_size: int | None = None  # items to train on, split from `source` (None: the source's own split)
+    eval_size: int | None = None  # cap on held-out items (None: all the rest)
+    limit: int | None = None  # evaluate the first N eval items only
+    seed: int = 42  # split and shuffling seed
+    cop_base: int | None = None  # MedMCQA `cop` base (0 or 1) when the file alone can't tell
+    shuffle_options: bool = True  # shuffle option order per example and epoch in training (no letter prior)
+
+
+@dataclass
+class LoraConfig:
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.05
+    target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
+
+
+@dataclass
+class TrainConfig:
+    epochs: float = 3.0
+    max_steps: int | None = None  # stop after this many optimizer steps (overrides epochs)
+    batch_size: int = 8
+    grad_accum: int = 1
+    lr: float = 2e-4
+    scheduler: str = "cosine"  # any transformers scheduler name: cosine, linear, constant_with_warmup, ...
+    warmup: float = 0.05  # share of total steps
+    weight_decay: float = 0.0
+    max_length: int = 512  # tokens per example; longer examples are truncated from the explanation end
+    target: str = "answer+explanation"  # or "answer": what the model learns to produce after the prompt
+    group_by_length: bool = True  # batch similar lengths together (less padding, same examples per epoch)
+    gradient_checkpointing: bool = False
+    dtype: str = "auto"  # auto (device policy), bfloat16, float16, float32
+    seed: int = 42
+    save_every: int = 0  # checkpoint every N optimizer steps (0: only at the end)
+    log_every: int = 1
+    report_to: list[str] = field(default_factory=list)  # tensorboard, wandb, ... through accelerate trackers
+
+
+@dataclass
+class EvalConfig:
+    method: str = "letter"  # letter (one forward pass) or generate (greedy answer + explanation)
+    mode: str = "fast"  # fast (bf16 where it helps + exact fp32 re-score of close calls) or exact (fp32)
+    permute: str = "none"  # none or cyclic (score each rotation of the options; debiased prediction)
+    batch_size: int = 16
+    margin: float = 0.5  # fast mode: re-score in fp32 when the top-two log-prob margin is below this
+    max_new_tokens: int = 256  # generate method: length cap (reported when hit)
+
+
+@dataclass
+class Config:
+    model: str = "embedded"  # embedded, a hub id, or a local model directory
+    prompt_style: str = "harness"  # harness or chat (see prompts.py)
+    out_dir: str = "runs/latest"
+    device: str = "auto"
+    data: DataConfig = field(default_factory=DataConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Defaults, then the YAML file, then `key.sub=value` overrides (values parsed as YAML scalars)."""
+    raw: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise MedtuneError(f"{path}: config file not found")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise MedtuneError(f"{path}: not valid YAML: {e}") from None
+        if not isinstance(raw, dict):
+            raise MedtuneError(f"{path}: top level must be a mapping of config keys")
+    for item in overrides or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise MedtuneError(f"--set {item!r}: expected key=value, e.g. --set lora.r=16")
+        node = raw
+        *parents, leaf = key.strip().split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise MedtuneError(f"--set {item!r}: {p} is not a section")
+        node[leaf] = yaml.safe_load(value) if value.strip() else None
+    return _build(Config, raw, where=str(path) if path else "config")
+
+
+def _build(cls, raw: dict, where: str):
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(raw) - set(names))
+    if unknown:
+        raise MedtuneError(f"{where}: unknown key(s) {', '.join(unknown)}; valid keys: {', '.join(names)}")
+    values = {}
+    for name, value in raw.items():
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            if not isinstance(value, dict):
+                raise MedtuneError(f"{where}: {name} must be a mapping with keys {', '.join(_names(hint))}")
+            values[name] = _build(hint, value, f"{where}: {name}")
+        else:
+            values[name] = _coerce(value, hint, f"{where}: {name}")
+    return cls(**values)
+
+
+def _names(cls) -> list[str]:
+    return [f.name for f in dataclasses.fields(cls)]
+
+
+def _coerce(value, hint, where: str):
+    """Accept a value of the declared type (ints for floats, a scalar for a one-item list); reject the rest."""
+    args = typing.get_args(hint)
+    optional = typing.get_origin(hint) in (typing.Union, types.UnionType) and type(None) in args
+    if value is None:
+        if optional:
+            return None
+        raise MedtuneError(f"{where}: must not be empty")
+    base = next(a for a in args if a is not type(None)) if optional else hint
+    origin = typing.get_origin(base)
+    if origin is list:
+        items = value if isinstance(value, list) else [value]
+        return [str(v) for v in items]
+    if base is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if base is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if base is bool and isinstance(value, bool):
+        return value
+    if base is str and isinstance(value, (str, int, float)) and not isinstance(value, bool):
+        return str(value)
+    raise MedtuneError(f"{where}: expected {getattr(base, '__name__', base)}, got {value!r}")
+
+
+def save_config(cfg: Config, path: Path) -> None:
+    path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))

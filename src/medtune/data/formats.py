@@ -1,0 +1,293 @@
+"""One reader per published format. Every bad row becomes one `file:line: field: what is wrong` problem.
+
+Formats (detected from the keys of the rows, never from the file name):
+  medqa          {"question", "options": {"A": ..}, "answer_idx": "A".., ...}        (MedQA original, 4 or 5 options)
+  medqa-hub      {"sent1", "ending0".."ending3"(4), "label": int}                      (GBaker/MedQA-USMLE-4-options-hf)
+  medmcqa        {"question", "opa".."opd", "cop": int, "exp", "subject_name", "id"}  (cop 1-based as published, 0 on Hub)
+  pubmedqa       ori_pqal.json {PMID: {"QUESTION", "CONTEXTS", "final_decision"}} or Hub {"question", "context", ..}
+  mmlu           headerless CSV `question,A,B,C,D,answer` or Hub {"question", "choices", "answer": int}
+  demo           {"id", "question", "options": [..], "answer": int, "explanation", "subject"}  (medtune's own layout)
+  mapped         any JSONL/CSV/Parquet through a column mapping (see `parse_mapping`)
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+from medtune.data.items import LETTERS, MCQItem
+from medtune.errors import DataError, MedtuneError
+
+PUBMEDQA_OPTIONS = ("yes", "no", "maybe")
+
+
+class RowError(Exception):
+    def __init__(self, field: str, message: str):
+        super().__init__(f"{field}: {message}")
+
+
+def read_file(path: str | Path, cop_base: int | None = None, mapping: dict[str, str] | None = None,
+              subject: str | None = None) -> list[MCQItem]:
+    """Read every row of a local file into items; raise DataError listing every bad row, or MedtuneError."""
+    path = Path(path)
+    if not path.is_file():
+        raise MedtuneError(f"{path}: file not found")
+    rows = list(_rows(path))
+    if not rows:
+        raise DataError([f"{path}: no rows"])
+    fmt = "mapped" if mapping else detect_format(path, rows[0][1])
+    if fmt == "medmcqa":
+        cop_base = decide_cop_base(path, rows, cop_base)
+    items, problems = [], []
+    for where, row in rows:
+        try:
+            items.append(_READERS[fmt](row, where=where, path=path, cop_base=cop_base, mapping=mapping,
+                                       subject=subject))
+        except RowError as e:
+            problems.append(f"{where}: {e}")
+    seen: dict[str, str] = {}
+    for item, (where, _) in zip(items, rows):
+        if item.id in seen:
+            problems.append(f"{where}: id: duplicate id {item.id!r} (first at {seen[item.id]})")
+        seen.setdefault(item.id, where)
+    if problems:
+        raise DataError(problems)
+    return items
+
+
+def _rows(path: Path) -> Iterator[tuple[str, dict]]:
+    """(`file:line`, row) pairs. JSONL/JSON/CSV/Parquet; a JSON object keyed by id (PubMedQA) yields its values."""
+    suffix = path.suffix.lower()
+    if suffix == ".parquet":
+        import pyarrow.parquet as pq  # only for parquet files
+
+        for i, row in enumerate(pq.read_table(path).to_pylist(), start=1):
+            yield f"{path}:row {i}", row
+        return
+    if suffix == ".csv":
+        yield from _csv_rows(path)
+        return
+    text = path.read_text(encoding="utf-8")
+    if suffix == ".json":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise DataError([f"{path}:{e.lineno}: json: {e.msg}"]) from None
+        if isinstance(data, dict):  # PubMedQA ori_pqal.json: {PMID: row}
+            for key, row in data.items():
+                yield f"{path}:{key}", {"__key__": key, **row} if isinstance(row, dict) else row
+        else:
+            for i, row in enumerate(data, start=1):
+                yield f"{path}:{i}", row
+        return
+    problems = []
+    for n, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            problems.append(f"{path}:{n}: json: {e.msg} at column {e.colno}")
+            continue
+        if not isinstance(row, dict):
+            problems.append(f"{path}:{n}: row: expected a JSON object, got {type(row).__name__}")
+            continue
+        yield f"{path}:{n}", row
+    if problems:
+        raise DataError(problems)
+
+
+def _csv_rows(path: Path) -> Iterator[tuple[str, dict]]:
+    with path.open(newline="", encoding="utf-8") as f:
+        rows = list(csv.reader(f))
+    header = [h.strip() for h in rows[0]] if rows else []
+    has_header = "question" in [h.lower() for h in header]
+    if not has_header:  # MMLU as published: question,A,B,C,D,answer with no header
+        header = ["question", *LETTERS[: max(len(rows[0]) - 2, 0)], "answer"] if rows else []
+    for n, values in enumerate(rows[1:] if has_header else rows, start=2 if has_header else 1):
+        if not any(v.strip() for v in values):
+            continue
+        if len(values) != len(header):
+            raise DataError([f"{path}:{n}: row: expected {len(header)} columns, got {len(values)}"])
+        yield f"{path}:{n}", {"__csv__": True, **dict(zip(header, values))}
+
+
+def detect_format(path: Path, row: dict) -> str:
+    keys = set(row)
+    if "options" in keys and "answer_idx" in keys:
+        return "medqa"
+    if "sent1" in keys and "ending0" in keys:
+        return "medqa-hub"
+    if {"opa", "opb", "opc", "opd", "cop"} <= keys:
+        return "medmcqa"
+    if "QUESTION" in keys or ("final_decision" in keys and ("context" in keys or "CONTEXTS" in keys)):
+        return "pubmedqa"
+    if "choices" in keys and "answer" in keys or "__csv__" in keys and "A" in keys:
+        return "mmlu"
+    if {"question", "options", "answer"} <= keys:
+        return "demo"
+    raise MedtuneError(
+        f"{path}: unknown format (first row keys: {', '.join(sorted(k for k in keys if not k.startswith('__')))}); "
+        "supported: MedQA, MedMCQA, PubMedQA, MMLU, medtune's demo layout, or pass --map question=COL,options=COL|COL,"
+        "answer=COL for any other file"
+    )
+
+
+def decide_cop_base(path: Path, rows: list[tuple[str, dict]], cop_base: int | None) -> int:
+    """MedMCQA `cop` is 1-based in the published files and 0-based on the Hub; decide from the whole file."""
+    if cop_base is not None:
+        if cop_base not in (0, 1):
+            raise MedtuneError(f"--cop-base must be 0 or 1, got {cop_base}")
+        return cop_base
+    values = {row.get("cop") for _, row in rows}
+    has0, has4 = 0 in values, 4 in values
+    if has0 and has4:
+        raise DataError([f"{path}: cop: both 0 and 4 occur, so the file mixes 0-based and 1-based answers"])
+    if has0:
+        return 0
+    if has4:
+        return 1
+    raise MedtuneError(
+        f"{path}: cop: only values 1-3 occur, so the file alone can't tell 0-based (Hub) from 1-based (published); "
+        "pass --cop-base 0 or --cop-base 1"
+    )
+
+
+def _text(row: dict, key: str, required: bool = True) -> str | None:
+    value = row.get(key)
+    if value is None or (isinstance(value, str) and not value.strip()):
+        if required:
+            raise RowError(key, "missing or empty" if value is None or key not in row else "empty")
+        return None
+    if not isinstance(value, str):
+        raise RowError(key, f"expected text, got {type(value).__name__}")
+    return value.strip()
+
+
+def _index(value, n: int, field: str, base: int = 0) -> int:
+    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+        value = int(value)
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise RowError(field, f"expected an integer, got {value!r}")
+    if not base <= value < n + base:
+        raise RowError(field, f"{value} is out of range {base}..{n - 1 + base}")
+    return value - base
+
+
+def _line_id(path: Path, where: str) -> str:
+    return f"{path.stem}-{where.rsplit(':', 1)[-1].replace('row ', '')}"
+
+
+def _medqa(row, where, path, **_) -> MCQItem:
+    options = row.get("options")
+    if not isinstance(options, dict) or not options:
+        raise RowError("options", "expected an object like {\"A\": ..., \"B\": ...}")
+    letters = sorted(options)
+    if letters != list(LETTERS[: len(letters)]) or len(letters) not in (4, 5):
+        raise RowError("options", f"expected keys A-D or A-E, got {', '.join(letters)}")
+    texts = tuple(_text(options, k) or "" for k in letters)
+    gold = row.get("answer_idx")
+    if gold not in letters:
+        raise RowError("answer_idx", f"expected one of {', '.join(letters)}, got {gold!r}")
+    return MCQItem(id=str(row.get("id") or _line_id(path, where)), question=_text(row, "question"), options=texts,
+                   answer=letters.index(gold), subject=row.get("meta_info") or None, benchmark="medqa")
+
+
+def _medqa_hub(row, where, path, **_) -> MCQItem:
+    n = 5 if "ending4" in row else 4
+    texts = tuple(_text(row, f"ending{i}") for i in range(n))
+    return MCQItem(id=str(row.get("id") or _line_id(path, where)), question=_text(row, "sent1"), options=texts,
+                   answer=_index(row.get("label"), n, "label"), benchmark="medqa")
+
+
+def _medmcqa(row, where, path, cop_base, **_) -> MCQItem:
+    texts = tuple(_text(row, k) for k in ("opa", "opb", "opc", "opd"))
+    return MCQItem(id=str(row.get("id") or _line_id(path, where)), question=_text(row, "question"), options=texts,
+                   answer=_index(row.get("cop"), 4, "cop", base=cop_base), explanation=_text(row, "exp", False),
+                   subject=_text(row, "subject_name", False), benchmark="medmcqa")
+
+
+def _pubmedqa(row, where, path, **_) -> MCQItem:
+    if "QUESTION" in row:  # ori_pqal.json, keyed by PMID
+        question, contexts, pid = _text(row, "QUESTION"), row.get("CONTEXTS"), row.get("__key__")
+        explanation = _text(row, "LONG_ANSWER", False)
+    else:  # Hub pqa_labeled
+        ctx = row.get("context") or {}
+        question, contexts, pid = _text(row, "question"), ctx.get("contexts"), row.get("pubid")
+        explanation = _text(row, "long_answer", False)
+    if not isinstance(contexts, list) or not all(isinstance(c, str) for c in contexts):
+        raise RowError("CONTEXTS" if "QUESTION" in row else "context.contexts", "expected a list of text")
+    decision = (row.get("final_decision") or "").strip().lower()
+    if decision not in PUBMEDQA_OPTIONS:
+        raise RowError("final_decision", f"expected yes, no or maybe, got {row.get('final_decision')!r}")
+    text = "Abstract: " + " ".join(c.strip() for c in contexts) + "\nQuestion: " + question
+    return MCQItem(id=str(pid or _line_id(path, where)), question=text, options=PUBMEDQA_OPTIONS,
+                   answer=PUBMEDQA_OPTIONS.index(decision), explanation=explanation, benchmark="pubmedqa")
+
+
+def _mmlu(row, where, path, subject=None, **_) -> MCQItem:
+    if "__csv__" in row:
+        letters = [k for k in LETTERS if k in row]
+        texts = tuple(_text(row, k) for k in letters)
+        gold = (row.get("answer") or "").strip().upper()
+        if gold not in letters:
+            raise RowError("answer", f"expected one of {', '.join(letters)}, got {row.get('answer')!r}")
+        answer = letters.index(gold)
+        subject = subject or path.stem.removesuffix("_test").removesuffix("_dev").removesuffix("_val")
+    else:
+        choices = row.get("choices")
+        if not isinstance(choices, list) or len(choices) < 2:
+            raise RowError("choices", "expected a list of at least 2 options")
+        texts = tuple(_text({"choices": c}, "choices") for c in choices)
+        answer = _index(row.get("answer"), len(texts), "answer")
+        subject = row.get("subject") or subject
+    return MCQItem(id=str(row.get("id") or _line_id(path, where)), question=_text(row, "question"), options=texts,
+                   answer=answer, subject=subject, benchmark="mmlu")
+
+
+def _demo(row, where, path, **_) -> MCQItem:
+    options = row.get("options")
+    if not isinstance(options, list) or not 2 <= len(options) <= len(LETTERS):
+        raise RowError("options", f"expected a list of 2-{len(LETTERS)} options")
+    texts = tuple(_text({"options": o}, "options") for o in options)
+    return MCQItem(id=str(row.get("id") or _line_id(path, where)), question=_text(row, "question"), options=texts,
+                   answer=_index(row.get("answer"), len(texts), "answer"),
+                   explanation=_text(row, "explanation", False), subject=_text(row, "subject", False),
+                   benchmark=str(row.get("benchmark") or "generic"))
+
+
+def parse_mapping(spec: str) -> dict[str, str]:
+    """`question=q,options=a|b|c|d,answer=label[,answer_base=1][,id=..][,subject=..][,explanation=..]`."""
+    mapping = {}
+    for part in filter(None, (p.strip() for p in spec.split(","))):
+        key, sep, value = part.partition("=")
+        if not sep or key not in {"question", "options", "answer", "answer_base", "id", "subject", "explanation"}:
+            raise MedtuneError(f"--map {spec!r}: bad entry {part!r}; keys: question, options, answer, answer_base, "
+                               "id, subject, explanation")
+        mapping[key] = value
+    missing = {"question", "options", "answer"} - set(mapping)
+    if missing:
+        raise MedtuneError(f"--map {spec!r}: missing {', '.join(sorted(missing))}")
+    return mapping
+
+
+def _mapped(row, where, path, mapping, **_) -> MCQItem:
+    cols = mapping["options"].split("|")
+    texts = tuple(_text({c: str(row[c]) if c in row and row[c] is not None else None}, c) for c in cols)
+    gold = row.get(mapping["answer"])
+    if isinstance(gold, str) and gold.strip().upper() in LETTERS[: len(texts)]:
+        answer = LETTERS.index(gold.strip().upper())
+    elif isinstance(gold, str) and gold.strip() in texts:
+        answer = texts.index(gold.strip())
+    else:
+        answer = _index(gold, len(texts), mapping["answer"], base=int(mapping.get("answer_base", 0)))
+    get = lambda key: _text({key: str(row[mapping[key]])}, key, False) if key in mapping and row.get(mapping[key]) \
+        is not None else None  # noqa: E731
+    return MCQItem(id=get("id") or _line_id(path, where), question=_text(row, mapping["question"]), options=texts,
+                   answer=answer, explanation=get("explanation"), subject=get("subject"))
+
+
+_READERS = {"medqa": _medqa, "medqa-hub": _medqa_hub, "medmcqa": _medmcqa, "pubmedqa": _pubmedqa, "mmlu": _mmlu,
+            "demo": _demo, "mapped": _mapped}

@@ -1,0 +1,65 @@
+"""`medtune data validate | show | split`: what a user wants to know about a data file before using it."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+from medtune.data import sources
+from medtune.data.formats import decide_cop_base, parse_mapping
+from medtune.data.items import LETTERS, MCQItem
+from medtune.data.split import overlap, split
+
+
+def _load(source: str, cop_base: int | None, mapping: str | None) -> list[MCQItem]:
+    return sources.load(source, None if source == sources.DEMO else "eval", cop_base=cop_base,
+                        mapping=parse_mapping(mapping) if mapping else None)
+
+
+def validate(source: str, cop_base: int | None = None, mapping: str | None = None) -> str:
+    items = _load(source, cop_base, mapping)
+    note = ""
+    if Path(source).is_file() and items and items[0].benchmark == "medmcqa" and cop_base is None:
+        rows = [(str(i), json.loads(line)) for i, line in enumerate(Path(source).read_text().splitlines()) if line]
+        note = f", cop {'1-based (published)' if decide_cop_base(Path(source), rows, None) else '0-based (Hub)'} detected"
+    return f"{source}: {len(items)} valid items ({items[0].benchmark} format{note})"
+
+
+def summarize(items: list[MCQItem]) -> dict:
+    n_opts = Counter(len(i.options) for i in items)
+    golds = Counter(i.gold_letter for i in items)
+    return {"n": len(items), "option_counts": dict(sorted(n_opts.items())),
+            "answer_letters": {ch: golds.get(ch, 0) for ch in LETTERS[: max(n_opts)]},
+            "with_explanation": sum(1 for i in items if i.explanation),
+            "subjects": dict(Counter(i.subject or "(none)" for i in items).most_common())}
+
+
+def show(source: str, cop_base: int | None = None, mapping: str | None = None, as_json: bool = False) -> str:
+    s = summarize(_load(source, cop_base, mapping))
+    if as_json:
+        return json.dumps(s, indent=1)
+    n = s["n"]
+    lines = [f"{source}: {n} items, {s['with_explanation']} with an explanation",
+             "options per question: " + ", ".join(f"{k}: {v}" for k, v in s["option_counts"].items()),
+             "answer letters: " + ", ".join(f"{k} {v} ({v / n:.1%})" for k, v in s["answer_letters"].items()),
+             f"subjects ({len(s['subjects'])}):"]
+    lines += [f"  {name}: {count}" for name, count in list(s["subjects"].items())[:40]]
+    return "\n".join(lines)
+
+
+def split_to_files(source: str, train_size: int, out: Path, seed: int = 42, cop_base: int | None = None) -> str:
+    """Write OUT/train.jsonl and OUT/eval.jsonl (medtune layout, all fields kept) and report duplicates."""
+    items = _load(source, cop_base, None)
+    train, evals = split(items, train_size, seed)
+    found = overlap(train, evals)
+    out.mkdir(parents=True, exist_ok=True)
+    for name, part in (("train", train), ("eval", evals)):
+        tmp = out / f".{name}.jsonl.tmp"
+        tmp.write_text("".join(json.dumps(i.to_dict(), ensure_ascii=False) + "\n" for i in part))
+        tmp.replace(out / f"{name}.jsonl")
+    lines = [f"{len(train)} train / {len(evals)} eval items (seed {seed}, stratified by subject) -> {out}",
+             f"exact duplicates between train and eval: {len(found['exact'])}",
+             f"near duplicates (>= {found['threshold']:.0%} of {found['ngram']}-grams shared): {len(found['near'])}"]
+    lines += [f"  {x['eval_id']} = {', '.join(x['train_ids'])}" for x in found["exact"][:20]]
+    return "\n".join(lines)

@@ -1,0 +1,264 @@
+"""Letter scoring in one forward pass, predictions, metrics.
+
+For each question the log-probability of each option's continuation (" A", " B", ...) after the prompt is computed the
+way lm-evaluation-harness computes it: the continuation's tokens are those of `tokenize(prompt + continuation)` after
+the prompt's own tokens, and its log-likelihood is the sum of their log-softmax. When every continuation is a single
+token that leaves the prompt's tokens unchanged (the normal case), one forward pass over the prompt gives all options;
+otherwise each option gets its own forward pass (the reference path, also used by the tests).
+
+Modes: `exact` runs in float32. `fast` runs under bf16 autocast where the device supports it, then re-scores in
+float32 every question whose top-two margin is below `margin`, so that only close calls can differ from exact mode.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+from medtune.data.items import LETTERS, MCQItem
+from medtune.prompts import build_prompt, continuations
+
+
+@dataclass
+class Encoded:
+    context: list[int]
+    options: list[list[int]]  # continuation tokens per option
+
+    @property
+    def single_token(self) -> bool:
+        return all(len(o) == 1 for o in self.options)
+
+
+def encode(items: list[MCQItem], style: str, tokenizer) -> list[Encoded]:
+    """lm-evaluation-harness's split of context and continuation tokens (no special tokens added)."""
+    out = []
+    for item in items:
+        prompt = build_prompt(item, style, tokenizer)
+        context = tokenizer(prompt, add_special_tokens=False).input_ids
+        whole = [tokenizer(prompt + c, add_special_tokens=False).input_ids for c in continuations(item, style)]
+        out.append(Encoded(context, [w[len(context):] for w in whole]))
+    return out
+
+
+def score(model, encoded: list[Encoded], batch_size: int = 16, mode: str = "fast", margin: float = 0.5,
+          progress=None) -> tuple[list[list[float]], list[bool]]:
+    """Log-likelihood of every option of every question, and whether each was re-scored in fp32 (fast mode)."""
+    import torch
+
+    device = next(model.parameters()).device
+    fast_dtype = _fast_dtype(device) if mode == "fast" else None
+    single = [i for i, e in enumerate(encoded) if e.single_token]
+    scores: list[list[float] | None] = [None] * len(encoded)
+    for i, lp in zip(single, _score_single(model, [encoded[i] for i in single], batch_size, fast_dtype, progress)):
+        scores[i] = lp
+    rescored = [False] * len(encoded)
+    if fast_dtype is not None:
+        close = [i for i in single if _margin(scores[i]) < margin]
+        for i, lp in zip(close, _score_single(model, [encoded[i] for i in close], batch_size, None, None)):
+            scores[i], rescored[i] = lp, True
+    for i, e in enumerate(encoded):
+        if scores[i] is None:
+            with torch.inference_mode():
+                scores[i] = score_reference(model, e)
+            if progress is not None:
+                progress.update(1)
+    return scores, rescored
+
+
+def _fast_dtype(device):
+    import torch
+
+    if device.type == "cpu":
+        return torch.bfloat16 if torch.backends.mkldnn.is_available() and _cpu_bf16() else None
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
+    return None
+
+
+def _cpu_bf16() -> bool:
+    try:
+        import torch
+
+        return torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def _margin(lps: list[float]) -> float:
+    top = sorted(lps, reverse=True)
+    return top[0] - top[1] if len(top) > 1 else math.inf
+
+
+def _score_single(model, encoded: list[Encoded], batch_size: int, autocast_dtype, progress) -> list[list[float]]:
+    """One forward pass per batch: left-padded prompts sorted by length, logits at the last position only."""
+    import torch
+
+    device = next(model.parameters()).device
+    order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i].context))
+    out: list[list[float] | None] = [None] * len(encoded)
+    for start in range(0, len(order), batch_size):
+        idx = order[start: start + batch_size]
+        width = max(len(encoded[i].context) for i in idx)
+        ids = torch.zeros(len(idx), width, dtype=torch.long)
+        mask = torch.zeros(len(idx), width, dtype=torch.long)
+        for row, i in enumerate(idx):
+            ctx = encoded[i].context
+            ids[row, width - len(ctx):] = torch.tensor(ctx)
+            mask[row, width - len(ctx):] = 1
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)  # left padding must not shift the real tokens' positions
+        with torch.inference_mode(), torch.autocast(device.type, dtype=autocast_dtype or torch.float32,
+                                                    enabled=autocast_dtype is not None):
+            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device),
+                           position_ids=positions.to(device), logits_to_keep=1).logits[:, -1, :]
+        logprobs = torch.log_softmax(logits.float(), dim=-1).cpu()
+        for row, i in enumerate(idx):
+            out[i] = [logprobs[row, o[0]].item() for o in encoded[i].options]
+        if progress is not None:
+            progress.update(len(idx))
+    return out
+
+
+def score_reference(model, e: Encoded) -> list[float]:
+    """Token by token, one forward pass per option, as lm-evaluation-harness does: the slow reference."""
+    import torch
+
+    device = next(model.parameters()).device
+    result = []
+    for cont in e.options:
+        ids = torch.tensor([e.context + cont[:-1] if cont else e.context], device=device)
+        logprobs = torch.log_softmax(model(input_ids=ids).logits[0].float(), dim=-1)
+        start = len(e.context) - 1
+        result.append(sum(logprobs[start + k, tok].item() for k, tok in enumerate(cont)))
+    return result
+
+
+def predictions(items: list[MCQItem], scores: list[list[float]], rescored: list[bool] | None = None) -> list[dict]:
+    """One row per item, in input order, with letters, raw log-probs and probs normalized over the options."""
+    rows = []
+    for k, (item, lps) in enumerate(zip(items, scores)):
+        probs = _softmax(lps)
+        pred = max(range(len(lps)), key=lambda j: lps[j])
+        rows.append({
+            "id": item.id, "gold": item.gold_letter, "pred": LETTERS[pred], "correct": pred == item.answer,
+            "logprobs": {LETTERS[j]: lp for j, lp in enumerate(lps)},
+            "probs": {LETTERS[j]: p for j, p in enumerate(probs)},
+            "subject": item.subject, **({"rescored_fp32": rescored[k]} if rescored is not None else {}),
+        })
+    return rows
+
+
+def _softmax(values: list[float]) -> list[float]:
+    top = max(values)
+    exps = [math.exp(v - top) for v in values]
+    total = sum(exps)
+    return [e / total for e in exps]
+
+
+def rotations(item: MCQItem) -> list[list[int]]:
+    """The n cyclic rotations of the option order: rotation r shows original option (i + r) % n at position i."""
+    n = len(item.options)
+    return [[(i + r) % n for i in range(n)] for r in range(n)]
+
+
+def permuted_scores(items: list[MCQItem], score_fn) -> tuple[list[list[float]], list[dict]]:
+    """Score every cyclic rotation of every item in one batched call; return the debiased per-option score (each
+    option content's log-probability, normalized over the options, averaged across rotations: a pure letter prior
+    cancels) and per-item rotation details."""
+    expanded, owners = [], []
+    for k, item in enumerate(items):
+        for order in rotations(item):
+            expanded.append(item.permuted(order))
+            owners.append((k, order))
+    flat = score_fn(expanded)
+    debiased = [[0.0] * len(it.options) for it in items]
+    details = [{"rotation_correct": [], "rotation_choice": []} for _ in items]
+    for (k, order), lps in zip(owners, flat):
+        norm = [math.log(p) for p in _softmax(lps)]
+        for pos, original in enumerate(order):
+            debiased[k][original] += norm[pos] / len(order)
+        choice = order[max(range(len(lps)), key=lambda j: lps[j])]
+        details[k]["rotation_choice"].append(choice)
+        details[k]["rotation_correct"].append(choice == items[k].answer)
+    return debiased, details
+
+
+def run_eval(items: list[MCQItem], cfg, out_dir: Path | None, adapter: str | None = None, loaded=None,
+             fingerprint: dict | None = None, quiet: bool = False, log=print, label: str = "") -> tuple[dict, list[dict]]:
+    """Score `items`, write predictions.jsonl and results.json to out_dir (if given); return results and rows."""
+    import time
+
+    from medtune.models import load_model
+    from medtune.report import environment, metrics, write_json, write_jsonl
+
+    started = time.time()
+    style = adapter_style(adapter, cfg.prompt_style, log) if adapter else cfg.prompt_style
+    model, tokenizer, path = loaded or load_model(cfg.model, adapter=adapter, device=_device(cfg), log=log)
+    contamination = contamination_check(items, adapter, log) if adapter else None
+    e = cfg.eval
+
+    def score_all(its: list[MCQItem], desc: str) -> tuple[list[list[float]], list[bool]]:
+        from tqdm.auto import tqdm
+
+        with tqdm(total=len(its), desc=desc, unit="q", disable=quiet) as bar:
+            return score(model, encode(its, style, tokenizer), e.batch_size, e.mode, e.margin, bar)
+
+    scores, rescored = score_all(items, f"eval {label}".strip())
+    rows = predictions(items, scores, rescored if e.mode == "fast" else None)
+    debiased = details = None
+    if e.permute == "cyclic":
+        debiased, details = permuted_scores(items, lambda its: score_all(its, "rotations")[0])
+        for row, d, det in zip(rows, debiased, details):
+            row["debiased_pred"] = LETTERS[max(range(len(d)), key=lambda j: d[j])]
+            row["rotation_choices"] = [LETTERS[c] for c in det["rotation_choice"]]  # original option per rotation
+    m = metrics(items, rows, debiased, details)
+    results = {
+        "metrics": m, "method": "letter-logprob", "mode": e.mode, "prompt_style": style, "permute": e.permute,
+        "model": cfg.model, "model_path": str(path), "adapter": adapter, "data": fingerprint,
+        "contamination": contamination, "rescored_fp32": sum(rescored) if e.mode == "fast" else None,
+        "wall_s": round(time.time() - started, 2), "environment": environment(),
+    }
+    if out_dir is not None:
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        write_jsonl(out_dir / "predictions.jsonl", rows)
+        write_json(out_dir / "results.json", results)
+    return results, rows
+
+
+def _device(cfg) -> str:
+    if cfg.device != "auto":
+        return cfg.device
+    from medtune.hardware import detect, device_string
+
+    return device_string(detect())
+
+
+def adapter_style(adapter: str, requested: str, log) -> str:
+    """The prompt style saved with the adapter wins: scoring with another style measures a different thing."""
+    meta = Path(adapter) / "medtune.json"
+    if not meta.is_file():
+        return requested
+    saved = json.loads(meta.read_text()).get("prompt_style", requested)
+    if saved != requested:
+        log(f"note: the adapter was trained with prompt style {saved!r}; evaluating with it, not {requested!r}")
+    return saved
+
+
+def contamination_check(items: list[MCQItem], adapter: str, log) -> dict | None:
+    """Compare eval items with the items the adapter was trained on (recorded in its medtune.json)."""
+    from medtune.data.split import overlap
+
+    meta = Path(adapter) / "medtune.json"
+    if not meta.is_file():
+        log(f"warning: {adapter} has no medtune.json, so its training items are unknown: no contamination check")
+        return None
+    train = [MCQItem(**{**d, "options": tuple(d["options"])}) for d in json.loads(meta.read_text())["train_items"]]
+    found = overlap(train, items)
+    bad = len(found["exact"]) + len(found["near"])
+    if bad:
+        ids = [x["eval_id"] for x in found["exact"] + found["near"]]
+        log(f"warning: contamination: {len(found['exact'])} eval items duplicate training items and "
+            f"{len(found['near'])} nearly do ({', '.join(ids[:10])}{' ...' if len(ids) > 10 else ''})")
+    return found

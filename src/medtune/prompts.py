@@ -1,0 +1,84 @@
+"""Named prompt styles. One style is chosen per run and used identically for training and evaluation.
+
+harness  the lm-evaluation-harness text for the item's benchmark (`Question: ...\\nA. ...\\nAnswer:`), scored on the
+         continuations " A", " B", ...; the default, so numbers compare with published harness numbers.
+chat     the model's chat template: the question as the user turn, the answer as the assistant turn (thinking off for
+         templates that have it, e.g. Qwen3); scored on the continuations "A", "B", ... after the generation prompt.
+
+The training target is `<letter>. <option text>`, then `\\nExplanation: ...` when the item has one, then EOS.
+"""
+
+from __future__ import annotations
+
+import re
+
+from medtune.data.items import LETTERS, MCQItem
+from medtune.errors import MedtuneError
+
+STYLES = ("harness", "chat")
+CHAT_INSTRUCTION = ("Answer the following multiple-choice question with the letter of the correct option, "
+                    "then explain briefly.")
+MMLU_SUBJECT = "The following are multiple choice questions (with answers) about {}.\n\n"
+
+
+def check_style(style: str) -> str:
+    if style not in STYLES:
+        raise MedtuneError(f"unknown prompt style {style!r}; choose one of: {', '.join(STYLES)}")
+    return style
+
+
+def question_block(item: MCQItem) -> str:
+    """`Question: ...\\nA. ...\\nB. ...` exactly as lm-evaluation-harness writes it for the item's benchmark."""
+    options = "".join(f"{LETTERS[i]}. {text}\n" for i, text in enumerate(item.options))
+    if item.benchmark == "medmcqa":
+        return f"Question: {item.question}\nChoices:\n{options}"
+    if item.benchmark == "mmlu":
+        header = MMLU_SUBJECT.format(item.subject.replace("_", " ")) if item.subject else ""
+        return f"{header}{item.question.strip()}\n{options}"
+    if item.benchmark == "pubmedqa":  # the item text already reads `Abstract: ...\nQuestion: ...`
+        return f"{item.question}\n{options}"
+    return f"Question: {item.question}\n{options}"
+
+
+def build_prompt(item: MCQItem, style: str, tokenizer=None) -> str:
+    if style == "harness":
+        return question_block(item) + "Answer:"
+    return _chat(tokenizer, [{"role": "user", "content": f"{CHAT_INSTRUCTION}\n\n{question_block(item).rstrip()}"}])
+
+
+def continuations(item: MCQItem, style: str) -> list[str]:
+    """The text scored for each option: " A" after `Answer:` (harness), "A" after the assistant header (chat)."""
+    space = " " if style == "harness" else ""
+    return [space + LETTERS[i] for i in range(len(item.options))]
+
+
+def build_target(item: MCQItem, style: str, target: str = "answer+explanation") -> str:
+    """The completion the model learns (EOS is appended as a token by the tokenizing code, not as text)."""
+    text = f"{continuations(item, style)[item.answer]}. {item.options[item.answer]}"
+    explanation = clean_explanation(item.explanation) if target == "answer+explanation" else None
+    return text + (f"\nExplanation: {explanation}" if explanation else "")
+
+
+_LETTER_REF = re.compile(
+    r"^\s*(?:ans(?:wer)?\.?\s*(?:is|:|-|–)?\s*)?(?:option\s*)?[\(\[\"'‘’]?\s*[a-e]\s*[\)\]\"'‘’]?\s*(?:i\s*\.?\s*e\.?,?|[.:,\-–)])\s*",
+    re.IGNORECASE,
+)
+
+
+def clean_explanation(text: str | None) -> str | None:
+    """Drop a leading letter reference ("Ans. is 'c' i.e., ...", "Ans-a. ...") that would be wrong once options are
+    shuffled; the rest of the explanation is kept as written."""
+    if not text:
+        return None
+    head = text.lstrip()
+    if re.match(r"^(ans|answer|option|\(?[a-e][\).])", head, re.IGNORECASE):
+        head = _LETTER_REF.sub("", head, count=1)
+    head = head.strip()
+    return head or None
+
+
+def _chat(tokenizer, messages: list[dict]) -> str:
+    if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+        raise MedtuneError("prompt style 'chat' needs a tokenizer with a chat template; use --prompt-style harness")
+    # enable_thinking=False turns Qwen3's thinking off; other templates ignore the extra variable.
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, enable_thinking=False)

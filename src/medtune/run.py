@@ -1,0 +1,94 @@
+"""The main job: evaluate the base model, fine-tune, evaluate the tuned model on the same items, compare honestly."""
+
+from __future__ import annotations
+
+import random
+import time
+from pathlib import Path
+
+from medtune import stats
+from medtune.config import Config, save_config
+from medtune.data import sources
+from medtune.data.items import MCQItem
+from medtune.data.split import overlap, split
+from medtune.errors import MedtuneError
+
+
+def run(cfg: Config, quiet: bool = False, log=print) -> dict:
+    from medtune.evaluate import run_eval
+    from medtune.report import environment, write_json
+    from medtune.train import train
+
+    started = time.time()
+    out = Path(cfg.out_dir)
+    train_items, eval_items, data = prepare_data(cfg, log)
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out / "config.yaml")
+    log(f"data: {len(train_items)} training and {len(eval_items)} eval items ({data['eval']['source']})")
+    base, base_rows = run_eval(eval_items, cfg, out / "base", fingerprint=data["eval"], quiet=quiet, log=log,
+                               label="base")
+    summary = train(cfg, train_items, out, quiet=quiet, log=log, extra_meta={"data": data})
+    tuned, tuned_rows = run_eval(eval_items, cfg, out / "tuned", adapter=str(out / "adapter"), fingerprint=data["eval"],
+                     quiet=quiet, log=log, label="tuned")
+    results = {"kind": "run", "config": cfg.to_dict(), "data": data, "base": base, "tuned": tuned, "train": summary,
+               "comparison": compare(eval_items, base, tuned, base_rows, tuned_rows), "wall_s": round(time.time() - started, 1),
+               "environment": environment()}
+    write_json(out / "results.json", results)
+    return results
+
+
+def prepare_data(cfg: Config, log=print) -> tuple[list[MCQItem], list[MCQItem], dict]:
+    """Training and eval items and their fingerprints. Refuses to train on a test split."""
+    d = cfg.data
+    if d.source == sources.DEMO:
+        train_items, eval_items = sources.load(d.source, "train"), sources.load(d.source, "eval")
+        names = ("demo:train", "demo:eval")
+    elif d.source in sources.PRESETS:
+        train_items, eval_items = sources.load(d.source, "train"), sources.load(d.source, "eval")
+        names = (f"{d.source}:{sources.PRESETS[d.source].train_split}", f"{d.source}:{sources.PRESETS[d.source].eval_split}")
+    else:
+        _refuse_test(d.source)
+        items = sources.load(d.source, cop_base=d.cop_base)
+        if d.eval_source:
+            train_items, eval_items = items, sources.load(d.eval_source, "eval", cop_base=d.cop_base)
+            names = (d.source, d.eval_source)
+        else:
+            train_items, eval_items = split(items, d.train_size or len(items) // 2, d.seed)
+            names = (f"{d.source}:split-train", f"{d.source}:split-eval")
+    if d.train_size and len(train_items) > d.train_size:
+        train_items = random.Random(d.seed).sample(train_items, d.train_size)
+    if d.eval_size and len(eval_items) > d.eval_size:
+        eval_items = eval_items[: d.eval_size]
+    if d.limit:
+        eval_items = eval_items[: d.limit]
+    if not train_items or not eval_items:
+        raise MedtuneError("no training or no eval items: check data.source, train_size and limit")
+    found = overlap(train_items, eval_items)
+    if found["exact"]:
+        log(f"warning: {len(found['exact'])} eval items duplicate training items "
+            f"({', '.join(x['eval_id'] for x in found['exact'][:5])}...)")
+    data = {"train": sources.fingerprint(train_items, names[0], "train"),
+            "eval": sources.fingerprint(eval_items, names[1], "eval"),
+            "overlap": {"exact": len(found["exact"]), "near": len(found["near"])}}
+    return train_items, eval_items, data
+
+
+def _refuse_test(source: str) -> None:
+    if "test" in Path(source).stem.lower():
+        raise MedtuneError(f"{source}: looks like a test split; medtune never trains on test data. Train on a train "
+                           "or dev file and pass the test file as data.eval_source")
+
+
+def compare(items: list[MCQItem], base: dict, tuned: dict, base_rows: list[dict], tuned_rows: list[dict]) -> dict:
+    """Paired comparison on the same items (McNemar), for raw and, when measured, debiased predictions, plus the
+    letter-bias check: does a change in letter preference explain the change in accuracy?"""
+    ids = [it.id for it in items]
+    bm, tm = base["metrics"], tuned["metrics"]
+    out = {"raw": stats.paired_compare([r["correct"] for r in base_rows], [r["correct"] for r in tuned_rows], ids)}
+    deb_b = deb_t = None
+    if "permute" in bm and "permute" in tm:
+        out["debiased"] = stats.paired_compare(bm["permute"]["debiased_correct"], tm["permute"]["debiased_correct"],
+                                               ids)
+        deb_b, deb_t = bm["permute"]["debiased_accuracy"], tm["permute"]["debiased_accuracy"]
+    out["letter_bias_warning"] = stats.letter_shift_explains(bm["letters"], tm["letters"], deb_b, deb_t)
+    return out

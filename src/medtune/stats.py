@@ -1,0 +1,292 @@
+"""The statistics every result carries: intervals, calibration, paired tests, selective accuracy, letter bias.
+
+Pure Python + numpy, no scipy. Every function documents its formula so a reader can check a number by hand.
+Inputs are plain lists in item order; mismatched lengths or empty inputs raise ValueError (a caller bug, not a
+user error), except `wilson_ci(k, 0)`, which returns the uninformative interval (0, 1).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from collections.abc import Callable, Sequence
+
+import numpy as np
+
+Z95 = 1.959964  # two-sided 95% normal quantile
+
+
+def wilson_ci(k: int, n: int, z: float = Z95) -> tuple[float, float]:
+    """Wilson score interval for a binomial proportion p = k/n.
+
+    centre = (p + z²/2n) / (1 + z²/n);  half = z·sqrt(p(1−p)/n + z²/4n²) / (1 + z²/n).
+    Unlike the Wald interval it stays inside [0, 1] and is sensible at k = 0 and k = n. n = 0 gives (0, 1).
+    """
+    if n < 0 or k < 0 or k > n:
+        raise ValueError(f"wilson_ci needs 0 <= k <= n, got k={k}, n={n}")
+    if n == 0:
+        return (0.0, 1.0)
+    p = k / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    low = 0.0 if k == 0 else max(0.0, centre - half)  # the exact bounds at k = 0 and k = n, free of rounding
+    high = 1.0 if k == n else min(1.0, centre + half)
+    return (low, high)
+
+
+def accuracy(golds: list[int], preds: list[int | None]) -> float:
+    """Share of items whose prediction equals the gold index: (1/n)·Σ 1[pred_i = gold_i]. None (unanswered) is wrong."""
+    _check_lengths(golds=golds, preds=preds)
+    return sum(p is not None and p == g for g, p in zip(golds, preds)) / len(golds)
+
+
+def ece(confidences: list[float], correct: list[bool], bins: int = 10) -> float:
+    """Expected calibration error with `bins` equal-width bins over [0, 1].
+
+    ECE = Σ_b (n_b / n)·|acc_b − conf_b|, where acc_b and conf_b are the accuracy and mean confidence of the items
+    in bin b. A confidence c falls in bin min(⌊c·bins⌋, bins − 1), so c = 1.0 lands in the last bin.
+    """
+    rows = reliability_table(confidences, correct, bins)
+    n = len(confidences)
+    return sum(r["n"] / n * abs(r["accuracy"] - r["mean_confidence"]) for r in rows if r["n"])
+
+
+def reliability_table(confidences: list[float], correct: list[bool], bins: int = 10) -> list[dict]:
+    """One row per bin (same binning as `ece`): low, high, n, mean_confidence, accuracy (None for empty bins)."""
+    _check_lengths(confidences=confidences, correct=correct)
+    if bins < 1:
+        raise ValueError(f"bins must be >= 1, got {bins}")
+    members: list[list[int]] = [[] for _ in range(bins)]
+    for i, c in enumerate(confidences):
+        if not 0.0 <= c <= 1.0:
+            raise ValueError(f"confidence {c} at position {i} is outside [0, 1]")
+        members[min(int(c * bins), bins - 1)].append(i)
+    rows = []
+    for b, idx in enumerate(members):
+        rows.append({
+            "low": b / bins,
+            "high": (b + 1) / bins,
+            "n": len(idx),
+            "mean_confidence": sum(confidences[i] for i in idx) / len(idx) if idx else None,
+            "accuracy": sum(bool(correct[i]) for i in idx) / len(idx) if idx else None,
+        })
+    return rows
+
+
+def brier(probs: list[list[float]], golds: list[int]) -> float:
+    """Multi-class Brier score: (1/n)·Σ_i Σ_k (p_ik − 1[k = gold_i])². 0 is perfect; uniform over 4 options is 0.75."""
+    _check_lengths(probs=probs, golds=golds)
+    total = 0.0
+    for p, g in zip(probs, golds):
+        if not 0 <= g < len(p):
+            raise ValueError(f"gold index {g} out of range for {len(p)} options")
+        total += sum((pk - (k == g)) ** 2 for k, pk in enumerate(p))
+    return total / len(golds)
+
+
+def mcnemar_exact(b: int, c: int) -> float:
+    """Two-sided exact McNemar test on the discordant pairs.
+
+    b = items A got right and B wrong, c = items A wrong and B right. Under H0 each discordant item is a fair coin,
+    so X ~ Bin(b + c, ½) and p = min(1, 2·P(X ≤ min(b, c))) = min(1, 2·Σ_{i≤min(b,c)} C(b+c, i) / 2^(b+c)).
+    Computed with exact integers; b + c = 0 gives 1.0.
+    """
+    if b < 0 or c < 0:
+        raise ValueError(f"counts must be >= 0, got b={b}, c={c}")
+    n = b + c
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, i) for i in range(min(b, c) + 1))
+    return min(1.0, 2 * tail / 2**n)  # int / int is correctly rounded even for huge n
+
+
+def paired_compare(correct_a: list[bool], correct_b: list[bool], ids: list[str], z: float = Z95) -> dict:
+    """Compare systems A and B on the same items (e.g. base vs tuned).
+
+    diff = acc_b − acc_a = (c − b)/n. Its CI is the Wald interval for a paired difference of proportions:
+    diff ± z·sqrt((b + c) − (b − c)²/n) / n, clipped to [−1, 1]. The p-value is `mcnemar_exact(b, c)`.
+    Returns n, acc_a, acc_b, diff, diff_ci (low, high), b, c, mcnemar_p, won (ids right in B, wrong in A),
+    lost (ids right in A, wrong in B).
+    """
+    _check_lengths(correct_a=correct_a, correct_b=correct_b, ids=ids)
+    n = len(ids)
+    won = [i for i, a, bb in zip(ids, correct_a, correct_b) if bb and not a]
+    lost = [i for i, a, bb in zip(ids, correct_a, correct_b) if a and not bb]
+    b, c = len(lost), len(won)
+    diff = (c - b) / n
+    half = z * math.sqrt(max(0.0, (b + c) - (b - c) ** 2 / n)) / n
+    return {
+        "n": n,
+        "acc_a": sum(map(bool, correct_a)) / n,
+        "acc_b": sum(map(bool, correct_b)) / n,
+        "diff": diff,
+        "diff_ci": (max(-1.0, diff - half), min(1.0, diff + half)),
+        "b": b,
+        "c": c,
+        "mcnemar_p": mcnemar_exact(b, c),
+        "won": won,
+        "lost": lost,
+    }
+
+
+def risk_coverage(confidences: list[float], correct: list[bool]) -> list[dict]:
+    """Selective prediction: answer only items with confidence ≥ threshold, for every distinct confidence.
+
+    Rows in order of falling threshold: threshold, n_answered = #{c_i ≥ t}, coverage = n_answered/n,
+    accuracy (on the answered items), risk = 1 − accuracy. Tied confidences enter together, because no threshold
+    can separate them.
+    """
+    _check_lengths(confidences=confidences, correct=correct)
+    n = len(confidences)
+    rows = []
+    answered = right = 0
+    for conf, members in _groups_by_confidence(confidences, correct):
+        answered += len(members)
+        right += sum(members)
+        rows.append({
+            "threshold": conf,
+            "coverage": answered / n,
+            "n_answered": answered,
+            "accuracy": right / answered,
+            "risk": 1 - right / answered,
+        })
+    return rows
+
+
+def selective_summary(confidences: list[float], correct: list[bool],
+                      coverages: Sequence[float] = (1.0, 0.9, 0.8, 0.7, 0.5, 0.25)) -> dict:
+    """Accuracy when answering only the most confident share of items, and the area under the risk-coverage curve.
+
+    Accuracy at coverage q answers the k = max(1, ⌈q·n⌉) most confident items. AURC = (1/n)·Σ_{k=1..n} risk(k),
+    risk(k) = errors among the top k / k. Within a group of tied confidences the order is arbitrary, so the top k
+    counts the expected number of correct items of a random order (group accuracy × items taken from the group).
+    Returns {"accuracy_at_coverage": {"100": …, "90": …, …}, "aurc": float, "n": int}; lower AURC is better.
+    """
+    _check_lengths(confidences=confidences, correct=correct)
+    n = len(confidences)
+    right_at = _expected_right_in_top_k(confidences, correct)
+    at_cov = {}
+    for q in coverages:
+        k = max(1, math.ceil(q * n - 1e-9))  # tolerance: 0.14·50 is 7.000000000000001 in floating point
+        at_cov[f"{q * 100:g}"] = right_at[k] / k
+    aurc = sum(1 - right_at[k] / k for k in range(1, n + 1)) / n
+    return {"accuracy_at_coverage": at_cov, "aurc": aurc, "n": n}
+
+
+def letter_baselines(golds: list[int], preds: list[int | None], gold_logprobs: list[float] | None,
+                     n_options: list[int], letters: str = "ABCDEFGHIJ") -> dict:
+    """What letter preference alone would score on these items, so an "always A" model can't pass as learning.
+
+    - majority_letter / majority_baseline: the most common gold letter and its share of items (ties: first letter).
+    - favourite_letter / favourite_letter_accuracy: the model's most predicted letter, and the accuracy of a model
+      that always answers it (= that letter's share of golds). None / 0.0 when nothing was answered.
+    - pred_distribution / gold_distribution: letter → share, every letter up to max(n_options). Preds are shares of
+      answered items; unanswered_share is the share of items with no answer.
+    - accuracy: the model's accuracy on these items (used by `letter_shift_explains`).
+    - mean_gold_logprob: mean of log p(gold) where the caller normalised p over each item's options (log-softmax);
+      None when gold_logprobs is None (generation scoring). uniform_logprob: mean of −log(n_options), the
+      chance level to compare it with.
+    """
+    _check_lengths(golds=golds, preds=preds, n_options=n_options)
+    if gold_logprobs is not None:
+        _check_lengths(golds=golds, gold_logprobs=gold_logprobs)
+    shown = letters[:max(n_options)]
+    n = len(golds)
+    gold_counts = Counter(golds)
+    pred_counts = Counter(p for p in preds if p is not None)
+    n_answered = sum(pred_counts.values())
+    majority = max(range(len(shown)), key=lambda i: (gold_counts[i], -i))
+    favourite = max(range(len(shown)), key=lambda i: (pred_counts[i], -i)) if n_answered else None
+    return {
+        "n": n,
+        "accuracy": accuracy(golds, preds),
+        "majority_letter": shown[majority],
+        "majority_baseline": gold_counts[majority] / n,
+        "favourite_letter": shown[favourite] if favourite is not None else None,
+        "favourite_letter_accuracy": gold_counts[favourite] / n if favourite is not None else 0.0,
+        "pred_distribution": {ch: pred_counts[i] / n_answered if n_answered else 0.0 for i, ch in enumerate(shown)},
+        "gold_distribution": {ch: gold_counts[i] / n for i, ch in enumerate(shown)},
+        "unanswered_share": (n - n_answered) / n,
+        "mean_gold_logprob": sum(gold_logprobs) / n if gold_logprobs is not None else None,
+        "uniform_logprob": sum(-math.log(k) for k in n_options) / n,
+    }
+
+
+SHIFT_TV = 0.2  # total variation distance between prediction distributions that counts as a changed preference
+MIN_CHANGE = 0.02  # accuracy changes (and debiased changes) within 2 points are treated as noise
+
+
+def letter_shift_explains(before: dict, after: dict, debiased_before: float | None,
+                          debiased_after: float | None) -> str | None:
+    """A warning when an accuracy change may come from a change of letter preference rather than knowledge.
+
+    `before`/`after` are `letter_baselines` dicts on the same items. With raw = after.accuracy − before.accuracy:
+      1. nothing to explain if |raw| < 2 points;
+      2. the letter preference shifted if TV(pred_before, pred_after) = ½·Σ|Δshare| ≥ 0.2, or the
+         favourite-letter accuracy moved in the same direction as raw by ≥ max(2 points, |raw|/2);
+      3. if debiased accuracies (e.g. averaged over option permutations) are given, the shift is only blamed when
+         the debiased change is small: within ±2 points, or less than half of raw in raw's direction.
+    Flags, doesn't decide: the sentence says what moved so a reader can judge.
+    """
+    raw = after["accuracy"] - before["accuracy"]
+    if abs(raw) < MIN_CHANGE:
+        return None
+    keys = set(before["pred_distribution"]) | set(after["pred_distribution"])
+    tv = 0.5 * sum(abs(after["pred_distribution"].get(k, 0.0) - before["pred_distribution"].get(k, 0.0)) for k in keys)
+    fav_change = after["favourite_letter_accuracy"] - before["favourite_letter_accuracy"]
+    fav_moved = fav_change * raw > 0 and abs(fav_change) >= max(MIN_CHANGE, abs(raw) / 2)
+    if tv < SHIFT_TV and not fav_moved:
+        return None
+    shift = (f"the model's letter preference shifted (prediction distribution TV distance {tv:.2f}; favourite "
+             f"letter {before['favourite_letter']}→{after['favourite_letter']}, whose accuracy alone went "
+             f"{before['favourite_letter_accuracy']:.1%}→{after['favourite_letter_accuracy']:.1%})")
+    if debiased_before is None or debiased_after is None:
+        return (f"Accuracy changed by {raw * 100:+.1f} points while {shift}; no debiased accuracy was measured, "
+                "so part of the change may be letter bias rather than knowledge.")
+    deb = debiased_after - debiased_before
+    if abs(deb) <= MIN_CHANGE or deb * math.copysign(1.0, raw) < abs(raw) / 2:
+        return (f"Accuracy changed by {raw * 100:+.1f} points but debiased accuracy only by {deb * 100:+.1f} "
+                f"points, while {shift}: the change is plausibly letter bias rather than knowledge.")
+    return None
+
+
+def bootstrap_ci(values: Sequence[float], stat: Callable[[np.ndarray], float] = np.mean, n_boot: int = 2000,
+                 seed: int = 0, confidence: float = 0.95) -> tuple[float, float]:
+    """Percentile bootstrap CI: resample `values` with replacement n_boot times (numpy Generator, seeded), apply
+    `stat`, take the (1−confidence)/2 and (1+confidence)/2 quantiles. For a size-weighted suite average pass the
+    pooled per-item scores of all suites: their mean weights each suite by its size.
+    """
+    arr = np.asarray(values, dtype=float)
+    if arr.size == 0:
+        raise ValueError("bootstrap_ci needs at least one value")
+    rng = np.random.default_rng(seed)
+    stats = np.array([stat(arr[rng.integers(0, arr.size, arr.size)]) for _ in range(n_boot)])
+    low, high = np.quantile(stats, [(1 - confidence) / 2, (1 + confidence) / 2])
+    return (float(low), float(high))
+
+
+def _check_lengths(**lists: Sequence) -> None:
+    """Raise ValueError unless all lists are non-empty and equally long."""
+    sizes = {name: len(v) for name, v in lists.items()}
+    if len(set(sizes.values())) != 1:
+        raise ValueError(f"length mismatch: {sizes}")
+    if not next(iter(sizes.values())):
+        raise ValueError(f"empty input: {', '.join(sizes)}")
+
+
+def _groups_by_confidence(confidences: list[float], correct: list[bool]) -> list[tuple[float, list[bool]]]:
+    """(confidence, [correct flags]) for each distinct confidence, highest first."""
+    groups: dict[float, list[bool]] = {}
+    for conf, ok in zip(confidences, correct):
+        groups.setdefault(conf, []).append(bool(ok))
+    return sorted(groups.items(), key=lambda kv: -kv[0])
+
+
+def _expected_right_in_top_k(confidences: list[float], correct: list[bool]) -> list[float]:
+    """right[k] = expected correct items among the k most confident (k = 0..n), ties in random order."""
+    right = [0.0]
+    for _, members in _groups_by_confidence(confidences, correct):
+        base, rate = right[-1], sum(members) / len(members)
+        right.extend(base + j * rate for j in range(1, len(members) + 1))
+    return right
