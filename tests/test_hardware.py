@@ -25,7 +25,8 @@ def gpu(name: str, gib: int, cap: tuple[int, int] = (0, 0), gcn: str = "") -> Si
     return SimpleNamespace(name=name, total_memory=gib * GIB, major=cap[0], minor=cap[1], gcnArchName=gcn)
 
 
-def fake_torch(*, cuda=None, hip=None, gpus=(), arch_list=(), mps_bf16=None, xpu_bf16=None) -> SimpleNamespace:
+def fake_torch(*, cuda=None, hip=None, gpus=(), arch_list=(), mps_bf16=None, xpu_bf16=None,
+               cpu_bf16=False) -> SimpleNamespace:
     """The slice of torch's API that detect() reads. mps_bf16/xpu_bf16 None means that backend is absent."""
     gpus = list(gpus)
 
@@ -54,6 +55,7 @@ def fake_torch(*, cuda=None, hip=None, gpus=(), arch_list=(), mps_bf16=None, xpu
         nn=SimpleNamespace(functional=SimpleNamespace(scaled_dot_product_attention=lambda *a: None)),
         bfloat16="bf16",
         zeros=zeros,
+        ops=SimpleNamespace(mkldnn=SimpleNamespace(_is_mkldnn_bf16_supported=lambda: cpu_bf16)),
     )
 
 
@@ -107,6 +109,7 @@ CASES = {
     "mps-no-bf16": ({"mps_bf16": False}, {}, {}, "mps", "float32", "float32", "sdpa", {}),
     "xpu": ({"xpu_bf16": True}, {}, {}, "xpu", "bfloat16", "bfloat16", "sdpa", {}),
     "cpu": ({}, {}, FA, "cpu", "float32", "float32", "sdpa", {}),
+    "cpu-bf16": ({"cpu_bf16": True}, {}, FA, "cpu", "bfloat16", "float32", "sdpa", {}),
 }
 
 
@@ -366,7 +369,8 @@ def test_detect_on_this_machine():
     assert info.cpu_count >= 1 and info.ram_bytes and info.ram_bytes > GIB
     assert info.torch_version.startswith("2.")
     rep = hw.report(info, hw.decide(info), [])
-    assert rep["versions"]["transformers"] and rep["policy"]["train_dtype"] == "float32"
+    assert rep["versions"]["transformers"] and rep["policy"]["eval_dtype"] == "float32"
+    assert rep["policy"]["train_dtype"] == ("bfloat16" if info.bf16 else "float32")
     json.dumps(rep)
 
 

@@ -34,21 +34,20 @@ def read_file(path: str | Path, cop_base: int | None = None, mapping: dict[str, 
     path = Path(path)
     if not path.is_file():
         raise MedtuneError(f"{path}: file not found")
-    rows = list(_rows(path))
+    rows = list(_rows(path, header=mapping is not None))
     if not rows:
         raise DataError([f"{path}: no rows"])
     fmt = "mapped" if mapping else detect_format(path, rows[0][1])
     if fmt == "medmcqa":
         cop_base = decide_cop_base(path, rows, cop_base)
-    items, problems = [], []
+    items, problems, seen = [], [], {}
     for where, row in rows:
         try:
-            items.append(_READERS[fmt](row, where=where, path=path, cop_base=cop_base, mapping=mapping,
-                                       subject=subject))
+            item = _READERS[fmt](row, where=where, path=path, cop_base=cop_base, mapping=mapping, subject=subject)
         except RowError as e:
             problems.append(f"{where}: {e}")
-    seen: dict[str, str] = {}
-    for item, (where, _) in zip(items, rows):
+            continue
+        items.append(item)
         if item.id in seen:
             problems.append(f"{where}: id: duplicate id {item.id!r} (first at {seen[item.id]})")
         seen.setdefault(item.id, where)
@@ -57,7 +56,7 @@ def read_file(path: str | Path, cop_base: int | None = None, mapping: dict[str, 
     return items
 
 
-def _rows(path: Path) -> Iterator[tuple[str, dict]]:
+def _rows(path: Path, header: bool = False) -> Iterator[tuple[str, dict]]:
     """(`file:line`, row) pairs. JSONL/JSON/CSV/Parquet; a JSON object keyed by id (PubMedQA) yields its values."""
     suffix = path.suffix.lower()
     if suffix == ".parquet":
@@ -67,7 +66,7 @@ def _rows(path: Path) -> Iterator[tuple[str, dict]]:
             yield f"{path}:row {i}", row
         return
     if suffix == ".csv":
-        yield from _csv_rows(path)
+        yield from _csv_rows(path, header)
         return
     text = path.read_text(encoding="utf-8")
     if suffix == ".json":
@@ -99,11 +98,11 @@ def _rows(path: Path) -> Iterator[tuple[str, dict]]:
         raise DataError(problems)
 
 
-def _csv_rows(path: Path) -> Iterator[tuple[str, dict]]:
+def _csv_rows(path: Path, header_given: bool) -> Iterator[tuple[str, dict]]:
     with path.open(newline="", encoding="utf-8") as f:
         rows = list(csv.reader(f))
     header = [h.strip() for h in rows[0]] if rows else []
-    has_header = "question" in [h.lower() for h in header]
+    has_header = header_given or "question" in [h.lower() for h in header]
     if not has_header:  # MMLU as published: question,A,B,C,D,answer with no header
         header = ["question", *LETTERS[: max(len(rows[0]) - 2, 0)], "answer"] if rows else []
     for n, values in enumerate(rows[1:] if has_header else rows, start=2 if has_header else 1):
@@ -159,7 +158,7 @@ def _text(row: dict, key: str, required: bool = True) -> str | None:
     value = row.get(key)
     if value is None or (isinstance(value, str) and not value.strip()):
         if required:
-            raise RowError(key, "missing or empty" if value is None or key not in row else "empty")
+            raise RowError(key, "missing" if key not in row else "null" if value is None else "empty")
         return None
     if not isinstance(value, str):
         raise RowError(key, f"expected text, got {type(value).__name__}")
