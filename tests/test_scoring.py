@@ -82,3 +82,13 @@ def test_debiasing_recovers_answer_under_planted_letter_bias():
     assert all(max(range(4), key=lambda j: d[j]) == it.answer for d, it in zip(debiased, items))
     assert all(sum(d["rotation_correct"]) == 1 for d in details)  # right only when the answer sits at A
     assert all(math.isfinite(x) for d in debiased for x in d)
+
+
+def test_answer_line_method_matches_reference(tiny):
+    model, tok = tiny
+    enc = encode(_items(6), "harness", tok, method="answer")
+    assert not any(e.single_token for e in enc)
+    batched, _ = score(model, enc, batch_size=4, mode="exact")
+    with torch.inference_mode():
+        ref = [score_reference(model, e) for e in enc]
+    assert max(abs(a - b) for r, f in zip(ref, batched) for a, b in zip(r, f)) < 1e-4

@@ -57,7 +57,7 @@ class TrainConfig:
 
 @dataclass
 class EvalConfig:
-    method: str = "letter"  # letter (one forward pass) or generate (greedy answer + explanation)
+    method: str = "letter"  # letter (" A", one forward pass), answer (" A. <option text>"), or generate
     mode: str = "fast"  # fast (bf16 where it helps + exact fp32 re-score of close calls) or exact (fp32)
     permute: str = "none"  # none or cyclic (score each rotation of the options; debiased prediction)
     batch_size: int = 16
@@ -144,6 +144,11 @@ def _coerce(value, hint, where: str):
         return [str(v) for v in items]
     if base is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
+    if base is float and isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as text
+        try:
+            return float(value)
+        except ValueError:
+            pass
     if base is int and isinstance(value, int) and not isinstance(value, bool):
         return value
     if base is bool and isinstance(value, bool):

@@ -31,13 +31,17 @@ class Encoded:
         return all(len(o) == 1 for o in self.options)
 
 
-def encode(items: list[MCQItem], style: str, tokenizer) -> list[Encoded]:
-    """lm-evaluation-harness's split of context and continuation tokens (no special tokens added)."""
+def encode(items: list[MCQItem], style: str, tokenizer, method: str = "letter") -> list[Encoded]:
+    """lm-evaluation-harness's split of context and continuation tokens (no special tokens added). `letter` scores
+    " A"; `answer` scores the whole answer line the model is trained to write, " A. <option text>"."""
     out = []
     for item in items:
         prompt = build_prompt(item, style, tokenizer)
         context = tokenizer(prompt, add_special_tokens=False).input_ids
-        whole = [tokenizer(prompt + c, add_special_tokens=False).input_ids for c in continuations(item, style)]
+        conts = continuations(item, style)
+        if method == "answer":
+            conts = [f"{c}. {text}" for c, text in zip(conts, item.options)]
+        whole = [tokenizer(prompt + c, add_special_tokens=False).input_ids for c in conts]
         out.append(Encoded(context, [w[len(context):] for w in whole]))
     return out
 
@@ -45,26 +49,32 @@ def encode(items: list[MCQItem], style: str, tokenizer) -> list[Encoded]:
 def score(model, encoded: list[Encoded], batch_size: int = 16, mode: str = "fast", margin: float = 0.5,
           progress=None) -> tuple[list[list[float]], list[bool]]:
     """Log-likelihood of every option of every question, and whether each was re-scored in fp32 (fast mode)."""
-    import torch
-
     device = next(model.parameters()).device
     fast_dtype = _fast_dtype(device) if mode == "fast" else None
-    single = [i for i, e in enumerate(encoded) if e.single_token]
-    scores: list[list[float] | None] = [None] * len(encoded)
-    for i, lp in zip(single, _score_single(model, [encoded[i] for i in single], batch_size, fast_dtype, progress)):
-        scores[i] = lp
+    scores = _score_batched(model, encoded, batch_size, fast_dtype, progress)
     rescored = [False] * len(encoded)
     if fast_dtype is not None:
-        close = [i for i in single if _margin(scores[i]) < margin]
-        for i, lp in zip(close, _score_single(model, [encoded[i] for i in close], batch_size, None, None)):
+        close = [i for i in range(len(encoded)) if _margin(scores[i]) < margin]
+        for i, lp in zip(close, _score_batched(model, [encoded[i] for i in close], batch_size, None, None)):
             scores[i], rescored[i] = lp, True
-    for i, e in enumerate(encoded):
-        if scores[i] is None:
-            with torch.inference_mode():
-                scores[i] = score_reference(model, e)
-            if progress is not None:
-                progress.update(1)
     return scores, rescored
+
+
+def _score_batched(model, encoded: list[Encoded], batch_size: int, autocast_dtype, progress) -> list[list[float]]:
+    """Single-token continuations: one sequence per question. Otherwise one sequence per option (the answer line)."""
+    single = [i for i, e in enumerate(encoded) if e.single_token]
+    multi = [i for i, e in enumerate(encoded) if not e.single_token]
+    out: list[list[float]] = [[] for _ in encoded]
+    for i, lp in zip(single, _score_single(model, [encoded[i] for i in single], batch_size, autocast_dtype,
+                                           progress)):
+        out[i] = lp
+    pairs = [(encoded[i].context, cont) for i in multi for cont in encoded[i].options]
+    flat = iter(_score_sequences(model, pairs, batch_size, autocast_dtype))
+    for i in multi:
+        out[i] = [next(flat) for _ in encoded[i].options]
+        if progress is not None:
+            progress.update(1)
+    return out
 
 
 def _fast_dtype(device):
@@ -117,6 +127,36 @@ def _score_single(model, encoded: list[Encoded], batch_size: int, autocast_dtype
             out[i] = [logprobs[row, o[0]].item() for o in encoded[i].options]
         if progress is not None:
             progress.update(len(idx))
+    return out
+
+
+def _score_sequences(model, pairs: list[tuple[list[int], list[int]]], batch_size: int, autocast_dtype) -> list[float]:
+    """Summed log-probability of each continuation after its context: left-padded batches, logits kept only for the
+    positions that predict continuation tokens."""
+    import torch
+
+    device = next(model.parameters()).device
+    order = sorted(range(len(pairs)), key=lambda i: -(len(pairs[i][0]) + len(pairs[i][1])))
+    out = [0.0] * len(pairs)
+    for start in range(0, len(order), batch_size):
+        idx = order[start: start + batch_size]
+        seqs = [pairs[i][0] + pairs[i][1] for i in idx]
+        width, keep = max(map(len, seqs)), max(len(pairs[i][1]) for i in idx) + 1
+        ids = torch.zeros(len(idx), width, dtype=torch.long)
+        mask = torch.zeros(len(idx), width, dtype=torch.long)
+        for row, seq in enumerate(seqs):
+            ids[row, width - len(seq):] = torch.tensor(seq)
+            mask[row, width - len(seq):] = 1
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        with torch.inference_mode(), torch.autocast(device.type, dtype=autocast_dtype or torch.float32,
+                                                    enabled=autocast_dtype is not None):
+            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device),
+                           position_ids=positions.to(device), logits_to_keep=keep).logits
+        logprobs = torch.log_softmax(logits.float(), dim=-1).cpu()
+        for row, i in enumerate(idx):
+            cont = pairs[i][1]
+            first = keep - len(cont) - 1  # kept index of the position that predicts the first continuation token
+            out[i] = sum(logprobs[row, first + k, t].item() for k, t in enumerate(cont))
     return out
 
 
@@ -202,7 +242,7 @@ def run_eval(items: list[MCQItem], cfg, out_dir: Path | None, adapter: str | Non
         from tqdm.auto import tqdm
 
         with tqdm(total=len(its), desc=desc, unit="q", disable=quiet) as bar:
-            return score(model, encode(its, style, tokenizer), e.batch_size, e.mode, e.margin, bar)
+            return score(model, encode(its, style, tokenizer, e.method), e.batch_size, e.mode, e.margin, bar)
 
     scores, rescored = score_all(items, f"eval {label}".strip())
     rows = predictions(items, scores, rescored if e.mode == "fast" else None)
@@ -214,7 +254,7 @@ def run_eval(items: list[MCQItem], cfg, out_dir: Path | None, adapter: str | Non
             row["rotation_choices"] = [LETTERS[c] for c in det["rotation_choice"]]  # original option per rotation
     m = metrics(items, rows, debiased, details)
     results = {
-        "metrics": m, "method": "letter-logprob", "mode": e.mode, "prompt_style": style, "permute": e.permute,
+        "metrics": m, "method": f"{e.method}-logprob", "mode": e.mode, "prompt_style": style, "permute": e.permute,
         "model": cfg.model, "model_path": str(path), "adapter": adapter, "data": fingerprint,
         "contamination": contamination, "rescored_fp32": sum(rescored) if e.mode == "fast" else None,
         "wall_s": round(time.time() - started, 2), "environment": environment(),

@@ -40,7 +40,11 @@ DEMO = "demo"
 
 def load(source: str, split: str | None = None, cop_base: int | None = None,
          mapping: dict[str, str] | None = None) -> list[MCQItem]:
-    """Items of `source` (a preset name, `demo`, or a file path); `split` selects train/eval for presets and demo."""
+    """Items of `source` (a preset name, `demo`, or a file path); `split` selects train/eval for presets and demo,
+    and `demo:train` / `medqa:train` name a split explicitly."""
+    name, _, explicit = source.partition(":")
+    if explicit in ("train", "eval") and (name == DEMO or name in PRESETS):
+        source, split = name, explicit
     if source == DEMO:
         return demo_items(split)
     if source in PRESETS:
