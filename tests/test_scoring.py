@@ -92,3 +92,20 @@ def test_answer_line_method_matches_reference(tiny):
     with torch.inference_mode():
         ref = [score_reference(model, e) for e in enc]
     assert max(abs(a - b) for r, f in zip(ref, batched) for a, b in zip(r, f)) < 1e-4
+
+
+def test_generate_method_end_to_end(tiny_model_dir, tmp_path):
+    """Greedy generation on a tiny random model: answers are parsed or counted unparseable, never defaulted."""
+    from medtune.config import load_config
+    from medtune.evaluate import run_eval
+
+    cfg = load_config(None, [f"model={tiny_model_dir}", "device=cpu", "eval.method=generate",
+                             "eval.max_new_tokens=6"])
+    items = [MCQItem(id=f"g{k}", question="Q?", options=("a", "b", "c", "d"), answer=k % 4,
+                     explanation="Reference text.") for k in range(3)]
+    results, rows = run_eval(items, cfg, tmp_path, quiet=True, log=lambda *_: None)
+    gen = results["metrics"]["generation"]
+    assert gen["unparseable"] == sum(r["pred"] is None for r in rows)
+    assert all(r["correct"] is (r["pred"] == r["gold"]) for r in rows)
+    assert gen["hit_length_cap"] == sum(r["hit_length_cap"] for r in rows) and gen["rougeL_n"] == 3
+    assert (tmp_path / "predictions.jsonl").is_file() and results["method"] == "generate-greedy"

@@ -75,6 +75,8 @@ def eval_(
     out: Annotated[Optional[Path], typer.Option(help="Output dir (default runs/eval-<data>).")] = None,
     mode: Annotated[Optional[str], typer.Option(help="fast (bf16 + fp32 re-score of close calls) or exact.")] = None,
     permute: Annotated[Optional[str], typer.Option(help="none or cyclic (debiased accuracy).")] = None,
+    method: Annotated[Optional[str], typer.Option(help="letter (default), answer (whole answer line) or generate.")]
+    = None,
     prompt_style: Annotated[Optional[str], typer.Option(help="harness or chat.")] = None,
     batch_size: Annotated[Optional[int], typer.Option(help="Questions per forward pass.")] = None,
     cop_base: CopBase = None, mapping: Map = None, config: Config_ = None, sets: Set_ = None, quiet: Quiet = False,
@@ -88,8 +90,14 @@ def eval_(
 
     cfg = _config(config, sets, model=model, prompt_style=prompt_style, **{
         "data.source": data, "data.limit": limit, "eval.mode": mode, "eval.permute": permute,
-        "eval.batch_size": batch_size})
+        "eval.batch_size": batch_size, "eval.method": method})
     check_style(cfg.prompt_style)
+    if cfg.data.source in sources.SUITES:
+        from medtune.evaluate import run_suite
+
+        out = out or Path("runs") / f"eval-{cfg.data.source}"
+        _print_results({"suite": run_suite(cfg, out, adapter, quiet, _log(quiet))}, json_out, out)
+        return
     items = sources.load(cfg.data.source, "eval", cop_base=cop_base, mapping=parse_mapping(mapping) if mapping else None)
     items = items[: cfg.data.limit] if cfg.data.limit else items
     out = out or Path("runs") / f"eval-{Path(cfg.data.source).stem}"
@@ -130,6 +138,16 @@ def run(config: Config_ = None, sets: Set_ = None,
                   **{"data.source": data, "data.train_size": train_size})
     results = run_fn(cfg, quiet=quiet, log=_log(quiet))
     _print_results(results, json_out, Path(cfg.out_dir))
+
+
+@app.command()
+@user_errors
+def export(run_dir: Path, out: Annotated[Optional[Path], typer.Option(help="Default RUN/merged.")] = None,
+           merge: Annotated[bool, typer.Option(help="Merge the adapter into the base weights.")] = True) -> None:
+    """Write a merged safetensors model (or the adapter) with a model card: base, data, recipe, results, limits."""
+    from medtune.export import export as export_fn
+
+    typer.echo(f"exported: {export_fn(run_dir, out, merge=merge, log=_log())}")
 
 
 @app.command()

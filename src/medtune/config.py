@@ -23,6 +23,8 @@ class DataConfig:
     seed: int = 42  # split and shuffling seed
     cop_base: int | None = None  # MedMCQA `cop` base (0 or 1) when the file alone can't tell
     shuffle_options: bool = True  # shuffle option order per example and epoch in training (no letter prior)
+    select: str = "random"  # how train_size items are chosen from the training pool: random (seeded) or first
+    holdout: float | None = None  # evaluate on this seeded share of the selected training items instead (seed recipe)
 
 
 @dataclass
@@ -45,6 +47,8 @@ class TrainConfig:
     weight_decay: float = 0.0
     max_length: int = 512  # tokens per example; longer examples are truncated from the explanation end
     target: str = "answer+explanation"  # or "answer": what the model learns to produce after the prompt
+    loss_on: str = "completion"  # completion (target tokens only) or all (prompt too, as the seed project did)
+    add_eos: bool = True  # end every target with EOS so the model learns to stop (the seed project did not)
     group_by_length: bool = True  # batch similar lengths together (less padding, same examples per epoch)
     gradient_checkpointing: bool = False
     dtype: str = "auto"  # auto (device policy), bfloat16, float16, float32: autocast over fp32 weights

@@ -230,7 +230,7 @@ def run_eval(items: list[MCQItem], cfg, out_dir: Path | None, adapter: str | Non
     import time
 
     from medtune.models import load_model
-    from medtune.report import environment, metrics, write_json, write_jsonl
+    from medtune.report import environment, metrics
 
     started = time.time()
     style = adapter_style(adapter, cfg.prompt_style, log) if adapter else cfg.prompt_style
@@ -244,6 +244,9 @@ def run_eval(items: list[MCQItem], cfg, out_dir: Path | None, adapter: str | Non
         with tqdm(total=len(its), desc=desc, unit="q", disable=quiet) as bar:
             return score(model, encode(its, style, tokenizer, e.method), e.batch_size, e.mode, e.margin, bar)
 
+    if e.method == "generate":
+        return _generate_eval(items, cfg, out_dir, model, tokenizer, style, path, adapter, fingerprint, contamination,
+                              started, quiet, label)
     scores, rescored = score_all(items, f"eval {label}".strip())
     rows = predictions(items, scores, rescored if e.mode == "fast" else None)
     debiased = details = None
@@ -259,11 +262,38 @@ def run_eval(items: list[MCQItem], cfg, out_dir: Path | None, adapter: str | Non
         "contamination": contamination, "rescored_fp32": sum(rescored) if e.mode == "fast" else None,
         "wall_s": round(time.time() - started, 2), "environment": environment(),
     }
+    _write(out_dir, rows, results)
+    return results, rows
+
+
+def _write(out_dir, rows: list[dict], results: dict) -> None:
+    from medtune.report import write_json, write_jsonl
+
     if out_dir is not None:
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         write_jsonl(out_dir / "predictions.jsonl", rows)
         write_json(out_dir / "results.json", results)
+
+
+def _generate_eval(items, cfg, out_dir, model, tokenizer, style, path, adapter, fingerprint, contamination, started,
+                   quiet, label) -> tuple[dict, list[dict]]:
+    import time
+
+    from tqdm.auto import tqdm
+
+    from medtune.generate import generate_rows, generation_metrics
+    from medtune.report import environment, metrics
+
+    with tqdm(total=len(items), desc=f"generate {label}".strip(), unit="q", disable=quiet) as bar:
+        rows = generate_rows(model, tokenizer, items, style, cfg.eval.max_new_tokens, cfg.eval.batch_size, bar)
+    m = metrics(items, rows)
+    m["generation"] = generation_metrics(rows)
+    results = {"metrics": m, "method": "generate-greedy", "mode": "exact", "prompt_style": style, "permute": "none",
+               "model": cfg.model, "model_path": str(path), "adapter": adapter, "data": fingerprint,
+               "contamination": contamination, "max_new_tokens": cfg.eval.max_new_tokens,
+               "wall_s": round(time.time() - started, 2), "environment": environment()}
+    _write(out_dir, rows, results)
     return results, rows
 
 
@@ -302,3 +332,28 @@ def contamination_check(items: list[MCQItem], adapter: str, log) -> dict | None:
         log(f"warning: contamination: {len(found['exact'])} eval items duplicate training items and "
             f"{len(found['near'])} nearly do ({', '.join(ids[:10])}{' ...' if len(ids) > 10 else ''})")
     return found
+
+
+def run_suite(cfg, out_dir: Path, adapter: str | None, quiet: bool, log) -> dict:
+    """Every benchmark of a suite (e.g. multimedqa), each written to out_dir/<name>, plus the size-weighted average
+    (pooled correct / pooled n, with its Wilson CI)."""
+    from dataclasses import replace
+
+    from medtune import stats
+    from medtune.data import sources
+    from medtune.report import write_json
+
+    parts = {}
+    for name in sources.SUITES[cfg.data.source]:
+        items = sources.load(name, "eval")
+        items = items[: cfg.data.limit] if cfg.data.limit else items
+        sub = replace(cfg, data=replace(cfg.data, source=name))
+        results, _ = run_eval(items, sub, Path(out_dir) / name, adapter=adapter, quiet=quiet, log=log, label=name,
+                              fingerprint=sources.fingerprint(items, name, "eval"))
+        parts[name] = {"n": results["metrics"]["n"], "correct": results["metrics"]["correct"],
+                       "accuracy": results["metrics"]["accuracy"], "ci95": results["metrics"]["ci95"]}
+    k, n = sum(p["correct"] for p in parts.values()), sum(p["n"] for p in parts.values())
+    summary = {"suite": cfg.data.source, "parts": parts, "weighted_accuracy": k / n, "n": n,
+               "ci95": list(stats.wilson_ci(k, n)), "model": cfg.model, "adapter": adapter}
+    write_json(Path(out_dir) / "suite.json", summary)
+    return summary

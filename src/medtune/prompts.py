@@ -4,6 +4,8 @@ harness  the lm-evaluation-harness text for the item's benchmark (`Question: ...
          continuations " A", " B", ...; the default, so numbers compare with published harness numbers.
 chat     the model's chat template: the question as the user turn, the answer as the assistant turn (thinking off for
          templates that have it, e.g. Qwen3); scored on the continuations "A", "B", ... after the generation prompt.
+seed     the seed project's text (`### Question:` / `### Options:` with `A) ...` / `### Answer:`), for reproducing it;
+         its target is `B) text\n\n### Explanation:\n...`, scored on the continuations "A", "B", ...
 
 The training target is `<letter>. <option text>`, then `\\nExplanation: ...` when the item has one, then EOS.
 """
@@ -15,7 +17,7 @@ import re
 from medtune.data.items import LETTERS, MCQItem
 from medtune.errors import MedtuneError
 
-STYLES = ("harness", "chat")
+STYLES = ("harness", "chat", "seed")
 CHAT_INSTRUCTION = ("Answer the following multiple-choice question with the letter of the correct option, "
                     "then explain briefly.")
 MMLU_SUBJECT = "The following are multiple choice questions (with answers) about {}.\n\n"
@@ -43,6 +45,9 @@ def question_block(item: MCQItem) -> str:
 def build_prompt(item: MCQItem, style: str, tokenizer=None) -> str:
     if style == "harness":
         return question_block(item) + "Answer:"
+    if style == "seed":
+        options = "\n".join(f"{LETTERS[i]}) {text}" for i, text in enumerate(item.options))
+        return f"### Question:\n{item.question}\n\n### Options:\n{options}\n\n### Answer:\n"
     return _chat(tokenizer, [{"role": "user", "content": f"{CHAT_INSTRUCTION}\n\n{question_block(item).rstrip()}"}])
 
 
@@ -54,6 +59,9 @@ def continuations(item: MCQItem, style: str) -> list[str]:
 
 def build_target(item: MCQItem, style: str, target: str = "answer+explanation") -> str:
     """The completion the model learns (EOS is appended as a token by the tokenizing code, not as text)."""
+    if style == "seed":  # the seed's own target, explanation placeholder included
+        return (f"{item.gold_letter}) {item.options[item.answer]}\n\n### Explanation:\n"
+                f"{item.explanation or 'No explanation provided.'}")
     text = f"{continuations(item, style)[item.answer]}. {item.options[item.answer]}"
     explanation = clean_explanation(item.explanation) if target == "answer+explanation" else None
     return text + (f"\nExplanation: {explanation}" if explanation else "")

@@ -127,6 +127,13 @@ def render_table(rows: list[dict], title: str = "") -> str:
 
 def render_results(results: dict) -> str:
     """The printed summary: one table row per model, then the paired comparison and any letter-bias warning."""
+    if "suite" in results:
+        su = results["suite"]
+        rows = [{"benchmark": k, "n": v["n"], "accuracy": f"{v['accuracy']:.3f} [{v['ci95'][0]:.3f}, {v['ci95'][1]:.3f}]"}
+                for k, v in su["parts"].items()]
+        rows.append({"benchmark": "size-weighted", "n": su["n"],
+                     "accuracy": f"{su['weighted_accuracy']:.3f} [{su['ci95'][0]:.3f}, {su['ci95'][1]:.3f}]"})
+        return render_table(rows, title=su["suite"])
     if "eval" in results:
         r = results["eval"]
         return render_table([summary_line(Path(str(r.get("adapter") or r["model"])).name, r["metrics"])],

@@ -56,7 +56,13 @@ def prepare_data(cfg: Config, log=print) -> tuple[list[MCQItem], list[MCQItem], 
             train_items, eval_items = split(items, d.train_size or len(items) // 2, d.seed)
             names = (f"{d.source}:split-train", f"{d.source}:split-eval")
     if d.train_size and len(train_items) > d.train_size:
-        train_items = random.Random(d.seed).sample(train_items, d.train_size)
+        train_items = train_items[: d.train_size] if d.select == "first" else \
+            random.Random(d.seed).sample(train_items, d.train_size)
+    if d.holdout:  # the seed project's 95/5 split of its own training rows
+        shuffled = random.Random(d.seed).sample(train_items, len(train_items))
+        n_eval = max(1, round(len(shuffled) * d.holdout))
+        eval_items, train_items = shuffled[:n_eval], shuffled[n_eval:]
+        names = (f"{names[0]}:holdout-train", f"{names[0]}:holdout-{d.holdout}")
     if d.eval_size and len(eval_items) > d.eval_size:
         eval_items = eval_items[: d.eval_size]
     if d.limit:

@@ -74,7 +74,7 @@ def train(cfg: Config, items: list[MCQItem], out_dir: Path, resume: bool = False
     t0, tokens_seen, loss = time.time(), 0, float("nan")
     for step in range(start, steps):
         micro = [b[rank::world] for b in plan[step]]  # each rank takes its share of every global micro-batch
-        total = sum(len(ex.input_ids) - ex.prompt_len for b in plan[step] for ex in b)  # global target tokens
+        total = sum(len(ex.input_ids) - max(ex.prompt_len, 1) for b in plan[step] for ex in b)  # global targets
         loss_sum, real = 0.0, 0
         for k, batch in enumerate(micro):
             ids, mask, labels = collate(batch, tokenizer.pad_token_id, accelerator.device)
@@ -199,11 +199,12 @@ def tokenize_example(item: MCQItem, cfg: Config, tokenizer) -> Example:
     """prompt + target + EOS, cut to max_length by trimming the target's end first (EOS always kept)."""
     prompt = tokenizer(build_prompt(item, cfg.prompt_style, tokenizer), add_special_tokens=False).input_ids
     target = tokenizer(build_target(item, cfg.prompt_style, cfg.train.target), add_special_tokens=False).input_ids
-    room = cfg.train.max_length - 1
+    eos = [tokenizer.eos_token_id] if cfg.train.add_eos else []
+    room = cfg.train.max_length - len(eos)
     if len(prompt) + len(target) > room:
         target = target[: max(room - len(prompt), min(len(target), 8))]
         prompt = prompt[len(prompt) + len(target) - room:] if len(prompt) + len(target) > room else prompt
-    return Example(prompt + target + [tokenizer.eos_token_id], len(prompt))
+    return Example(prompt + target + eos, 0 if cfg.train.loss_on == "all" else len(prompt))
 
 
 def collate(batch: list[Example], pad_id: int, device):

@@ -1,0 +1,301 @@
+"""Export a run's adapter as a shareable model directory: merged into the base weights (a plain transformers model) or
+as the PEFT adapter itself, either way with a Hugging Face model card (README.md) and a provenance file (medtune.json).
+
+The card says what was trained, on what (the data fingerprint), with which recipe and prompt style, how it scored
+(from RUN/results.json when `medtune run` wrote one) and what the numbers do not mean. The export is written to a
+temporary directory beside the target and renamed into place, so a crash never leaves half a model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from datetime import datetime, timezone
+from pathlib import Path
+
+import yaml
+
+from medtune.errors import MedtuneError
+
+TAGS = ["medical", "multiple-choice", "lora", "medtune"]
+
+
+def export(run_dir: Path, out: Path | None = None, merge: bool = True, log=print) -> Path:
+    """Write RUN's adapter, merged into its base model (default, to RUN/merged) or as-is (to RUN/export), with a model
+    card and medtune.json; return the export directory."""
+    run_dir = Path(run_dir)
+    adapter = run_dir / "adapter"
+    meta = _adapter_meta(adapter)
+    out = Path(out) if out is not None else run_dir / ("merged" if merge else "export")
+    _check_target(out, run_dir, adapter)
+    tmp = out.with_name(f".{out.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if merge:
+        base_path = _save_merged(meta["base_model"], adapter, tmp, log)
+    else:
+        shutil.copytree(adapter, tmp)
+        base_path = meta["base_model"]
+    provenance = {"run_dir": str(run_dir.resolve()), "adapter": str(adapter.resolve()), "merged": merge,
+                  "base_model": meta["base_model"], "base_model_path": str(base_path),
+                  "prompt_style": meta["prompt_style"], "medtune_version": _version(),
+                  "exported_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    # The adapter's own record travels too (train_items, fingerprint), so evaluate.py's prompt-style and
+    # contamination checks work on the export exactly as on the adapter.
+    (tmp / "medtune.json").write_text(json.dumps({**meta, "export": provenance}, indent=1))
+    results = run_dir / "results.json"
+    card = model_card(meta, adapter, json.loads(results.read_text()) if results.is_file() else None, merge)
+    (tmp / "README.md").write_text(card)
+    _replace(tmp, out)
+    log(f"exported {'merged model' if merge else 'adapter'} with model card to {out}")
+    return out
+
+
+def _adapter_meta(adapter: Path) -> dict:
+    if not (adapter / "adapter_config.json").is_file():
+        raise MedtuneError(f"{adapter}: no trained adapter here (no adapter_config.json). Pass the run directory "
+                           "that `medtune train` or `medtune run` wrote (it holds adapter/).")
+    if not (adapter / "medtune.json").is_file():
+        raise MedtuneError(f"{adapter}: no medtune.json, so the base model and prompt style are unknown; export "
+                           "needs an adapter written by medtune")
+    meta = json.loads((adapter / "medtune.json").read_text())
+    missing = [k for k in ("base_model", "prompt_style") if not meta.get(k)]
+    if missing:
+        raise MedtuneError(f"{adapter / 'medtune.json'}: missing {', '.join(missing)}")
+    return meta
+
+
+def _check_target(out: Path, run_dir: Path, adapter: Path) -> None:
+    """Never overwrite the run, the adapter, or a directory that is not an earlier export."""
+    target = out.resolve()
+    for keep in (run_dir.resolve(), adapter.resolve()):
+        if target == keep or target in keep.parents:
+            raise MedtuneError(f"--out {out}: would overwrite {keep}; choose a new directory")
+    if not out.exists() or (out.is_dir() and not any(out.iterdir())):
+        return
+    previous = out / "medtune.json"
+    if not (previous.is_file() and "export" in json.loads(previous.read_text())):
+        raise MedtuneError(f"--out {out}: exists and is not a medtune export; choose a new directory or remove it")
+
+
+def _save_merged(base_model: str, adapter: Path, tmp: Path, log) -> str:
+    """Base (fp32) + adapter -> merge_and_unload -> save_pretrained, with the adapter's tokenizer (its chat template)."""
+    from medtune.models import load_model
+
+    # load_model = resolve + fp32 from_pretrained + attach_adapter; the tokenizer comes from the adapter dir.
+    # Merging in fp32 keeps the merged weights equal to base + B·A·scale to float rounding.
+    model, tokenizer, path = load_model(base_model, adapter=str(adapter), dtype="float32", device="cpu", log=log)
+    log(f"merging {adapter} into {path}")
+    merged = model.merge_and_unload()
+    merged.save_pretrained(tmp)  # transformers 5 always writes safetensors (safe_serialization is gone)
+    tokenizer.save_pretrained(tmp)  # left padding, pad token set: ready for batched generation
+    if not any(tmp.glob("model*.safetensors")):
+        raise MedtuneError(f"{tmp}: save_pretrained wrote no safetensors file")
+    return path
+
+
+def _replace(tmp: Path, out: Path) -> None:
+    """Move the old export aside, rename the new one into place, then delete the old one."""
+    old = out.with_name(f".{out.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    if out.exists():
+        out.rename(old)
+    tmp.rename(out)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def model_card(meta: dict, adapter: Path, results: dict | None, merged: bool) -> str:
+    """README.md: YAML front matter, then Model, Training data, Recipe, Evaluation, Intended use, Limitations."""
+    from medtune.report import DISCLAIMER
+
+    sections = [_front_matter(meta["base_model"], merged), f"# {_title(meta, merged)}\n",
+                f"> **{DISCLAIMER}**\n", _model_section(meta, adapter, merged), _data_section(meta),
+                _recipe_section(meta, adapter), _eval_section(results), _usage_section(meta, merged),
+                _INTENDED_USE, _LIMITATIONS, f"## Medical disclaimer\n\n{DISCLAIMER}\n"]
+    return "\n".join(sections)
+
+
+def _front_matter(base_model: str, merged: bool) -> str:
+    hub_id = _hub_id(base_model)
+    fields = {"library_name": "transformers" if merged else "peft", "tags": TAGS, "pipeline_tag": "text-generation"}
+    if hub_id:
+        fields = {"base_model": hub_id, **fields}
+    text = yaml.safe_dump(fields, sort_keys=False)
+    # No license line: the export inherits the base model's licence and the training data's terms (check both).
+    note = "" if hub_id else f"# base_model: local directory {base_model} (not a Hub id)\n"
+    return f"---\n{note}{text}---\n"
+
+
+def _hub_id(base_model: str) -> str | None:
+    from medtune.models import EMBEDDED, EMBEDDED_HUB
+
+    if base_model == EMBEDDED:
+        return EMBEDDED_HUB
+    return None if Path(base_model).exists() or base_model.count("/") != 1 else base_model
+
+
+def _title(meta: dict, merged: bool) -> str:
+    base = _hub_id(meta["base_model"]) or Path(meta["base_model"]).name
+    return f"{base.split('/')[-1]} + medtune LoRA ({'merged' if merged else 'adapter'})"
+
+
+def _model_section(meta: dict, adapter: Path, merged: bool) -> str:
+    from medtune.models import EMBEDDED, EMBEDDED_GGUF
+
+    lora = _adapter_config(adapter).get("lora", {})
+    peft_cfg = json.loads((adapter / "adapter_config.json").read_text())
+    targets = peft_cfg.get("target_modules")  # what PEFT resolved "all-linear" to
+    targets = ", ".join(f"`{t}`" for t in sorted(targets)) if isinstance(targets, list) else f"`{targets}`"
+    configured = ", ".join(lora.get("target_modules", [])) or "unknown"
+    base = meta["base_model"]
+    hub_id = _hub_id(base)
+    if base == EMBEDDED:
+        origin = f" (medtune's embedded model: `{EMBEDDED_GGUF}` dequantized to fp32, not the Hub's original weights)"
+    else:
+        origin = "" if hub_id else " (a local directory)"
+    form = ("the adapter merged into the base weights (fp32), loadable with transformers alone" if merged
+            else "the PEFT adapter; load it on top of the base model with peft")
+    lines = ["## Model", "",
+             f"- Base model: `{hub_id or base}`{origin}",
+             (f"- Trained: a LoRA adapter, r = {lora.get('r', peft_cfg.get('r'))}, alpha = "
+             f"{lora.get('alpha', peft_cfg.get('lora_alpha'))}, dropout = "
+             f"{lora.get('dropout', peft_cfg.get('lora_dropout'))}, on {targets} (configured: {configured})"),
+             f"- This directory: {form}",
+             (f"- Training objective: `{meta.get('target', 'answer+explanation')}` after the prompt, loss on the target "
+             "tokens only, options shuffled per example and epoch"),
+             "- Licence: none stated here; the base model's licence and the training data's terms apply", ""]
+    return "\n".join(lines)
+
+
+def _data_section(meta: dict) -> str:
+    ids = meta.get("train_ids") or []
+    data = meta.get("data") or {}
+    train = data.get("train") or {"source": "not recorded", "split": "train", "n": len(ids),
+                                  "ids_sha256": hashlib.sha256("\n".join(ids).encode()).hexdigest()}
+    lines = ["## Training data", "", f"- Training items: {len(ids)}",
+             f"- Source: `{train.get('source')}` (split `{train.get('split')}`), n = {train.get('n')}",
+             f"- sha256 of the item ids, in order: `{train.get('ids_sha256')}`"]
+    if data.get("eval"):
+        e = data["eval"]
+        lines.append(f"- Held-out eval set: `{e.get('source')}`, n = {e.get('n')}, ids sha256 `{e.get('ids_sha256')}`")
+    if data.get("overlap"):
+        o = data["overlap"]
+        lines.append(f"- Train/eval overlap found: {o.get('exact', 0)} exact, {o.get('near', 0)} near duplicates")
+    s = meta.get("summary") or {}
+    if s:
+        lines.append(f"- Training: {s.get('steps')} optimizer steps, final loss {s.get('final_loss', float('nan')):.4f}, "
+                     f"{s.get('wall_s')} s")
+    lines.append("- The item ids and texts are listed in `medtune.json` (`train_ids`, `train_items`).")
+    return "\n".join(lines) + "\n"
+
+
+def _recipe_section(meta: dict, adapter: Path) -> str:
+    from medtune.data.items import MCQItem
+    from medtune.prompts import build_prompt, build_target
+
+    cfg = _adapter_config(adapter)
+    style = meta["prompt_style"]
+    example = MCQItem(id="example", question="{question}", options=("{option A}", "{option B}", "{option C}",
+                                                                    "{option D}"), answer=1, explanation="{explanation}")
+    try:
+        prompt = build_prompt(example, style, _tokenizer_or_none(adapter) if style == "chat" else None)
+    except MedtuneError as e:
+        prompt = f"(could not render: {e})"
+    target = build_target(example, style, meta.get("target", "answer+explanation"))
+    config_text = yaml.safe_dump(cfg, sort_keys=False).rstrip() if cfg else "(medtune-config.yaml not found)"
+    return "\n".join([
+        "## Recipe", "", "The resolved medtune config:", "", "```yaml", config_text, "```", "",
+        (f"Prompt style: **`{style}`**. Use the same prompt style at inference: multiple-choice scores move with the "
+        "prompt format, and the model learned this one. The prompt (generic benchmark; medqa, medmcqa, mmlu and "
+        "pubmedqa items use their lm-evaluation-harness variants):"), "",
+        "```text", prompt, "```", "",
+        ("The completion it was trained to write (then EOS); scoring reads the log-probability of each option's "
+        "letter right after the prompt:"), "", "```text", target, "```", ""])
+
+
+def _eval_section(results: dict | None) -> str:
+    if not results or "base" not in results or "tuned" not in results:
+        return "## Evaluation\n\nNot evaluated: this run has no results.json from `medtune run`.\n"
+    base, tuned = results["base"], results["tuned"]
+    e = (results.get("data") or {}).get("eval") or {}
+    rows = ["| model | n | accuracy [95% CI] | majority-letter baseline | debiased accuracy [95% CI] |",
+            "|---|---|---|---|---|"]
+    for label, r in (("base", base), ("tuned", tuned)):
+        m = r["metrics"]
+        lo, hi = m["ci95"]
+        letters = m.get("letters", {})
+        majority = f"{letters['majority_baseline']:.3f} ({letters['majority_letter']})" if letters else "-"
+        p = m.get("permute")
+        deb = f"{p['debiased_accuracy']:.3f} [{p['debiased_ci95'][0]:.3f}, {p['debiased_ci95'][1]:.3f}]" if p else "-"
+        rows.append(f"| {label} | {m['n']} | {m['accuracy']:.3f} [{lo:.3f}, {hi:.3f}] | {majority} | {deb} |")
+    lines = ["## Evaluation", "",
+             (f"On `{e.get('source', 'the eval set')}` (n = {e.get('n', tuned['metrics']['n'])}, ids sha256 "
+             f"`{e.get('ids_sha256', '-')}`), scored by `{tuned.get('method')}` in `{tuned.get('mode')}` mode with the "
+             f"`{tuned.get('prompt_style')}` prompt, base and tuned on the same items:"), "", *rows, ""]
+    for kind, c in (results.get("comparison") or {}).items():
+        if isinstance(c, dict) and "mcnemar_p" in c:
+            lo, hi = c["diff_ci"]
+            lines.append(f"- {kind}: {c['diff'] * 100:+.1f} points (95% CI [{lo * 100:+.1f}, {hi * 100:+.1f}]), "
+                         f"{len(c['won'])} items won, {len(c['lost'])} lost, McNemar exact p = {c['mcnemar_p']:.4g}")
+    warning = (results.get("comparison") or {}).get("letter_bias_warning")
+    if warning:
+        lines.append(f"- Letter bias: {warning}")
+    return "\n".join(lines) + "\n"
+
+
+def _usage_section(meta: dict, merged: bool) -> str:
+    if merged:
+        code = ('from transformers import AutoModelForCausalLM, AutoTokenizer\n\n'
+                'model = AutoModelForCausalLM.from_pretrained("PATH")\ntokenizer = AutoTokenizer.from_pretrained("PATH")')
+        cli = "medtune eval --set model=PATH"
+    else:
+        base = _hub_id(meta["base_model"]) or meta["base_model"]
+        code = ('from peft import AutoPeftModelForCausalLM\nfrom transformers import AutoTokenizer\n\n'
+                f'model = AutoPeftModelForCausalLM.from_pretrained("PATH")  # loads {base} and attaches the adapter\n'
+                'tokenizer = AutoTokenizer.from_pretrained("PATH")')
+        cli = f"medtune eval --set model={meta['base_model']} --adapter PATH"
+    return "\n".join(["## How to use", "", "```python", code, "```", "",
+                      f"With medtune (same prompt style and scoring): `{cli} --set prompt_style={meta['prompt_style']}`",
+                      ""])
+
+
+_INTENDED_USE = """## Intended use
+
+Research and education on medical exam benchmarks: studying how fine-tuning changes multiple-choice accuracy, letter
+preferences and calibration. Not for clinical decisions, patient care, or answering health questions for anyone.
+"""
+
+_LIMITATIONS = """## Limitations
+
+- Small models learn the answer format and letter priors easily: an accuracy gain can come from a shift in which
+  letter the model prefers rather than from medical knowledge. Compare with the majority-letter baseline and the
+  debiased (option-rotation) accuracy above.
+- Multiple-choice scores move with the prompt format and the scoring method; numbers are comparable only under the
+  same prompt style and method.
+- Exam accuracy is not clinical competence. The generated explanations can be fluent and wrong.
+- The training data's biases, errors and coverage carry over to the model.
+"""
+
+
+def _adapter_config(adapter: Path) -> dict:
+    path = adapter / "medtune-config.yaml"
+    return (yaml.safe_load(path.read_text()) or {}) if path.is_file() else {}
+
+
+def _tokenizer_or_none(adapter: Path):
+    """The adapter's tokenizer (for the chat prompt style's template); None when it was not saved."""
+    if not (adapter / "tokenizer_config.json").is_file():
+        return None
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(adapter)
+
+
+def _version() -> str | None:
+    from importlib import metadata
+
+    try:
+        return metadata.version("medtune")
+    except metadata.PackageNotFoundError:
+        return None

@@ -1,0 +1,64 @@
+"""The `generate` evaluation method: greedy answers with explanations, parsed without ever defaulting to a letter.
+
+Each question's prompt is the run's prompt style; the model writes until EOS or `max_new_tokens` (a hit cap is
+reported). The letter is read by `parse.parse_answer` (an unparseable answer counts as wrong and is reported);
+the explanation is kept, scored with ROUGE-L against the item's reference explanation when there is one, and
+checked for contradicting the chosen letter.
+"""
+
+from __future__ import annotations
+
+from medtune.data.items import LETTERS, MCQItem
+from medtune.parse import contradiction, parse_answer
+from medtune.prompts import build_prompt, clean_explanation
+
+
+def generate_rows(model, tokenizer, items: list[MCQItem], style: str, max_new_tokens: int = 256,
+                  batch_size: int = 8, progress=None) -> list[dict]:
+    import torch
+
+    device = next(model.parameters()).device
+    prompts = [build_prompt(item, style, tokenizer) for item in items]
+    texts: list[str | None] = [None] * len(items)
+    capped = [False] * len(items)
+    order = sorted(range(len(items)), key=lambda i: -len(prompts[i]))
+    tokenizer.padding_side = "left"
+    for start in range(0, len(order), batch_size):
+        idx = order[start: start + batch_size]
+        enc = tokenizer([prompts[i] for i in idx], return_tensors="pt", padding=True, add_special_tokens=False)
+        with torch.inference_mode():
+            out = model.generate(**enc.to(device), max_new_tokens=max_new_tokens, do_sample=False,
+                                 pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+        for row, i in enumerate(idx):
+            new = out[row, enc.input_ids.shape[1]:].tolist()
+            ended = tokenizer.eos_token_id in new
+            new = new[: new.index(tokenizer.eos_token_id)] if ended else new
+            texts[i], capped[i] = tokenizer.decode(new, skip_special_tokens=True), not ended
+        if progress is not None:
+            progress.update(len(idx))
+    return [_row(item, text, cap) for item, text, cap in zip(items, texts, capped)]
+
+
+def _row(item: MCQItem, text: str, capped: bool) -> dict:
+    parsed = parse_answer(text, options=list(item.options))
+    explanation = text.split("Explanation:", 1)[1].strip() if "Explanation:" in text else text.strip()
+    return {"id": item.id, "gold": item.gold_letter, "pred": parsed.letter, "correct": parsed.letter == item.gold_letter,
+            "parse": parsed.reason, "ambiguous": parsed.ambiguous, "output": text, "explanation": explanation,
+            "hit_length_cap": capped, "contradiction": contradiction(parsed.letter, explanation, list(item.options)),
+            "reference_explanation": clean_explanation(item.explanation), "subject": item.subject}
+
+
+def generation_metrics(rows: list[dict]) -> dict:
+    """Unparseable answers, length-cap hits, ROUGE-L of explanations against references, contradiction rate."""
+    from rouge_score import rouge_scorer
+
+    n = len(rows)
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    rouge = [scorer.score(r["reference_explanation"], r["explanation"])["rougeL"].fmeasure
+             for r in rows if r["reference_explanation"]]
+    answered = [r for r in rows if r["pred"] is not None]
+    return {"unparseable": n - len(answered), "unparseable_share": (n - len(answered)) / n,
+            "hit_length_cap": sum(r["hit_length_cap"] for r in rows),
+            "rougeL_f": sum(rouge) / len(rouge) if rouge else None, "rougeL_n": len(rouge),
+            "contradiction_rate": sum(r["contradiction"] for r in answered) / len(answered) if answered else None,
+            "parse_reasons": {k: sum(r["parse"] == k for r in rows) for k in sorted({r["parse"] for r in rows})}}

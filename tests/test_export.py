@@ -1,0 +1,138 @@
+"""Export: a merged model scores exactly like base + adapter; the card carries front matter, provenance, the recipe,
+the evaluation and the disclaimer; an unmerged export stays a loadable adapter; bad inputs are refused."""
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from medtune.config import load_config
+from medtune.data.items import MCQItem
+from medtune.errors import MedtuneError
+from medtune.evaluate import encode, predictions, score
+from medtune.export import export
+from medtune.models import load_model
+from medtune.report import DISCLAIMER, metrics
+from medtune.train import train
+
+
+def items(n, seed=0):
+    rng = random.Random(seed)
+    colours = ["red", "green", "blue", "cyan", "pink", "gray", "gold"]
+    return [MCQItem(id=f"x{seed}-{k}", question=f"Which colour is item {k}?", answer=k % 4, subject="s",
+                    options=tuple(f"option {w}" for w in rng.sample(colours, 4)), explanation=f"Item {k} is so.")
+            for k in range(n)]
+
+
+@pytest.fixture(scope="module")
+def run_dir(tiny_model_dir, tmp_path_factory) -> Path:
+    """A run dir with a tiny adapter trained a few steps at a high lr (so the LoRA B matrices are far from zero)."""
+    out = tmp_path_factory.mktemp("run")
+    cfg = load_config(None, [f"model={tiny_model_dir}", "device=cpu", f"out_dir={out}", "train.dtype=float32",
+                             "train.max_steps=3", "train.lr=1e-2", "train.batch_size=4", "train.max_length=96",
+                             "train.warmup=0", "lora.r=4", "lora.alpha=8"])
+    train(cfg, items(12), out, quiet=True, log=lambda *_: None)
+    return out
+
+
+def _scores(model, tokenizer, its):
+    return score(model, encode(its, "harness", tokenizer), batch_size=4, mode="exact")[0]
+
+
+def test_merged_model_scores_like_base_plus_adapter(run_dir, tiny_model_dir):
+    lora_b = [t for k, t in load_file(str(run_dir / "adapter" / "adapter_model.safetensors")).items() if "lora_B" in k]
+    assert lora_b and all(t.abs().max() > 1e-3 for t in lora_b)  # the adapter really changes the model
+
+    merged = export(run_dir, log=lambda *_: None)
+    assert merged == run_dir / "merged"
+    assert (merged / "model.safetensors").is_file() and not (merged / "adapter_config.json").exists()
+    assert not list(run_dir.glob(".merged*"))  # the temporary dir was renamed away
+    assert (merged / "tokenizer_config.json").is_file()
+
+    test_items = items(6, seed=1)
+    peft_model, peft_tok, _ = load_model(tiny_model_dir, adapter=str(run_dir / "adapter"), log=lambda *_: None)
+    merged_model, merged_tok, _ = load_model(str(merged), log=lambda *_: None)
+    base_model, base_tok, _ = load_model(tiny_model_dir, log=lambda *_: None)
+    want, got = _scores(peft_model, peft_tok, test_items), _scores(merged_model, merged_tok, test_items)
+    base = _scores(base_model, base_tok, test_items)
+    assert torch.allclose(torch.tensor(got), torch.tensor(want), atol=1e-4)
+    assert [r["pred"] for r in predictions(test_items, got)] == [r["pred"] for r in predictions(test_items, want)]
+    assert not torch.allclose(torch.tensor(base), torch.tensor(want), atol=1e-3)  # so the comparison means something
+
+    meta = json.loads((merged / "medtune.json").read_text())
+    assert meta["export"]["merged"] is True and meta["export"]["run_dir"] == str(run_dir.resolve())
+    assert meta["export"]["base_model"] == tiny_model_dir and meta["prompt_style"] == "harness"
+    assert len(meta["train_items"]) == 12  # evaluate.py's contamination check works on the export too
+
+
+def test_card_front_matter_sections_and_disclaimer(run_dir, tiny_model_dir):
+    card = (export(run_dir, log=lambda *_: None) / "README.md").read_text()
+    assert card.startswith("---\n")
+    front = yaml.safe_load(card.split("---\n")[1])
+    assert front["library_name"] == "transformers" and front["tags"] == ["medical", "multiple-choice", "lora", "medtune"]
+    assert "license" not in front and "base_model" not in front  # a local base dir is not a Hub id
+    assert f"local directory {tiny_model_dir}" in card
+    for heading in ("## Model", "## Training data", "## Recipe", "## Evaluation", "## Intended use", "## Limitations"):
+        assert heading in card
+    assert DISCLAIMER in card
+    assert "r = 4, alpha = 8" in card and "Training items: 12" in card
+    assert "Not evaluated" in card
+    assert "Question: {question}\nA. {option A}" in card and "Answer:" in card  # the prompt template
+    recipe = card.split("```yaml\n")[1].split("```")[0]
+    assert yaml.safe_load(recipe)["lora"]["r"] == 4
+
+
+def test_card_reports_results_json(run_dir, tiny_model_dir, tmp_path):
+    """With RUN/results.json (written here from real scores through report.metrics and run.compare)."""
+    from medtune.run import compare
+
+    test_items = items(8, seed=2)
+    rows = {}
+    for label, adapter in (("base", None), ("tuned", str(run_dir / "adapter"))):
+        model, tok, _ = load_model(tiny_model_dir, adapter=adapter, log=lambda *_: None)
+        rows[label] = predictions(test_items, _scores(model, tok, test_items))
+    res = {k: {"metrics": metrics(test_items, r), "method": "letter-logprob", "mode": "exact", "prompt_style": "harness"}
+           for k, r in rows.items()}
+    results = {"kind": "run", "base": res["base"], "tuned": res["tuned"],
+               "data": {"eval": {"source": "colours:eval", "n": 8, "ids_sha256": "abc"}},
+               "comparison": compare(test_items, res["base"], res["tuned"], rows["base"], rows["tuned"])}
+    (run_dir / "results.json").write_text(json.dumps(results))
+    try:
+        card = (export(run_dir, tmp_path / "out", log=lambda *_: None) / "README.md").read_text()
+    finally:
+        (run_dir / "results.json").unlink()
+    m = res["tuned"]["metrics"]
+    assert f"| tuned | 8 | {m['accuracy']:.3f} [{m['ci95'][0]:.3f}, {m['ci95'][1]:.3f}] |" in card
+    assert f"{m['letters']['majority_baseline']:.3f}" in card
+    assert f"McNemar exact p = {results['comparison']['raw']['mcnemar_p']:.4g}" in card
+    assert "Not evaluated" not in card
+
+
+def test_unmerged_export_is_a_loadable_adapter(run_dir, tiny_model_dir, tmp_path):
+    out = export(run_dir, tmp_path / "adapter-export", merge=False, log=lambda *_: None)
+    assert (out / "adapter_config.json").is_file() and (out / "adapter_model.safetensors").is_file()
+    front = yaml.safe_load((out / "README.md").read_text().split("---\n")[1])
+    assert front["library_name"] == "peft"
+    meta = json.loads((out / "medtune.json").read_text())
+    assert meta["export"]["merged"] is False and meta["prompt_style"] == "harness"
+    model, tok, _ = load_model(tiny_model_dir, adapter=str(out), log=lambda *_: None)
+    ref, ref_tok, _ = load_model(tiny_model_dir, adapter=str(run_dir / "adapter"), log=lambda *_: None)
+    its = items(3, seed=3)
+    assert _scores(model, tok, its) == _scores(ref, ref_tok, its)
+
+
+def test_missing_adapter_and_unsafe_targets_are_refused(run_dir, tmp_path):
+    with pytest.raises(MedtuneError, match="no trained adapter"):
+        export(tmp_path / "empty-run", log=lambda *_: None)
+    with pytest.raises(MedtuneError, match="would overwrite"):
+        export(run_dir, run_dir / "adapter", merge=False, log=lambda *_: None)
+    stranger = tmp_path / "mine"
+    stranger.mkdir()
+    (stranger / "notes.txt").write_text("keep me")
+    with pytest.raises(MedtuneError, match="not a medtune export"):
+        export(run_dir, stranger, merge=False, log=lambda *_: None)
+    assert (stranger / "notes.txt").read_text() == "keep me"
