@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import resource
@@ -100,7 +101,8 @@ def parent(args) -> int:
 def run_child(args, variant: str, model: str) -> dict:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--variant", variant, "--steps", str(args.steps), "--json",
            "--model", model, "--data", str(args.data)] + [f"--set={s}" for s in args.sets]
-    proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, cwd=ROOT)  # stderr (progress) passes through
+    # stderr (progress, warnings) passes through; stdout holds the result line
+    proc = subprocess.run(cmd, check=False, stdout=subprocess.PIPE, text=True, cwd=ROOT)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(MARK)]
     if proc.returncode != 0 or not lines:
         sys.stderr.write(proc.stdout[-4000:])
@@ -125,7 +127,8 @@ def summarize(args, runs: dict[str, list[dict]]) -> dict:
     return {"benchmark": "train_speed", "note": "medtune / baseline ratios are medians of per-repeat ratios",
             "steps": args.steps, "repeats": args.repeats, "tiny": args.tiny, "data": str(args.data),
             "train_items": TRAIN_SIZE, "examples_per_step": BATCH * ACCUM, "medtune_sets": args.sets,
-            "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
+            "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(),
+                        "python": platform.python_version(),
                         "torch": torch.__version__, "transformers": transformers.__version__},
             "variants": variants, "ratios": {k: round(x, 3) for k, x in ratios.items()}}
 
@@ -133,7 +136,8 @@ def summarize(args, runs: dict[str, list[dict]]) -> dict:
 def print_table(result: dict) -> None:
     print(f"\n{result['steps']} optimizer steps of {result['examples_per_step']} examples, {result['repeats']} "
           f"repeat(s){' (tiny model)' if result['tiny'] else ''}; medians")
-    print(f"{'variant':<10}{'steps':>6}{'measured':>10}{'s/step':>9}{'real tok/s':>12}{'tok/step':>10}{'peak RSS MB':>13}")
+    print(f"{'variant':<10}{'steps':>6}{'measured':>10}{'s/step':>9}{'real tok/s':>12}{'tok/step':>10}"
+          f"{'peak RSS MB':>13}")
     for v, s in result["variants"].items():
         r = s["runs"][0]
         print(f"{v:<10}{r['steps']:>6}{r['measured_steps']:>10}{s['sec_per_step']:>9.2f}{s['tokens_per_s']:>12.1f}"
@@ -204,6 +208,12 @@ def measure(variant: str, steps: int, begin: float, ends: list[float], tokens: l
             "real_tokens_per_step": round(real / measured, 1), "tokens_per_s": round(real / span, 2), **extra}
 
 
+def updated(lora_b: list) -> float:
+    """Share of LoRA B matrices that left their zero init: a check that gradients reached the adapters (with a
+    1-step warm-up the first step has lr 0, so this needs >= 2 steps)."""
+    return round(sum(bool(t.abs().sum()) for t in lora_b) / max(len(lora_b), 1), 3)
+
+
 # ---- baseline: the seed project's loop
 
 
@@ -234,8 +244,7 @@ def seed_encode(tok, item) -> dict:
 def run_baseline(model_dir: str, items, steps: int, tmp: Path, _sets) -> dict:
     import torch
     from peft import LoraConfig, get_peft_model
-    from transformers import (AutoModelForCausalLM, DataCollatorForSeq2Seq, Trainer, TrainerCallback,
-                              TrainingArguments)
+    from transformers import AutoModelForCausalLM, DataCollatorForSeq2Seq, Trainer, TrainerCallback, TrainingArguments
 
     tok = seed_tokenizer(model_dir)
     dataset = [seed_encode(tok, item) for item in items]  # the first N train rows, in order; the sampler shuffles
@@ -261,7 +270,8 @@ def run_baseline(model_dir: str, items, steps: int, tmp: Path, _sets) -> dict:
 
     targs = TrainingArguments(
         output_dir=str(tmp), per_device_train_batch_size=BATCH, gradient_accumulation_steps=ACCUM, learning_rate=LR,
-        lr_scheduler_type="cosine", warmup_steps=0.05,  # < 1: a share of total steps (transformers 5 has no warmup_ratio)
+        # warmup_steps < 1 is a share of total steps (transformers 5 removed warmup_ratio), as the seed ran here
+        lr_scheduler_type="cosine", warmup_steps=0.05,
         num_train_epochs=2, max_steps=steps, gradient_checkpointing=True, use_cpu=True, report_to=[],
         save_strategy="no", logging_steps=1, seed=42, disable_tqdm=True)
     trainer = Trainer(model=model, args=targs, train_dataset=dataset, callbacks=[Clock()],
@@ -270,7 +280,9 @@ def run_baseline(model_dir: str, items, steps: int, tmp: Path, _sets) -> dict:
     if not seen["tokens"]:
         raise RuntimeError("baseline: the token-counting hook never ran")
     losses = [round(h["loss"], 4) for h in trainer.state.log_history if "loss" in h]
-    extra = {"losses": losses, "torch_threads": torch.get_num_threads(), "dtype": "float32",
+    extra = {"losses": losses, "lora_b_updated": updated([p.detach() for n, p in model.named_parameters()
+                                                          if "lora_B" in n]),
+             "torch_threads": torch.get_num_threads(), "dtype": "float32",
              "attention": model.config._attn_implementation, "gradient_checkpointing": True,
              "loss_on": "all tokens", "optimizer": targs.optim if isinstance(targs.optim, str) else targs.optim.value}
     return measure("baseline", steps, Clock.begin, Clock.ends, Clock.tokens, extra)
@@ -279,9 +291,9 @@ def run_baseline(model_dir: str, items, steps: int, tmp: Path, _sets) -> dict:
 # ---- medtune
 
 
-def medtune_overrides(model: str, steps: int, sets: list[str]) -> list[str]:
-    return [f"model={model}", "device=cpu", f"train.max_steps={steps}",
-            "train.epochs=1",  # with max_steps only the plan's length depends on it: fewer examples to tokenize
+def medtune_overrides(model: str, steps: int, sets: list[str], n_items: int = TRAIN_SIZE) -> list[str]:
+    epochs = max(1, math.ceil(steps * BATCH * ACCUM / n_items))  # with max_steps, epochs only sets the plan's length
+    return [f"model={model}", "device=cpu", f"train.max_steps={steps}", f"train.epochs={epochs}",
             f"lora.r={LORA['r']}", f"lora.alpha={LORA['alpha']}", f"lora.dropout={LORA['dropout']}",
             f"lora.target_modules=[{', '.join(LORA['target_modules'])}]", f"train.max_length={MAX_LENGTH}",
             f"train.batch_size={BATCH}", f"train.grad_accum={ACCUM}", f"train.lr={LR}", "train.scheduler=cosine",
@@ -295,12 +307,17 @@ def run_medtune(model_dir: str, items, steps: int, tmp: Path, sets: list[str]) -
     from medtune.hardware import decide, detect
     from medtune.train import _attention, _mixed_precision, train
 
-    cfg = load_config(None, medtune_overrides(model_dir, steps, sets))
+    cfg = load_config(None, medtune_overrides(model_dir, steps, sets, len(items)))
     train(cfg, items, tmp, quiet=True, log=lambda m: print(m, file=sys.stderr))
     rows = [json.loads(line) for line in (tmp / "metrics.jsonl").read_text().splitlines() if line.strip()]
     info = detect()
     policy = decide(info)
-    extra = {"losses": [round(r["loss"], 4) for r in rows], "torch_threads": torch.get_num_threads(),
+    from safetensors.torch import load_file
+
+    adapter = load_file(str(tmp / "adapter" / "adapter_model.safetensors"))
+    extra = {"losses": [round(r["loss"], 4) for r in rows],
+             "lora_b_updated": updated([t for n, t in adapter.items() if "lora_B" in n]),
+             "torch_threads": torch.get_num_threads(),
              "dtype": _mixed_precision(cfg.train.dtype, policy.train_dtype) + " autocast over fp32",
              "attention": _attention(cfg, info, policy), "gradient_checkpointing": cfg.train.gradient_checkpointing,
              "loss_on": f"target ({cfg.train.target}) + EOS", "prompt_style": cfg.prompt_style, "sets": sets}
@@ -312,11 +329,12 @@ def run_medtune(model_dir: str, items, steps: int, tmp: Path, sets: list[str]) -
 
 
 def show_example(args) -> None:
+    from transformers import DataCollatorForSeq2Seq
+
     from medtune.config import load_config
     from medtune.models import load_tokenizer
     from medtune.prompts import build_prompt, build_target
     from medtune.train import collate, tokenize_example
-    from transformers import DataCollatorForSeq2Seq
 
     items = train_items(args.data)
     model = embedded_dir()
@@ -329,13 +347,14 @@ def show_example(args) -> None:
     print("=== baseline (seed recipe): text ===")
     print(text)
     print(f"=== baseline: {int(mask.sum())} real tokens, batch padded to {ids.shape[0]} (multiple of 8); "
-          f"loss on {int((labels != -100).sum())} tokens; EOS appended: {int(ids[int(mask.sum()) - 1]) == tok.eos_token_id}")
+          f"loss on {int((labels != -100).sum())} tokens; "
+          f"EOS appended: {int(ids[int(mask.sum()) - 1]) == tok.eos_token_id}")
     print("label mask (# = loss, . = -100), first row of the first 4-example batch:")
     print("".join("#" if x != -100 else "." for x in labels.tolist()))
     cfg = load_config(None, medtune_overrides(model, 1, args.sets))
     mtok = load_tokenizer(model, padding_side="right")
     ex = tokenize_example(item, cfg, mtok)
-    _, mmask, mlabels = collate([ex], mtok.pad_token_id, "cpu")
+    _, _, mlabels = collate([ex], mtok.pad_token_id, "cpu")
     print(f"\n=== medtune ({cfg.prompt_style} style, option order as published; training shuffles it) ===")
     print(mtok.decode(ex.input_ids[:ex.prompt_len]) + "[[" + mtok.decode(ex.input_ids[ex.prompt_len:]) + "]]")
     print(f"=== medtune: {len(ex.input_ids)} tokens, loss on {int((mlabels != -100).sum())} ([[...]] = target + EOS)")

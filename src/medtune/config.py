@@ -67,6 +67,7 @@ class EvalConfig:
     batch_size: int = 16
     margin: float = 0.5  # fast mode: re-score in fp32 when the top-two log-prob margin is below this
     max_new_tokens: int = 256  # generate method: length cap (reported when hit)
+    extra_methods: list[str] = field(default_factory=list)  # `run` also compares base and tuned with these methods
 
 
 @dataclass

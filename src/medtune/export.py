@@ -32,21 +32,25 @@ def export(run_dir: Path, out: Path | None = None, merge: bool = True, log=print
     tmp = out.with_name(f".{out.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     out.parent.mkdir(parents=True, exist_ok=True)
-    if merge:
-        base_path = _save_merged(meta["base_model"], adapter, tmp, log)
-    else:
-        shutil.copytree(adapter, tmp)
-        base_path = meta["base_model"]
-    provenance = {"run_dir": str(run_dir.resolve()), "adapter": str(adapter.resolve()), "merged": merge,
-                  "base_model": meta["base_model"], "base_model_path": str(base_path),
-                  "prompt_style": meta["prompt_style"], "medtune_version": _version(),
-                  "exported_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-    # The adapter's own record travels too (train_items, fingerprint), so evaluate.py's prompt-style and
-    # contamination checks work on the export exactly as on the adapter.
-    (tmp / "medtune.json").write_text(json.dumps({**meta, "export": provenance}, indent=1))
-    results = run_dir / "results.json"
-    card = model_card(meta, adapter, json.loads(results.read_text()) if results.is_file() else None, merge)
-    (tmp / "README.md").write_text(card)
+    try:
+        if merge:
+            base_path = _save_merged(meta["base_model"], adapter, tmp, log)
+        else:
+            shutil.copytree(adapter, tmp)
+            base_path = meta["base_model"]
+        provenance = {"run_dir": str(run_dir.resolve()), "adapter": str(adapter.resolve()), "merged": merge,
+                      "base_model": meta["base_model"], "base_model_path": str(base_path),
+                      "prompt_style": meta["prompt_style"], "medtune_version": _version(),
+                      "exported_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+        # The adapter's own record travels too (train_items, fingerprint), so evaluate.py's prompt-style and
+        # contamination checks work on the export exactly as on the adapter.
+        (tmp / "medtune.json").write_text(json.dumps({**meta, "export": provenance}, indent=1))
+        results = run_dir / "results.json"
+        card = model_card(meta, adapter, json.loads(results.read_text()) if results.is_file() else None, merge)
+        (tmp / "README.md").write_text(card)
+    except BaseException:  # leave no half-written export behind (Ctrl-C included), then re-raise
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     _replace(tmp, out)
     log(f"exported {'merged model' if merge else 'adapter'} with model card to {out}")
     return out
@@ -111,7 +115,7 @@ def model_card(meta: dict, adapter: Path, results: dict | None, merged: bool) ->
 
     sections = [_front_matter(meta["base_model"], merged), f"# {_title(meta, merged)}\n",
                 f"> **{DISCLAIMER}**\n", _model_section(meta, adapter, merged), _data_section(meta),
-                _recipe_section(meta, adapter), _eval_section(results), _usage_section(meta, merged),
+                _recipe_section(meta, adapter), _eval_section(results), _usage_section(meta, adapter, merged),
                 _INTENDED_USE, _LIMITATIONS, f"## Medical disclaimer\n\n{DISCLAIMER}\n"]
     return "\n".join(sections)
 
@@ -143,7 +147,8 @@ def _title(meta: dict, merged: bool) -> str:
 def _model_section(meta: dict, adapter: Path, merged: bool) -> str:
     from medtune.models import EMBEDDED, EMBEDDED_GGUF
 
-    lora = _adapter_config(adapter).get("lora", {})
+    cfg = _adapter_config(adapter)
+    lora = cfg.get("lora", {})
     peft_cfg = json.loads((adapter / "adapter_config.json").read_text())
     targets = peft_cfg.get("target_modules")  # what PEFT resolved "all-linear" to
     targets = ", ".join(f"`{t}`" for t in sorted(targets)) if isinstance(targets, list) else f"`{targets}`"
@@ -162,10 +167,18 @@ def _model_section(meta: dict, adapter: Path, merged: bool) -> str:
              f"{lora.get('alpha', peft_cfg.get('lora_alpha'))}, dropout = "
              f"{lora.get('dropout', peft_cfg.get('lora_dropout'))}, on {targets} (configured: {configured})"),
              f"- This directory: {form}",
-             (f"- Training objective: `{meta.get('target', 'answer+explanation')}` after the prompt, loss on the target "
-             "tokens only, options shuffled per example and epoch"),
+             f"- Training objective: {_objective(meta, cfg)}",
              "- Licence: none stated here; the base model's licence and the training data's terms apply", ""]
     return "\n".join(lines)
+
+
+def _objective(meta: dict, cfg: dict) -> str:
+    train, data = cfg.get("train", {}), cfg.get("data", {})
+    loss = "prompt and target tokens" if train.get("loss_on") == "all" else "the target tokens only"
+    eos = ", then EOS" if train.get("add_eos", True) else ""
+    order = ("option order shuffled per example and epoch" if data.get("shuffle_options", True)
+             else "option order as given")
+    return f"after the prompt, `{meta.get('target', 'answer+explanation')}`{eos}; loss on {loss}; {order}"
 
 
 def _data_section(meta: dict) -> str:
@@ -244,20 +257,26 @@ def _eval_section(results: dict | None) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _usage_section(meta: dict, merged: bool) -> str:
+def _usage_section(meta: dict, adapter: Path, merged: bool) -> str:
+    from medtune.models import EMBEDDED
+
+    base = meta["base_model"]
     if merged:
         code = ('from transformers import AutoModelForCausalLM, AutoTokenizer\n\n'
                 'model = AutoModelForCausalLM.from_pretrained("PATH")\ntokenizer = AutoTokenizer.from_pretrained("PATH")')
-        cli = "medtune eval --set model=PATH"
+        cli = "medtune eval --model PATH"
     else:
-        base = _hub_id(meta["base_model"]) or meta["base_model"]
-        code = ('from peft import AutoPeftModelForCausalLM\nfrom transformers import AutoTokenizer\n\n'
-                f'model = AutoPeftModelForCausalLM.from_pretrained("PATH")  # loads {base} and attaches the adapter\n'
-                'tokenizer = AutoTokenizer.from_pretrained("PATH")')
-        cli = f"medtune eval --set model={meta['base_model']} --adapter PATH"
+        # The base the adapter was trained on, as PEFT recorded it (the resolved path or Hub id).
+        trained_on = json.loads((adapter / "adapter_config.json").read_text()).get("base_model_name_or_path") or base
+        code = ('from peft import PeftModel\nfrom transformers import AutoModelForCausalLM, AutoTokenizer\n\n'
+                f'base = AutoModelForCausalLM.from_pretrained("{trained_on}")\n'
+                'model = PeftModel.from_pretrained(base, "PATH")\ntokenizer = AutoTokenizer.from_pretrained("PATH")')
+        cli = f"medtune eval --model {base} --adapter PATH"
+    note = ("\nThe base is medtune's embedded model (`medtune eval --model embedded` builds it); the Hub's "
+            "original SmolLM2 weights differ from it by the GGUF quantization error.\n") if base == EMBEDDED else ""
     return "\n".join(["## How to use", "", "```python", code, "```", "",
-                      f"With medtune (same prompt style and scoring): `{cli} --set prompt_style={meta['prompt_style']}`",
-                      ""])
+                      f"With medtune (same prompt style and scoring): `{cli} --prompt-style {meta['prompt_style']}`",
+                      note])
 
 
 _INTENDED_USE = """## Intended use

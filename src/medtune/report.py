@@ -110,6 +110,19 @@ def summary_line(label: str, m: dict) -> dict:
     return row
 
 
+def _comparison_lines(comparison: dict) -> list[str]:
+    lines = []
+    for kind, c in comparison.items():
+        if isinstance(c, dict):
+            lo, hi = c["diff_ci"]
+            lines.append(f"{kind:>9}: {c['acc_a']:.3f} -> {c['acc_b']:.3f} ({c['diff'] * 100:+.1f} points, 95% CI "
+                         f"[{lo * 100:+.1f}, {hi * 100:+.1f}]); won {len(c['won'])}, lost {len(c['lost'])}, "
+                         f"McNemar exact p = {c['mcnemar_p']:.4g}")
+    if comparison.get("letter_bias_warning"):
+        lines.append(f"letter bias: {comparison['letter_bias_warning']}")
+    return lines
+
+
 def render_table(rows: list[dict], title: str = "") -> str:
     """A plain-text table (columns from the first row), readable in a log and in a terminal."""
     from rich.console import Console
@@ -138,19 +151,13 @@ def render_results(results: dict) -> str:
         r = results["eval"]
         return render_table([summary_line(Path(str(r.get("adapter") or r["model"])).name, r["metrics"])],
                             title=f"{r['data']['source']} — {r['method']}, {r['prompt_style']} prompt, {r['mode']} mode")
-    rows = [summary_line("base", results["base"]["metrics"]), summary_line("tuned", results["tuned"]["metrics"])]
-    text = render_table(rows, title=f"{results['data']['eval']['source']}: before / after fine-tuning "
-                                    f"({results['base']['prompt_style']} prompt)")
-    lines = [text.rstrip()]
-    for kind, c in results["comparison"].items():
-        if isinstance(c, dict):
-            lo, hi = c["diff_ci"]
-            lines.append(f"{kind:>9}: {c['acc_a']:.3f} -> {c['acc_b']:.3f} ({c['diff'] * 100:+.1f} points, 95% CI "
-                         f"[{lo * 100:+.1f}, {hi * 100:+.1f}]); won {len(c['won'])}, lost {len(c['lost'])}, "
-                         f"McNemar exact p = {c['mcnemar_p']:.4g}")
-    warning = results["comparison"].get("letter_bias_warning")
-    if warning:
-        lines.append(f"letter bias: {warning}")
+    lines = []
+    for method, part in {results["base"]["method"]: results, **{
+            r["base"]["method"]: r for r in results.get("extra_methods", {}).values()}}.items():
+        rows = [summary_line("base", part["base"]["metrics"]), summary_line("tuned", part["tuned"]["metrics"])]
+        lines.append(render_table(rows, title=f"{results['data']['eval']['source']}: before / after fine-tuning — "
+                                              f"{method}, {part['base']['prompt_style']} prompt").rstrip())
+        lines += _comparison_lines(part["comparison"])
     t = results["train"]
     lines.append(f"training: {t['steps']} steps, {t['wall_s']} s, {t['tokens_per_s']} real tokens/s, final loss "
                  f"{t['final_loss']:.4f}; whole run {results['wall_s']} s")

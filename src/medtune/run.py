@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from medtune import stats
@@ -29,10 +30,18 @@ def run(cfg: Config, quiet: bool = False, log=print) -> dict:
                                label="base")
     summary = train(cfg, train_items, out, quiet=quiet, log=log, extra_meta={"data": data})
     tuned, tuned_rows = run_eval(eval_items, cfg, out / "tuned", adapter=str(out / "adapter"), fingerprint=data["eval"],
-                     quiet=quiet, log=log, label="tuned")
+                                 quiet=quiet, log=log, label="tuned")
     results = {"kind": "run", "config": cfg.to_dict(), "data": data, "base": base, "tuned": tuned, "train": summary,
-               "comparison": compare(eval_items, base, tuned, base_rows, tuned_rows), "wall_s": round(time.time() - started, 1),
-               "environment": environment()}
+               "comparison": compare(eval_items, base, tuned, base_rows, tuned_rows), "extra_methods": {}}
+    for method in cfg.eval.extra_methods:  # the same items and adapter, scored another way
+        sub = replace(cfg, eval=replace(cfg.eval, method=method))
+        b, b_rows = run_eval(eval_items, sub, out / f"base-{method}", fingerprint=data["eval"], quiet=quiet, log=log,
+                             label=f"base {method}")
+        t, t_rows = run_eval(eval_items, sub, out / f"tuned-{method}", adapter=str(out / "adapter"),
+                             fingerprint=data["eval"], quiet=quiet, log=log, label=f"tuned {method}")
+        results["extra_methods"][method] = {"base": b, "tuned": t,
+                                            "comparison": compare(eval_items, b, t, b_rows, t_rows)}
+    results["wall_s"], results["environment"] = round(time.time() - started, 1), environment()
     write_json(out / "results.json", results)
     return results
 
