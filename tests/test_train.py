@@ -8,12 +8,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from medtune import train as train_mod
 from medtune.config import load_config
 from medtune.data.items import MCQItem
 from medtune.evaluate import encode, score
 from medtune.models import load_model, load_tokenizer
 from medtune.prompts import build_prompt, build_target
-from medtune import train as train_mod
 
 
 def items(n=24, all_a=False, seed=0):
@@ -45,7 +45,7 @@ def test_label_mask_token_by_token(tiny_model_dir):
     target = tok(build_target(item, "harness"), add_special_tokens=False).input_ids
     assert ex.input_ids == prompt + target + [tok.eos_token_id] and ex.prompt_len == len(prompt)
     short = train_mod.tokenize_example(items(2)[1], cfg, tok)
-    ids, mask, labels = train_mod.collate([ex, short], tok.pad_token_id, "cpu")
+    ids, _, labels = train_mod.collate([ex, short], tok.pad_token_id, "cpu")
     for row, e in enumerate([ex, short]):
         for t in range(ids.shape[1]):
             if t < e.prompt_len or t >= len(e.input_ids):

@@ -7,7 +7,7 @@ import functools
 import json
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -18,12 +18,12 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 data_app = typer.Typer(no_args_is_help=True, help="Validate, inspect and split MCQ data files.")
 app.add_typer(data_app, name="data")
 
-Config_ = Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML recipe (see recipes/).")]
-Set_ = Annotated[Optional[list[str]], typer.Option("--set", help="Override a config value: --set lora.r=16.")]
+Config_ = Annotated[Path | None, typer.Option("--config", "-c", help="YAML recipe (see recipes/).")]
+Set_ = Annotated[list[str] | None, typer.Option("--set", help="Override a config value: --set lora.r=16.")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
 Json = Annotated[bool, typer.Option("--json", help="Print the result as JSON.")]
-CopBase = Annotated[Optional[int], typer.Option("--cop-base", help="MedMCQA `cop` base (0 Hub, 1 published).")]
-Map = Annotated[Optional[str], typer.Option("--map", help="Column mapping: question=q,options=a|b|c|d,answer=label")]
+CopBase = Annotated[int | None, typer.Option("--cop-base", help="MedMCQA `cop` base (0 Hub, 1 published).")]
+Map = Annotated[str | None, typer.Option("--map", help="Column mapping: question=q,options=a|b|c|d,answer=label")]
 
 
 def user_errors(fn):
@@ -68,17 +68,17 @@ def env(json_out: Json = False) -> None:
 @app.command("eval")
 @user_errors
 def eval_(
-    model: Annotated[Optional[str], typer.Option(help="embedded, a Hub id, or a local model dir.")] = None,
-    data: Annotated[Optional[str], typer.Option(help="A file, `demo`, or a preset (medqa, medmcqa, ...).")] = None,
-    adapter: Annotated[Optional[str], typer.Option(help="A PEFT adapter dir (e.g. RUN/adapter).")] = None,
-    limit: Annotated[Optional[int], typer.Option(help="Evaluate the first N items.")] = None,
-    out: Annotated[Optional[Path], typer.Option(help="Output dir (default runs/eval-<data>).")] = None,
-    mode: Annotated[Optional[str], typer.Option(help="fast (bf16 + fp32 re-score of close calls) or exact.")] = None,
-    permute: Annotated[Optional[str], typer.Option(help="none or cyclic (debiased accuracy).")] = None,
-    method: Annotated[Optional[str], typer.Option(help="letter (default), answer (whole answer line) or generate.")]
+    model: Annotated[str | None, typer.Option(help="embedded, a Hub id, or a local model dir.")] = None,
+    data: Annotated[str | None, typer.Option(help="A file, `demo`, or a preset (medqa, medmcqa, ...).")] = None,
+    adapter: Annotated[str | None, typer.Option(help="A PEFT adapter dir (e.g. RUN/adapter).")] = None,
+    limit: Annotated[int | None, typer.Option(help="Evaluate the first N items.")] = None,
+    out: Annotated[Path | None, typer.Option(help="Output dir (default runs/eval-<data>).")] = None,
+    mode: Annotated[str | None, typer.Option(help="fast (bf16 + fp32 re-score of close calls) or exact.")] = None,
+    permute: Annotated[str | None, typer.Option(help="none or cyclic (debiased accuracy).")] = None,
+    method: Annotated[str | None, typer.Option(help="letter (default), answer (whole answer line) or generate.")]
     = None,
-    prompt_style: Annotated[Optional[str], typer.Option(help="harness or chat.")] = None,
-    batch_size: Annotated[Optional[int], typer.Option(help="Questions per forward pass.")] = None,
+    prompt_style: Annotated[str | None, typer.Option(help="harness or chat.")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Questions per forward pass.")] = None,
     cop_base: CopBase = None, mapping: Map = None, config: Config_ = None, sets: Set_ = None, quiet: Quiet = False,
     json_out: Json = False,
 ) -> None:
@@ -110,7 +110,7 @@ def eval_(
 @app.command()
 @user_errors
 def train(config: Config_ = None, sets: Set_ = None,
-          out: Annotated[Optional[Path], typer.Option(help="Run dir (adapter, checkpoints, metrics).")] = None,
+          out: Annotated[Path | None, typer.Option(help="Run dir (adapter, checkpoints, metrics).")] = None,
           resume: Annotated[bool, typer.Option(help="Continue from the last complete checkpoint in --out.")] = False,
           quiet: Quiet = False) -> None:
     """LoRA fine-tune on the training part of the data; writes RUN/adapter and RUN/metrics.jsonl."""
@@ -126,10 +126,10 @@ def train(config: Config_ = None, sets: Set_ = None,
 @app.command()
 @user_errors
 def run(config: Config_ = None, sets: Set_ = None,
-        model: Annotated[Optional[str], typer.Option(help="embedded, a Hub id, or a local model dir.")] = None,
-        data: Annotated[Optional[str], typer.Option(help="demo, a preset (medmcqa, medqa) or a file.")] = None,
-        train_size: Annotated[Optional[int], typer.Option(help="Training items.")] = None,
-        out: Annotated[Optional[Path], typer.Option(help="Run dir.")] = None,
+        model: Annotated[str | None, typer.Option(help="embedded, a Hub id, or a local model dir.")] = None,
+        data: Annotated[str | None, typer.Option(help="demo, a preset (medmcqa, medqa) or a file.")] = None,
+        train_size: Annotated[int | None, typer.Option(help="Training items.")] = None,
+        out: Annotated[Path | None, typer.Option(help="Run dir.")] = None,
         quiet: Quiet = False, json_out: Json = False) -> None:
     """The main job: evaluate the base model, fine-tune, evaluate again on the same items, compare."""
     from medtune.run import run as run_fn
@@ -142,7 +142,7 @@ def run(config: Config_ = None, sets: Set_ = None,
 
 @app.command()
 @user_errors
-def export(run_dir: Path, out: Annotated[Optional[Path], typer.Option(help="Default RUN/merged.")] = None,
+def export(run_dir: Path, out: Annotated[Path | None, typer.Option(help="Default RUN/merged.")] = None,
            merge: Annotated[bool, typer.Option(help="Merge the adapter into the base weights.")] = True) -> None:
     """Write a merged safetensors model (or the adapter) with a model card: base, data, recipe, results, limits."""
     from medtune.export import export as export_fn

@@ -22,10 +22,10 @@ def compare_files(a: Path, b: Path, as_json: bool = False) -> str:
     lo, hi = result["diff_ci"]
     return "\n".join([
         f"A: {a}\nB: {b}\nitems: {result['n']}",
-        f"accuracy A {result['acc_a']:.3f}, B {result['acc_b']:.3f}; B - A = {result['diff'] * 100:+.1f} points "
-        f"(95% CI [{lo * 100:+.1f}, {hi * 100:+.1f}])",
-        f"B right where A wrong: {len(result['won'])}; A right where B wrong: {len(result['lost'])}; "
-        f"McNemar exact p = {result['mcnemar_p']:.4g}",
+        (f"accuracy A {result['acc_a']:.3f}, B {result['acc_b']:.3f}; B - A = {result['diff'] * 100:+.1f} points "
+         f"(95% CI [{lo * 100:+.1f}, {hi * 100:+.1f}])"),
+        (f"B right where A wrong: {len(result['won'])}; A right where B wrong: {len(result['lost'])}; "
+         f"McNemar exact p = {result['mcnemar_p']:.4g}"),
         f"won: {', '.join(result['won'][:30])}{' ...' if len(result['won']) > 30 else ''}",
         f"lost: {', '.join(result['lost'][:30])}{' ...' if len(result['lost']) > 30 else ''}",
     ])

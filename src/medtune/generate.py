@@ -8,7 +8,7 @@ checked for contradicting the chosen letter.
 
 from __future__ import annotations
 
-from medtune.data.items import LETTERS, MCQItem
+from medtune.data.items import MCQItem
 from medtune.parse import contradiction, parse_answer
 from medtune.prompts import build_prompt, clean_explanation
 

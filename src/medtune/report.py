@@ -133,9 +133,10 @@ def render_table(rows: list[dict], title: str = "") -> str:
         table.add_column(col)
     for row in rows:
         table.add_row(*[str(row.get(c, "")) for c in rows[0]])
-    console = Console(width=200, record=True, file=open(os.devnull, "w"))
-    console.print(table)
-    return console.export_text()
+    with open(os.devnull, "w") as sink:
+        console = Console(width=200, record=True, file=sink)
+        console.print(table)
+        return console.export_text()
 
 
 def render_results(results: dict) -> str:

@@ -283,7 +283,7 @@ def _mapped(row, where, path, mapping, **_) -> MCQItem:
     else:
         answer = _index(gold, len(texts), mapping["answer"], base=int(mapping.get("answer_base", 0)))
     get = lambda key: _text({key: str(row[mapping[key]])}, key, False) if key in mapping and row.get(mapping[key]) \
-        is not None else None  # noqa: E731
+        is not None else None
     return MCQItem(id=get("id") or _line_id(path, where), question=_text(row, mapping["question"]), options=texts,
                    answer=answer, explanation=get("explanation"), subject=get("subject"))
 

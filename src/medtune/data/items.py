@@ -26,7 +26,7 @@ class MCQItem:
         d["options"] = list(self.options)
         return d
 
-    def permuted(self, order: list[int]) -> "MCQItem":
+    def permuted(self, order: list[int]) -> MCQItem:
         """The same question with options[order[i]] shown at position i; the answer index follows its option."""
         return MCQItem(
             id=self.id,
