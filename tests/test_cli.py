@@ -6,12 +6,12 @@ import sys
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
-
-from medtune.cli import app
 
 from conftest import write_jsonl
 from test_data import MEDMCQA, MEDQA
+from typer.testing import CliRunner
+
+from medtune.cli import app
 
 runner = CliRunner()
 
@@ -109,3 +109,23 @@ def test_eval_writes_predictions_and_results(tiny_model_dir, tmp_path):
     assert {"majority_baseline", "favourite_letter", "pred_distribution"} <= set(m["letters"])
     assert res["prompt_style"] == "harness" and res["data"]["n"] == 5 and res["environment"]["versions"]["torch"]
     assert "Research and education only" in result.output
+
+
+def _write_run(path: Path, correct: list[bool]) -> Path:
+    path.mkdir(parents=True)
+    rows = [{"id": f"q{k}", "gold": "A", "pred": "A" if c else "B", "correct": c} for k, c in enumerate(correct)]
+    (path / "predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (path / "results.json").write_text("{}")
+    return path / "results.json"
+
+
+def test_compare_paired_results(tmp_path):
+    a = _write_run(tmp_path / "a", [True] * 5 + [False] * 15)
+    b = _write_run(tmp_path / "b", [True] * 4 + [False] + [True] * 9 + [False] * 6)
+    result = runner.invoke(app, ["compare", str(a), str(b), "--json"])
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.output)
+    assert (out["b"], out["c"]) == (1, 9) and out["mcnemar_p"] == pytest.approx(0.021484375)
+    assert out["won"] == [f"q{k}" for k in range(5, 14)] and out["lost"] == ["q4"]
+    other = _write_run(tmp_path / "c", [True] * 3)
+    assert runner.invoke(app, ["compare", str(a), str(other)]).exit_code == 2

@@ -12,6 +12,7 @@ float32 every question whose top-two margin is below `margin`, so that only clos
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 from dataclasses import dataclass
@@ -51,7 +52,10 @@ def score(model, encoded: list[Encoded], batch_size: int = 16, mode: str = "fast
     """Log-likelihood of every option of every question, and whether each was re-scored in fp32 (fast mode)."""
     device = next(model.parameters()).device
     fast_dtype = _fast_dtype(device) if mode == "fast" else None
-    scores = _score_batched(model, encoded, batch_size, fast_dtype, progress)
+    # The fast pass runs on a bf16 copy of the weights (no per-batch casts); the fp32 model stays for re-scoring.
+    fast_model = copy.deepcopy(model).to(fast_dtype) if fast_dtype is not None else model
+    scores = _score_batched(fast_model, encoded, batch_size, fast_dtype, progress)
+    del fast_model
     rescored = [False] * len(encoded)
     if fast_dtype is not None:
         close = [i for i in range(len(encoded)) if _margin(scores[i]) < margin]
