@@ -6,7 +6,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import write_jsonl
 from test_data import MEDMCQA, MEDQA
 from typer.testing import CliRunner
