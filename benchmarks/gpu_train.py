@@ -5,7 +5,7 @@ Needs no network: the model is `Qwen3ForCausalLM` built from the published Qwen3
 (each one prompt tokens, then target tokens). Both variants train 2 epochs on the same sequences:
 
   seed     the seed project's settings (MEASURING.md): bf16 weights, LoRA r=8/alpha 16/dropout 0.05 on q_proj+v_proj,
-           batch 4 x accumulation 4 in arrival order reshuffled per epoch, padded to a multiple of 8, loss on every
+           batch 4 x accumulation 4 in an order shuffled per epoch, padded to a multiple of 8, loss on every
            token (full logits), gradient checkpointing, AdamW + cosine, gradient clipping at 1.0 (Trainer's default).
   medtune  `medtune.train.train` itself with `Config()` defaults (LoRA r/alpha on all linear layers, batch size,
            completion-only loss, length-grouped batches, the device policy's dtype and attention), with three seams
@@ -14,7 +14,9 @@ Needs no network: the model is `Qwen3ForCausalLM` built from the published Qwen3
 
 Reports wall time for the epochs (after one untimed warm-up micro-batch), real (non-padding) tokens/s, peak GPU
 memory and model FLOPs utilization = 4 x params x real tokens / wall / peak bf16 FLOP/s (LoRA skips most weight
-gradients, so 4 rather than 6; MEASURING.md). Runs unchanged on CUDA and ROCm (torch drives HIP through torch.cuda).
+gradients, so 4 rather than 6; MEASURING.md; both variants are credited the same FLOPs per real token, though medtune
+skips the vocabulary projection on prompt positions, so the MFU ratio is the tokens/s ratio). Runs unchanged on CUDA
+and ROCm (torch drives HIP through torch.cuda).
 
     python benchmarks/gpu_train.py --json gpu_train.json
     python benchmarks/gpu_train.py --variants seed,medtune,medtune-bf16     # + medtune with the base held in bf16
@@ -80,12 +82,12 @@ def main(argv: list[str] | None = None) -> dict:
     peak = args.peak_tflops * 1e12 if args.peak_tflops else _peak_flops(name) if device == "cuda" else None
     params = _count_params(arch)
     lengths = sorted(len(ex.input_ids) for ex in examples)
+    targets = sum(len(ex.input_ids) - ex.prompt_len for ex in examples)
     result = {"device": name, "backend": backend, "torch": torch.__version__, "transformers": transformers.__version__,
               "model": "tiny-qwen3" if args.tiny else "qwen3-1.7b-shape (random weights)", "params": params,
               "sequences": n, "epochs": epochs, "lengths_from": lengths_from,
-              "length_stats": {"mean": round(sum(lengths) / n, 1), "median": lengths[n // 2], "max": lengths[-1],
-                               "target_share": round(sum(len(e.input_ids) - e.prompt_len for e in examples)
-                                                     / sum(lengths), 3)},
+              "length_stats": {"tokens": sum(lengths), "mean": round(sum(lengths) / n, 1), "median": lengths[n // 2],
+                               "max": lengths[-1], "target_share": round(targets / sum(lengths), 3)},
               "peak_flops": peak, "variants": {}}
     runners = {"seed": lambda: run_seed(arch, examples, epochs, device, args.seed),
                "medtune": lambda: run_medtune(arch, examples, epochs, device, args.seed, None),
@@ -100,7 +102,7 @@ def main(argv: list[str] | None = None) -> dict:
     if "seed" in v and "medtune" in v and v["seed"]["tokens_per_s"]:
         result["speedup_tokens_per_s"] = round(v["medtune"]["tokens_per_s"] / v["seed"]["tokens_per_s"], 3)
         print(f"medtune / seed real tokens/s: {result['speedup_tokens_per_s']}x")
-    print(f"device: {name} ({backend}); {params / 1e9:.3f} B params; {n} sequences x {epochs} epochs; "
+    print(f"device: {name} ({backend}); {params:,} params; {n} sequences x {epochs} epochs; "
           f"lengths from {lengths_from}")
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1))
@@ -254,7 +256,8 @@ def _seed_collate(batch, device):
     """DataCollatorForSeq2Seq(padding=True, pad_to_multiple_of=8): right padding, labels = ids, -100 on padding."""
     import torch
 
-    width = math.ceil(max(len(ex.input_ids) for ex in batch) / SEED_RECIPE["pad_multiple"]) * SEED_RECIPE["pad_multiple"]
+    multiple = SEED_RECIPE["pad_multiple"]
+    width = math.ceil(max(len(ex.input_ids) for ex in batch) / multiple) * multiple
     ids = torch.zeros((len(batch), width), dtype=torch.long)
     mask = torch.zeros_like(ids)
     for row, ex in enumerate(batch):
@@ -297,7 +300,7 @@ def run_medtune(arch: dict, examples, epochs: int, device: str, seed: int, base_
 
         def loss_fn(ids, mask, labels):
             with accelerator.autocast():
-                return T._loss_sum(model, ids, mask, labels)
+                return T._loss_sum(model, ids, mask, labels, T._first_target(examples[: cfg.train.batch_size]))
 
         seen.update(warmup_s=_warmup(loss_fn, [batch], model, device), autocast=accelerator.mixed_precision,
                     trainable=sum(p.numel() for p in model.parameters() if p.requires_grad))

@@ -9,11 +9,14 @@ of optimizer steps:
             Trainer, seed text format, loss on every token, no EOS, pad = eos, right padding,
             DataCollatorForSeq2Seq(pad_to_multiple_of=8), gradient checkpointing, AdamW, fp32 on CPU.
   medtune   medtune.train.train with medtune's own choices otherwise (device dtype policy, completion-only loss with
-            EOS, length-grouped batches, its prompt style).
+            EOS, length-grouped batches, its prompt style), plus gradient checkpointing: without it medtune's peak
+            RSS is ~1.5x the baseline's (measured: 3.6-3.7 GB vs 2.4 GB), with it ~2.0-2.2 GB, inside the baseline's.
+  medtune-nogc  the same with medtune's shipped default, gradient_checkpointing=false (speed vs memory trade-off).
 
 Each variant runs in its own subprocess (clean peak RSS and threads); the parent alternates them over --repeats and
 reports seconds per optimizer step, real (attention_mask == 1) tokens per second and peak RSS, plus the medtune /
-baseline ratios. With >= 3 steps the first step is warm-up and is not measured.
+baseline ratios (`ratios` for medtune, `ratios_by_variant` for each). With >= 3 steps the first step is warm-up and
+is not measured.
 
     .venv/bin/python benchmarks/train_speed.py --steps 6 --repeats 2 --out runs/bench/train_speed.json
     .venv/bin/python benchmarks/train_speed.py --show-example      # one baseline example and its label mask
@@ -38,7 +41,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "medmcqa" / "dev.jsonl"
 MARK = "TRAIN_SPEED_RESULT "  # prefix of the child's result line on stdout (Trainer prints its own dicts there)
-VARIANTS = ("baseline", "medtune")
+VARIANTS = ("baseline", "medtune", "medtune-nogc")
+GRADIENT_CHECKPOINTING = {"medtune": True, "medtune-nogc": False}  # medtune's own default is False
 TRAIN_SIZE, SPLIT_SEED = 2000, 42
 LORA = {"r": 8, "alpha": 16, "dropout": 0.05, "target_modules": ["q_proj", "v_proj"]}
 MAX_LENGTH, BATCH, ACCUM, LR = 256, 4, 4, 2e-4
@@ -64,6 +68,8 @@ def parse_args(argv):
     p.add_argument("--tiny", action="store_true", help="a tiny random Llama (hidden 32, 2 layers) instead of the "
                                                        "embedded model: checks the script, measures nothing")
     p.add_argument("--data", type=Path, default=DATA, help=f"MedMCQA published-format JSONL (default {DATA})")
+    p.add_argument("--variants", default=",".join(VARIANTS),
+                   help=f"comma-separated, baseline first (default {','.join(VARIANTS)})")
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                    help="extra medtune config override for the medtune variant, e.g. train.gradient_checkpointing=true")
     p.add_argument("--show-example", action="store_true", help="print one baseline example, its label mask and "
@@ -81,11 +87,16 @@ def parent(args) -> int:
     if not args.data.is_file():
         print(f"error: {args.data}: MedMCQA file not found; pass --data PATH", file=sys.stderr)
         return 2
+    names = [v.strip() for v in args.variants.split(",") if v.strip()]
+    if names[:1] != ["baseline"] or len(names) < 2 or not set(names) <= set(VARIANTS):
+        print(f"error: --variants {args.variants!r}: baseline first, then one or more of {', '.join(VARIANTS[1:])}",
+              file=sys.stderr)
+        return 2
     with tempfile.TemporaryDirectory(prefix="train-speed-") as tmp:
         model = build_tiny(Path(tmp) / "tiny") if args.tiny else embedded_dir()
-        runs: dict[str, list[dict]] = {v: [] for v in VARIANTS}
+        runs: dict[str, list[dict]] = {v: [] for v in names}
         for r in range(args.repeats):
-            order = VARIANTS if r % 2 == 0 else VARIANTS[::-1]  # alternate who runs first (machine drift)
+            order = names if r % 2 == 0 else names[::-1]  # alternate who runs first (machine drift)
             for variant in order:
                 print(f"[repeat {r + 1}/{args.repeats}] {variant}: {args.steps} steps ...", file=sys.stderr, flush=True)
                 runs[variant].append(run_child(args, variant, model))
@@ -118,33 +129,37 @@ def summarize(args, runs: dict[str, list[dict]]) -> dict:
     for v, rs in runs.items():
         variants[v] = {"runs": rs, **{k: statistics.median(r[k] for r in rs)
                                       for k in ("sec_per_step", "tokens_per_s", "peak_rss_mb", "real_tokens_per_step")}}
-    pairs = list(zip(runs["baseline"], runs["medtune"]))  # repeat i of each: same machine conditions, roughly
-    ratios = {
-        "tokens_per_s": statistics.median(m["tokens_per_s"] / b["tokens_per_s"] for b, m in pairs),
-        "sec_per_step": statistics.median(m["sec_per_step"] / b["sec_per_step"] for b, m in pairs),
-        "peak_rss": statistics.median(m["peak_rss_mb"] / b["peak_rss_mb"] for b, m in pairs),
-    }
+    by_variant = {v: ratios(runs["baseline"], rs) for v, rs in runs.items() if v != "baseline"}
     return {"benchmark": "train_speed", "note": "medtune / baseline ratios are medians of per-repeat ratios",
             "steps": args.steps, "repeats": args.repeats, "tiny": args.tiny, "data": str(args.data),
             "train_items": TRAIN_SIZE, "examples_per_step": BATCH * ACCUM, "medtune_sets": args.sets,
             "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(),
                         "python": platform.python_version(),
                         "torch": torch.__version__, "transformers": transformers.__version__},
-            "variants": variants, "ratios": {k: round(x, 3) for k, x in ratios.items()}}
+            "variants": variants, "ratios": by_variant.get("medtune") or next(iter(by_variant.values())),
+            "ratios_by_variant": by_variant}
+
+
+def ratios(base: list[dict], other: list[dict]) -> dict:
+    """Medians of per-repeat ratios: repeat i of each variant ran back to back, under roughly the same load."""
+    pairs = list(zip(base, other))
+    return {name: round(statistics.median(o[key] / b[key] for b, o in pairs), 3)
+            for name, key in (("tokens_per_s", "tokens_per_s"), ("sec_per_step", "sec_per_step"),
+                              ("peak_rss", "peak_rss_mb"))}
 
 
 def print_table(result: dict) -> None:
     print(f"\n{result['steps']} optimizer steps of {result['examples_per_step']} examples, {result['repeats']} "
           f"repeat(s){' (tiny model)' if result['tiny'] else ''}; medians")
-    print(f"{'variant':<10}{'steps':>6}{'measured':>10}{'s/step':>9}{'real tok/s':>12}{'tok/step':>10}"
+    print(f"{'variant':<14}{'steps':>6}{'measured':>10}{'s/step':>9}{'real tok/s':>12}{'tok/step':>10}"
           f"{'peak RSS MB':>13}")
     for v, s in result["variants"].items():
         r = s["runs"][0]
-        print(f"{v:<10}{r['steps']:>6}{r['measured_steps']:>10}{s['sec_per_step']:>9.2f}{s['tokens_per_s']:>12.1f}"
+        print(f"{v:<14}{r['steps']:>6}{r['measured_steps']:>10}{s['sec_per_step']:>9.2f}{s['tokens_per_s']:>12.1f}"
               f"{s['real_tokens_per_step']:>10.0f}{s['peak_rss_mb']:>13.0f}")
-    q = result["ratios"]
-    print(f"medtune / baseline: throughput x{q['tokens_per_s']:.2f}, seconds per step x{q['sec_per_step']:.2f}, "
-          f"peak RSS x{q['peak_rss']:.2f}")
+    for v, q in result["ratios_by_variant"].items():
+        print(f"{v} / baseline: throughput x{q['tokens_per_s']:.2f}, seconds per step x{q['sec_per_step']:.2f}, "
+              f"peak RSS x{q['peak_rss']:.2f}")
 
 
 def embedded_dir() -> str:
@@ -176,8 +191,10 @@ def child(args) -> int:
     items = train_items(args.data)
     model = args.model or embedded_dir()
     with tempfile.TemporaryDirectory(prefix=f"train-speed-{args.variant}-") as tmp:
-        run = run_baseline if args.variant == "baseline" else run_medtune
-        result = run(model, items, args.steps, Path(tmp), args.sets)
+        if args.variant == "baseline":
+            result = run_baseline(model, items, args.steps, Path(tmp))
+        else:
+            result = run_medtune(args.variant, model, items, args.steps, Path(tmp), args.sets)
     result["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # Linux: KiB
     if args.json:
         print(MARK + json.dumps(result), flush=True)
@@ -241,7 +258,7 @@ def seed_encode(tok, item) -> dict:
     return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"], "labels": list(enc["input_ids"])}
 
 
-def run_baseline(model_dir: str, items, steps: int, tmp: Path, _sets) -> dict:
+def run_baseline(model_dir: str, items, steps: int, tmp: Path) -> dict:
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, DataCollatorForSeq2Seq, Trainer, TrainerCallback, TrainingArguments
@@ -300,29 +317,30 @@ def medtune_overrides(model: str, steps: int, sets: list[str], n_items: int = TR
             "train.warmup=0.05", *sets]
 
 
-def run_medtune(model_dir: str, items, steps: int, tmp: Path, sets: list[str]) -> dict:
+def run_medtune(variant: str, model_dir: str, items, steps: int, tmp: Path, sets: list[str]) -> dict:
     import torch
+    from safetensors.torch import load_file
 
     from medtune.config import load_config
     from medtune.hardware import decide, detect
     from medtune.train import _attention, _mixed_precision, train
 
+    sets = [f"train.gradient_checkpointing={str(GRADIENT_CHECKPOINTING[variant]).lower()}", *sets]  # --set wins
     cfg = load_config(None, medtune_overrides(model_dir, steps, sets, len(items)))
     train(cfg, items, tmp, quiet=True, log=lambda m: print(m, file=sys.stderr))
     rows = [json.loads(line) for line in (tmp / "metrics.jsonl").read_text().splitlines() if line.strip()]
     info = detect()
     policy = decide(info)
-    from safetensors.torch import load_file
-
+    mixed = _mixed_precision(cfg.train.dtype, policy.train_dtype)
     adapter = load_file(str(tmp / "adapter" / "adapter_model.safetensors"))
     extra = {"losses": [round(r["loss"], 4) for r in rows],
              "lora_b_updated": updated([t for n, t in adapter.items() if "lora_B" in n]),
              "torch_threads": torch.get_num_threads(),
-             "dtype": _mixed_precision(cfg.train.dtype, policy.train_dtype) + " autocast over fp32",
+             "dtype": "float32" if mixed == "no" else f"{mixed} autocast over fp32 weights",
              "attention": _attention(cfg, info, policy), "gradient_checkpointing": cfg.train.gradient_checkpointing,
              "loss_on": f"target ({cfg.train.target}) + EOS", "prompt_style": cfg.prompt_style, "sets": sets}
     # elapsed_s and tokens are cumulative from train()'s t0 (just before step 1); begin = 0 on that clock
-    return measure("medtune", steps, 0.0, [r["elapsed_s"] for r in rows], [r["tokens"] for r in rows], extra)
+    return measure(variant, steps, 0.0, [r["elapsed_s"] for r in rows], [r["tokens"] for r in rows], extra)
 
 
 # ---------------------------------------------------------------- --show-example

@@ -4,13 +4,12 @@ import csv
 import json
 
 import pytest
+from conftest import write_jsonl
 
 from medtune.data.formats import parse_mapping, read_file
 from medtune.data.sources import demo_items, fingerprint
 from medtune.data.split import item_key, overlap, split
 from medtune.errors import DataError, MedtuneError
-
-from conftest import write_jsonl
 
 MEDQA = {"question": "Q1?", "answer": "b", "options": {"A": "a", "B": "b", "C": "c", "D": "d"}, "meta_info": "step1",
          "answer_idx": "B", "metamap_phrases": []}

@@ -75,26 +75,27 @@ def train(cfg: Config, items: list[MCQItem], out_dir: Path, resume: bool = False
     for step in range(start, steps):
         micro = [b[rank::world] for b in plan[step]]  # each rank takes its share of every global micro-batch
         total = sum(len(ex.input_ids) - max(ex.prompt_len, 1) for b in plan[step] for ex in b)  # global targets
-        loss_sum, real = 0.0, 0
+        loss_sum, real = torch.zeros((), device=accelerator.device), 0
         for k, batch in enumerate(micro):
             ids, mask, labels = collate(batch, tokenizer.pad_token_id, accelerator.device)
             with accelerator.autocast():
-                part = _loss_sum(model, ids, mask, labels) * world / total
+                part = _loss_sum(model, ids, mask, labels, _first_target(batch)) * world / total
             if k < len(micro) - 1:
                 with accelerator.no_sync(model):
                     accelerator.backward(part)
             else:
                 accelerator.backward(part)
-            loss_sum += part.item() / world
-            real += int(mask.sum())
+            loss_sum += part.detach() / world  # stays on the device: one sync per step, not per micro-batch
+            real += sum(len(ex.input_ids) for ex in batch)
+        lr = scheduler.get_last_lr()[0]  # the rate this step ran at
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        loss = accelerator.reduce(torch.tensor(loss_sum, device=accelerator.device), "sum").item()
+        loss = accelerator.reduce(loss_sum, "sum").item()
         tokens_seen += int(accelerator.reduce(torch.tensor(real, device=accelerator.device), "sum").item())
         elapsed = time.time() - t0
         row = {"step": step + 1, "epoch": round((step + 1) / steps * t.epochs, 4) if t.max_steps is None else None,
-               "loss": loss, "lr": scheduler.get_last_lr()[0], "tokens": tokens_seen,
+               "loss": loss, "lr": lr, "tokens": tokens_seen,
                "tokens_per_s": tokens_seen / elapsed if elapsed else 0.0, "elapsed_s": round(elapsed, 3)}
         if accelerator.is_main_process:
             with metrics_path.open("a") as f:
@@ -178,9 +179,9 @@ def batch_plan(items: list[MCQItem], cfg: Config, tokenizer, world: int = 1) -> 
             order = [i for s in range(0, len(order), window)
                      for i in sorted(order[s: s + window], key=lambda i: -len(examples[i].input_ids))]
         batches = [[examples[i] for i in order[s: s + per_batch]] for s in range(0, len(order), per_batch)]
-        batches = [b for b in batches if len(b) == per_batch or world == 1]  # DDP needs full global batches
         if t.group_by_length:
             rng.shuffle(batches)
+        batches = [b for b in batches if len(b) >= world]  # every rank needs an example; uneven shares are exact
         if epoch == epochs - 1 and t.epochs < epochs:  # fractional last epoch
             batches = batches[: math.ceil(len(batches) * (t.epochs - epoch))]
         micro.extend(batches)
@@ -223,12 +224,15 @@ def collate(batch: list[Example], pad_id: int, device):
     return ids.to(device), mask.to(device), labels.to(device)
 
 
-def _loss_sum(model, ids, mask, labels):
-    """Summed next-token cross-entropy over target tokens; logits only from the first target position on (the
-    vocabulary projection on prompt positions is wasted work)."""
+def _first_target(batch: list[Example]) -> int:
+    return min(ex.prompt_len for ex in batch)
+
+
+def _loss_sum(model, ids, mask, labels, first: int):
+    """Summed next-token cross-entropy over target tokens; logits only from `first` (the earliest target position in
+    the batch) on: the vocabulary projection on prompt positions is wasted work."""
     import torch.nn.functional as F
 
-    first = int((labels != -100).int().argmax(dim=1).min())  # earliest target position in the batch
     keep = ids.shape[1] - max(first - 1, 0)
     logits = model(input_ids=ids, attention_mask=mask, logits_to_keep=keep).logits  # positions T-keep .. T-1
     shifted = labels[:, ids.shape[1] - keep + 1:]

@@ -162,7 +162,7 @@ def _text(row: dict, key: str, required: bool = True) -> str | None:
         return None
     if not isinstance(value, str):
         raise RowError(key, f"expected text, got {type(value).__name__}")
-    return value.strip()
+    return value  # as published: lm-evaluation-harness builds its prompts from the unstripped text
 
 
 def _index(value, n: int, field: str, base: int = 0) -> int:
