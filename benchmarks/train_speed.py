@@ -71,7 +71,7 @@ def parse_args(argv):
     p.add_argument("--variants", default=",".join(VARIANTS),
                    help=f"comma-separated, baseline first (default {','.join(VARIANTS)})")
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
-                   help="extra medtune config override for the medtune variant, e.g. train.gradient_checkpointing=true")
+                   help="extra config override for the medtune variants (wins over theirs), e.g. prompt_style=seed")
     p.add_argument("--show-example", action="store_true", help="print one baseline example, its label mask and "
                                                                "medtune's version of the same item, then exit")
     p.add_argument("--variant", choices=VARIANTS, help="(internal) run one variant in this process")

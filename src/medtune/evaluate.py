@@ -72,10 +72,8 @@ def _score_batched(model, encoded: list[Encoded], batch_size: int, autocast_dtyp
     for i, lp in zip(single, _score_single(model, [encoded[i] for i in single], batch_size, autocast_dtype,
                                            progress)):
         out[i] = lp
-    pairs = [(encoded[i].context, cont) for i in multi for cont in encoded[i].options]
-    flat = iter(_score_sequences(model, pairs, batch_size, autocast_dtype))
-    for i in multi:
-        out[i] = [next(flat) for _ in encoded[i].options]
+    for i, lp in zip(multi, _score_multi(model, [encoded[i] for i in multi], batch_size, autocast_dtype)):
+        out[i] = lp
         if progress is not None:
             progress.update(1)
     return out
@@ -114,14 +112,7 @@ def _score_single(model, encoded: list[Encoded], batch_size: int, autocast_dtype
     out: list[list[float] | None] = [None] * len(encoded)
     for start in range(0, len(order), batch_size):
         idx = order[start: start + batch_size]
-        width = max(len(encoded[i].context) for i in idx)
-        ids = torch.zeros(len(idx), width, dtype=torch.long)
-        mask = torch.zeros(len(idx), width, dtype=torch.long)
-        for row, i in enumerate(idx):
-            ctx = encoded[i].context
-            ids[row, width - len(ctx):] = torch.tensor(ctx)
-            mask[row, width - len(ctx):] = 1
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)  # left padding must not shift the real tokens' positions
+        ids, mask, positions = _left_pad([encoded[i].context for i in idx])
         with torch.inference_mode(), torch.autocast(device.type, dtype=autocast_dtype or torch.float32,
                                                     enabled=autocast_dtype is not None):
             logits = model(input_ids=ids.to(device), attention_mask=mask.to(device),
@@ -134,34 +125,57 @@ def _score_single(model, encoded: list[Encoded], batch_size: int, autocast_dtype
     return out
 
 
-def _score_sequences(model, pairs: list[tuple[list[int], list[int]]], batch_size: int, autocast_dtype) -> list[float]:
-    """Summed log-probability of each continuation after its context: left-padded batches, logits kept only for the
-    positions that predict continuation tokens."""
+def _score_multi(model, encoded: list[Encoded], batch_size: int, autocast_dtype) -> list[list[float]]:
+    """Multi-token continuations (the answer line): one forward pass over each prompt, its KV cache repeated for the
+    options, then one short pass over all options' continuation tokens. The first continuation token is read from the
+    prompt pass, the rest from the continuation pass; the sum is each option's log-likelihood."""
     import torch
 
     device = next(model.parameters()).device
-    order = sorted(range(len(pairs)), key=lambda i: -(len(pairs[i][0]) + len(pairs[i][1])))
-    out = [0.0] * len(pairs)
+    order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i].context))
+    out: list[list[float]] = [[] for _ in encoded]
     for start in range(0, len(order), batch_size):
         idx = order[start: start + batch_size]
-        seqs = [pairs[i][0] + pairs[i][1] for i in idx]
-        width, keep = max(map(len, seqs)), max(len(pairs[i][1]) for i in idx) + 1
-        ids = torch.zeros(len(idx), width, dtype=torch.long)
-        mask = torch.zeros(len(idx), width, dtype=torch.long)
-        for row, seq in enumerate(seqs):
-            ids[row, width - len(seq):] = torch.tensor(seq)
-            mask[row, width - len(seq):] = 1
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        ids, mask, positions = _left_pad([encoded[i].context for i in idx])
+        rows = [(b, cont) for b, i in enumerate(idx) for cont in encoded[i].options]
+        width, tail = ids.shape[1], max(len(c) for _, c in rows) - 1
         with torch.inference_mode(), torch.autocast(device.type, dtype=autocast_dtype or torch.float32,
                                                     enabled=autocast_dtype is not None):
-            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device),
-                           position_ids=positions.to(device), logits_to_keep=keep).logits
-        logprobs = torch.log_softmax(logits.float(), dim=-1).cpu()
-        for row, i in enumerate(idx):
-            cont = pairs[i][1]
-            first = keep - len(cont) - 1  # kept index of the position that predicts the first continuation token
-            out[i] = sum(logprobs[row, first + k, t].item() for k, t in enumerate(cont))
+            first = model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=positions.to(device),
+                          use_cache=tail > 0, logits_to_keep=1)
+            first_lp = torch.log_softmax(first.logits[:, -1].float(), dim=-1).cpu()
+            if tail > 0:
+                cache = first.past_key_values
+                cache.reorder_cache(torch.tensor([b for b, _ in rows], device=device))
+                cont_ids = torch.zeros(len(rows), tail, dtype=torch.long)
+                cont_mask = torch.zeros(len(rows), tail, dtype=torch.long)
+                for r, (_, cont) in enumerate(rows):
+                    cont_ids[r, : len(cont) - 1] = torch.tensor(cont[:-1])
+                    cont_mask[r, : len(cont) - 1] = 1
+                row_b = torch.tensor([b for b, _ in rows])
+                full_mask = torch.cat([mask[row_b], cont_mask], dim=1)
+                cont_pos = mask[row_b].sum(-1, keepdim=True) + torch.arange(tail)
+                rest = model(input_ids=cont_ids.to(device), attention_mask=full_mask.to(device),
+                             position_ids=cont_pos.to(device), past_key_values=cache,
+                             cache_position=torch.arange(width, width + tail, device=device)).logits
+                rest_lp = torch.log_softmax(rest.float(), dim=-1).cpu()
+        for r, (b, cont) in enumerate(rows):
+            total = first_lp[b, cont[0]].item() + sum(rest_lp[r, k - 1, t].item() for k, t in enumerate(cont) if k)
+            out[idx[b]].append(total)
     return out
+
+
+def _left_pad(seqs: list[list[int]]):
+    """Left-padded ids, attention mask and position ids (padding must not shift the real tokens' positions)."""
+    import torch
+
+    width = max(map(len, seqs))
+    ids = torch.zeros(len(seqs), width, dtype=torch.long)
+    mask = torch.zeros(len(seqs), width, dtype=torch.long)
+    for row, seq in enumerate(seqs):
+        ids[row, width - len(seq):] = torch.tensor(seq)
+        mask[row, width - len(seq):] = 1
+    return ids, mask, (mask.cumsum(-1) - 1).clamp(min=0)
 
 
 def score_reference(model, e: Encoded) -> list[float]:
