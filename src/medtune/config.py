@@ -65,9 +65,10 @@ class EvalConfig:
     mode: str = "fast"  # fast (bf16 where it helps + exact fp32 re-score of close calls) or exact (fp32)
     permute: str = "none"  # none or cyclic (score each rotation of the options; debiased prediction)
     batch_size: int = 16
-    margin: float = 0.5  # fast mode: re-score in fp32 when the top-two log-prob margin is below this
+    margin: float | None = None  # fast mode: re-score in fp32 below this top-two margin (None: 0.5 letter, 1.0 answer)
     max_new_tokens: int = 256  # generate method: length cap (reported when hit)
     extra_methods: list[str] = field(default_factory=list)  # `run` also compares base and tuned with these methods
+    merge_adapter: bool = True  # score with the LoRA weights merged in (same function, base-model speed)
 
 
 @dataclass

@@ -47,20 +47,36 @@ def encode(items: list[MCQItem], style: str, tokenizer, method: str = "letter") 
     return out
 
 
+PROBE = 64  # questions scored in bf16 before deciding whether fast mode pays off
+MAX_CLOSE = 0.4  # above this share of close calls, re-scoring would cost more than exact mode: go exact
+
+
 def score(model, encoded: list[Encoded], batch_size: int = 16, mode: str = "fast", margin: float = 0.5,
           progress=None) -> tuple[list[list[float]], list[bool]]:
-    """Log-likelihood of every option of every question, and whether each was re-scored in fp32 (fast mode)."""
+    """Log-likelihood of every option of every question, and whether each was re-scored in fp32 (fast mode).
+
+    Fast mode scores a probe of questions in bf16 first: a model with near-uniform letter probabilities (typical
+    right after fine-tuning) puts most questions within the margin, and then exact mode is cheaper, so it switches.
+    Measured bf16 errors on the top-two margin (tuned embedded model, demo + MedQA): p99.9 0.18 nats for letters,
+    0.91 for answer lines; the defaults (0.5 and 1.0) stay above them."""
     device = next(model.parameters()).device
     fast_dtype = _fast_dtype(device) if mode == "fast" else None
+    if fast_dtype is None:
+        return _score_batched(model, encoded, batch_size, None, progress), [False] * len(encoded)
     # The fast pass runs on a bf16 copy of the weights (no per-batch casts); the fp32 model stays for re-scoring.
-    fast_model = copy.deepcopy(model).to(fast_dtype) if fast_dtype is not None else model
-    scores = _score_batched(fast_model, encoded, batch_size, fast_dtype, progress)
+    fast_model = copy.deepcopy(model).to(fast_dtype)
+    scores = _score_batched(fast_model, encoded[:PROBE], batch_size, fast_dtype, None)
+    if sum(_margin(s) < margin for s in scores) > MAX_CLOSE * len(scores):
+        del fast_model
+        return _score_batched(model, encoded, batch_size, None, progress), [True] * len(encoded)
+    scores += _score_batched(fast_model, encoded[PROBE:], batch_size, fast_dtype, progress)
+    if progress is not None:
+        progress.update(min(PROBE, len(encoded)))
     del fast_model
     rescored = [False] * len(encoded)
-    if fast_dtype is not None:
-        close = [i for i in range(len(encoded)) if _margin(scores[i]) < margin]
-        for i, lp in zip(close, _score_batched(model, [encoded[i] for i in close], batch_size, None, None)):
-            scores[i], rescored[i] = lp, True
+    close = [i for i in range(len(encoded)) if _margin(scores[i]) < margin]
+    for i, lp in zip(close, _score_batched(model, [encoded[i] for i in close], batch_size, None, None)):
+        scores[i], rescored[i] = lp, True
     return scores, rescored
 
 
@@ -252,7 +268,8 @@ def run_eval(items: list[MCQItem], cfg, out_dir: Path | None, adapter: str | Non
 
     started = time.time()
     style = adapter_style(adapter, cfg.prompt_style, log) if adapter else cfg.prompt_style
-    model, tokenizer, path = loaded or load_model(cfg.model, adapter=adapter, device=_device(cfg), log=log)
+    model, tokenizer, path = loaded or load_model(cfg.model, adapter=adapter, device=_device(cfg), log=log,
+                                                  merge=cfg.eval.merge_adapter)
     contamination = contamination_check(items, adapter, log) if adapter else None
     e = cfg.eval
 
@@ -260,7 +277,8 @@ def run_eval(items: list[MCQItem], cfg, out_dir: Path | None, adapter: str | Non
         from tqdm.auto import tqdm
 
         with tqdm(total=len(its), desc=desc, unit="q", disable=quiet) as bar:
-            return score(model, encode(its, style, tokenizer, e.method), e.batch_size, e.mode, e.margin, bar)
+            margin = e.margin if e.margin is not None else (1.0 if e.method == "answer" else 0.5)
+            return score(model, encode(its, style, tokenizer, e.method), e.batch_size, e.mode, margin, bar)
 
     if e.method == "generate":
         return _generate_eval(items, cfg, out_dir, model, tokenizer, style, path, adapter, fingerprint, contamination,

@@ -81,7 +81,7 @@ def load_tokenizer(path: str, padding_side: str = "left"):
 
 
 def load_model(name: str, adapter: str | None = None, dtype: str = "float32", device: str = "cpu",
-               attn_implementation: str | None = None, log=print):
+               attn_implementation: str | None = None, log=print, merge: bool = False):
     """(model, tokenizer, resolved path). With an adapter, the tokenizer saved beside it wins (same chat template)."""
     import torch
     from transformers import AutoModelForCausalLM
@@ -95,6 +95,8 @@ def load_model(name: str, adapter: str | None = None, dtype: str = "float32", de
     tokenizer = load_tokenizer(adapter if adapter and (Path(adapter) / "tokenizer_config.json").is_file() else path)
     if adapter:
         model = attach_adapter(model, adapter)
+        if merge:  # same function, plain linear layers: evaluation runs at the base model's speed
+            model = model.merge_and_unload()
     return model.to(device).eval(), tokenizer, path
 
 
