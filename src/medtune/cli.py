@@ -198,9 +198,5 @@ def _print_results(results: dict, json_out: bool, out: Path) -> None:
     typer.echo(f"results: {out / 'results.json'}\n{DISCLAIMER}")
 
 
-def main() -> None:  # pragma: no cover - console entry point alias
-    app()
-
-
 if __name__ == "__main__":  # python -m medtune.cli
     sys.exit(app())

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import json
 import os
@@ -106,11 +105,3 @@ def attach_adapter(model, adapter: str):
     if not (Path(adapter) / "adapter_config.json").is_file():
         raise MedtuneError(f"{adapter}: not a PEFT adapter directory (no adapter_config.json)")
     return PeftModel.from_pretrained(model, adapter)
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
