@@ -33,6 +33,7 @@ class LoraConfig:
     alpha: int = 32
     dropout: float = 0.0  # 0: dropout's random masks cost ~20% of a CPU training step (profiled); set it if needed
     target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
+    quantize: str = "none"  # none, 8bit or 4bit: load the frozen base weights quantized (QLoRA; needs bitsandbytes)
 
 
 @dataclass

@@ -41,6 +41,7 @@ def train(cfg: Config, items: list[MCQItem], out_dir: Path, resume: bool = False
 
     t = cfg.train
     out_dir = Path(out_dir)
+    from medtune.doctor import preflight
     from medtune.hardware import decide, detect, device_string, prepare_env
 
     prepare_env()  # before anything initializes the GPU runtime (ROCm reads HSA_OVERRIDE_GFX_VERSION once)
@@ -51,6 +52,7 @@ def train(cfg: Config, items: list[MCQItem], out_dir: Path, resume: bool = False
                               cpu=cfg.device == "cpu" or device_string(info) == "cpu",
                               log_with=t.report_to or None, project_dir=str(out_dir))
     set_seed(t.seed, deterministic=False)
+    preflight(cfg, log if accelerator.is_main_process else (lambda *_: None), info)  # warnings before weights load
     model, tokenizer = _lora_model(cfg, accelerator, log, _attention(cfg, info, policy))
     world, rank = accelerator.num_processes, accelerator.process_index
     plan = batch_plan(items, cfg, tokenizer, world)
@@ -141,17 +143,35 @@ def _attention(cfg: Config, info, policy) -> str:
     return "eager" if info.kind == "cpu" or cfg.device == "cpu" else policy.attn_implementation
 
 
+def _base_dtype(accelerator) -> str:
+    """bf16 frozen base weights when training autocasts to bf16: LoRA trains none of them, so an fp32 copy costs
+    memory plus a bf16 cast of every weight in every forward. The LoRA weights and AdamW state stay fp32 (PEFT keeps
+    adapters fp32). FSDP and DeepSpeed keep fp32: FSDP flattens one dtype per unit, DeepSpeed casts by its config."""
+    from accelerate.utils import DistributedType
+
+    sharded = accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+    return "bfloat16" if accelerator.mixed_precision == "bf16" and not sharded else "float32"
+
+
 def _lora_model(cfg: Config, accelerator, log, attn_implementation: str | None = None):
     import torch
-    from peft import LoraConfig, get_peft_model
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM
 
-    from medtune.models import load_tokenizer, resolve
+    from medtune.models import load_tokenizer, quantization_config, resolve
 
     path = resolve(cfg.model, log=log if accelerator.is_main_process else (lambda *_: None))
     tokenizer = load_tokenizer(path, padding_side="right")
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation=attn_implementation)
-    if cfg.train.gradient_checkpointing:
+    compute = {"bf16": "bfloat16", "fp16": "float16"}.get(accelerator.mixed_precision, "float32")
+    quant = quantization_config(cfg.lora.quantize, compute)
+    dtype = compute if quant else _base_dtype(accelerator)
+    model = AutoModelForCausalLM.from_pretrained(  # a quantized base is placed at load; accelerate can't move it
+        path, dtype=getattr(torch, dtype), attn_implementation=attn_implementation, quantization_config=quant,
+        device_map={"": accelerator.device} if quant else None)
+    if quant:  # QLoRA: norms and embeddings to fp32, input grads on, checkpointing as configured
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.train.gradient_checkpointing,
+                                                gradient_checkpointing_kwargs={"use_reentrant": False})
+    elif cfg.train.gradient_checkpointing:
         enable = getattr(model, "activation_checkpointing_enable", None)  # transformers >= 5.x name
         if enable is not None:
             enable(activation_checkpointing_kwargs={"use_reentrant": False})
