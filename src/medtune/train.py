@@ -61,6 +61,7 @@ def train(cfg: Config, items: list[MCQItem], out_dir: Path, resume: bool = False
     optimizer = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
     scheduler = get_scheduler(t.scheduler, optimizer, num_warmup_steps=math.ceil(t.warmup * steps),
                               num_training_steps=steps)
+    _fill_deepspeed(accelerator, t.batch_size)
     model, optimizer = accelerator.prepare(model, optimizer)
     accelerator.register_for_checkpointing(scheduler)
     if t.report_to:
@@ -122,6 +123,19 @@ def train(cfg: Config, items: list[MCQItem], out_dir: Path, resume: bool = False
     if t.report_to:
         accelerator.end_training()
     return summary
+
+
+def _fill_deepspeed(accelerator, batch_size: int) -> None:
+    """Under DeepSpeed, accelerate fills an `auto` micro-batch size only from a DataLoader, which this loop doesn't
+    use (prepare() raises without it), and an `auto` gradient_clipping with 1.0, where medtune clips nowhere else."""
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    if plugin is None:
+        return
+    ds = plugin.deepspeed_config
+    if ds.get("train_micro_batch_size_per_gpu", "auto") == "auto":
+        ds["train_micro_batch_size_per_gpu"] = batch_size
+    if ds.get("gradient_clipping", "auto") == "auto":
+        ds["gradient_clipping"] = 0.0  # DeepSpeed's "off"
 
 
 def _mixed_precision(requested: str, policy_dtype: str) -> str:
