@@ -132,7 +132,7 @@ def test_policy_per_device(monkeypatch, case):
     if kind == "rocm":
         assert info.gfx_arch == torch_kw["gpus"][0].gcnArchName.split(":")[0]
         assert "gfx906" in info.arch_list  # feature suffixes stripped from torch's compiled list too
-    if kind == "cpu":
+    if kind == "cpu":  # cpu-only: a faked CPU device (parametrized above), not this machine
         assert info.count == 0 and info.names == []
 
 
@@ -328,8 +328,10 @@ def test_quantize_warnings_and_memory(monkeypatch):
 def test_bnb_probe_on_this_machine():
     """The probe `medtune env` trusts: a real NF4 round trip through bitsandbytes, or the exact error."""
     pytest.importorskip("bitsandbytes")
-    backend, error = hw._bnb_probe("cpu")
-    assert (backend, error) == ("CPU", None) or (backend is None and error), (backend, error)
+    info = hw.detect()
+    backend, error = hw._bnb_probe(hw.device_string(info))
+    assert (backend is None) is bool(error), (backend, error)  # a backend, or the reason there is none
+    assert hw.decide(info).qlora_available is (backend is not None) or info.kind not in ("cpu", "cuda", "rocm")
 
 
 def test_memory_estimate_and_what_fits(monkeypatch):
@@ -387,14 +389,31 @@ def test_cuda_arch_compatibility(monkeypatch, cap, arch_list, ok):
 # --- the real machine and the import cost ---
 
 
+def expected_kind() -> str:
+    """What this machine is, asked of torch directly (the suite runs on CPU hosts and on GPU hosts)."""
+    import torch
+
+    if torch.cuda.is_available():
+        return "rocm" if torch.version.hip else "cuda"
+    if torch.backends.mps.is_available():
+        return "mps"
+    return "xpu" if hasattr(torch, "xpu") and torch.xpu.is_available() else "cpu"
+
+
 def test_detect_on_this_machine():
     info = hw.detect()
-    assert info.kind == "cpu" and hw.device_string(info) == "cpu"
+    kind = expected_kind()
+    assert info.kind == kind and hw.device_string(info) == {"rocm": "cuda"}.get(kind, kind)
     assert info.cpu_count >= 1 and info.ram_bytes and info.ram_bytes > GIB
     assert info.torch_version.startswith("2.")
-    rep = hw.report(info, hw.decide(info), [])
-    assert rep["versions"]["transformers"] and rep["policy"]["eval_dtype"] == "float32"
-    assert rep["policy"]["train_dtype"] == ("bfloat16" if info.bf16 else "float32")
+    assert (info.count > 0) is (kind != "cpu") and len(info.names) == len(info.memory)
+    policy = hw.decide(info)
+    rep = hw.report(info, policy, [])
+    assert rep["versions"]["transformers"] and policy.train_dtype == hw._native_dtype(info)[0]
+    # the eval dtype: fp32 on a CPU (exact scores), the training dtype on an accelerator
+    assert policy.eval_dtype == ("float32" if kind == "cpu" else policy.train_dtype)  # cpu-only: branch on kind
+    if kind == "cpu":  # cpu-only: native bf16 decides the training dtype
+        assert policy.train_dtype == ("bfloat16" if info.bf16 else "float32")
     json.dumps(rep)
 
 
