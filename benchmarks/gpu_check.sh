@@ -70,7 +70,7 @@ fi
 # 4 one QLoRA step
 step qlora 120 qlora/metrics.jsonl "$PY" -m medtune train --out "$OUT/qlora" --quiet --set "model=$MODEL" \
     --set lora.quantize=4bit --set train.max_steps=1 --set train.batch_size=2 --set train.max_length=128 \
-    --set train.target=answer
+    --set train.target=answer --set train.warmup=0
 
 "$PY" - "$OUT" <<'EOF'
 import json, platform, sys
