@@ -26,6 +26,19 @@ CopBase = Annotated[int | None, typer.Option("--cop-base", help="MedMCQA `cop` b
 Map = Annotated[str | None, typer.Option("--map", help="Column mapping: question=q,options=a|b|c|d,answer=label")]
 
 
+NO_DEVICE = {"compare", "data"}  # never touch a GPU; every other command, present or future, is prepared
+
+
+@app.callback()
+def _prepare(ctx: typer.Context) -> None:
+    # Runs before any command's own code: ROCm reads HSA_OVERRIDE_GFX_VERSION once, when HIP starts, and
+    # detect(), accelerate or a model load would start it. Reads only the kernel driver and torch's arch list.
+    if ctx.invoked_subcommand not in NO_DEVICE:
+        from medtune.hardware import prepare_env
+
+        prepare_env()
+
+
 def user_errors(fn):
     """Print a user-fixable problem as `error: ...` and exit 2, with no traceback."""
     @functools.wraps(fn)
