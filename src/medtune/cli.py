@@ -201,6 +201,87 @@ def data_split(source: str, train_size: Annotated[int, typer.Option(help="Items 
     typer.echo(split_to_files(source, train_size, out, seed, cop_base))
 
 
+ModelOpt = Annotated[str, typer.Option(help="embedded, a Hub id, a local model dir or a merged export (RUN/merged).")]
+AdapterOpt = Annotated[str | None, typer.Option(help="A PEFT adapter dir, or a run dir holding adapter/.")]
+MethodOpt = Annotated[str | None, typer.Option(help="letter or answer (default: the one its results.json used).")]
+ModeOpt = Annotated[str, typer.Option(help="exact (fp32) or fast (bf16 + fp32 re-score of close calls).")]
+StyleOpt = Annotated[str | None, typer.Option(help="harness, chat or seed (an adapter's saved style wins).")]
+
+
+@app.command()
+@user_errors
+def ask(question: Annotated[str | None, typer.Option(help="The question (or a JSON item on stdin).")] = None,
+        option: Annotated[list[str] | None, typer.Option("--option", "-o", help="An option; repeat 2-10 times.")]
+        = None,
+        model: ModelOpt = "embedded", adapter: AdapterOpt = None, method: MethodOpt = None, mode: ModeOpt = "exact",
+        prompt_style: StyleOpt = None,
+        max_new_tokens: Annotated[int, typer.Option(help="Explanation length cap (tokens); 0: no explanation.")] = 96,
+        json_out: Json = False) -> None:
+    """Ask one question: the scored answer, every option's probability (eval's scoring) and a greedy explanation."""
+    from medtune import ask as ask_mod
+
+    if question is None:
+        if sys.stdin.isatty():
+            raise MedtuneError("give --question and --option (2-10 times), or a JSON item on stdin")
+        item = ask_mod.item_from_json(sys.stdin.read())
+    else:
+        item = ask_mod.make_item(question, option or [])
+    if max_new_tokens < 0:
+        raise MedtuneError("--max-new-tokens must be 0 or more")
+    loaded = ask_mod.load(model, adapter, method, mode, prompt_style, log=_log(json_out))
+    result = ask_mod.answer(loaded, item, max_new_tokens, explain=max_new_tokens > 0)
+    typer.echo(json.dumps(result, indent=1) if json_out else ask_mod.render(result))
+
+
+@app.command()
+@user_errors
+def predict(source: Annotated[str, typer.Argument(help="A file, `demo`, `demo:train`, or a preset (medqa, ...).")],
+            out: Annotated[Path, typer.Option(help="The .jsonl to write; a rerun resumes it.")]
+            = Path("predictions.jsonl"),
+            model: ModelOpt = "embedded", adapter: AdapterOpt = None, method: MethodOpt = None, mode: ModeOpt = "exact",
+            prompt_style: StyleOpt = None,
+            csv_out: Annotated[bool, typer.Option("--csv", help="Also write the same rows as OUT.csv.")] = False,
+            chunk: Annotated[int, typer.Option(help="Items scored and appended at a time (bounds memory).")] = 64,
+            limit: Annotated[int | None, typer.Option(help="The first N items only.")] = None,
+            cop_base: CopBase = None, mapping: Map = None, quiet: Quiet = False, json_out: Json = False) -> None:
+    """Score every item of a source into predictions.jsonl (letter, probabilities), streamed and resumable."""
+    from medtune import ask as ask_mod
+    from medtune.data import sources
+    from medtune.data.formats import parse_mapping
+    from medtune.predict import predict as predict_fn
+
+    if limit is not None and limit < 1:
+        raise MedtuneError("--limit must be 1 or more")
+    items = sources.load(source, "eval", cop_base=cop_base, mapping=parse_mapping(mapping) if mapping else None)
+    items = items[:limit] if limit else items
+    loaded = ask_mod.load(model, adapter, method, mode, prompt_style, log=_log(quiet))
+    summary = predict_fn(loaded, items, out, source, chunk, csv_out, quiet, _log(quiet))
+    typer.echo(json.dumps(summary, indent=1) if json_out else
+               f"{summary['new']} new, {summary['skipped']} already written: {summary['out']}"
+               + (f" and {summary['csv']}" if csv_out else ""))
+
+
+@app.command()
+@user_errors
+def serve(model: ModelOpt = "embedded", adapter: AdapterOpt = None, method: MethodOpt = None, mode: ModeOpt = "exact",
+          prompt_style: StyleOpt = None,
+          host: Annotated[str, typer.Option(help="Interface to bind; the default is this machine only.")]
+          = "127.0.0.1",
+          port: int = 7860,
+          share: Annotated[bool, typer.Option(help="Also open a public Gradio share link (prints a warning).")] = False,
+          concurrency: Annotated[int, typer.Option(help="Questions answered at once.")] = 1,
+          max_queue: Annotated[int, typer.Option(help="Waiting questions beyond this get 'busy'.")] = 16,
+          max_new_tokens: Annotated[int, typer.Option(help="Explanation length cap (tokens).")] = 96) -> None:
+    """A local web page to ask the model questions (Gradio), with probabilities, explanation and disclaimer."""
+    from medtune import ask as ask_mod
+    from medtune.serve import serve as serve_fn
+
+    if max_new_tokens < 1:
+        raise MedtuneError("--max-new-tokens must be 1 or more")
+    loaded = ask_mod.load(model, adapter, method, mode, prompt_style, log=_log())
+    serve_fn(loaded, host, port, share, concurrency, max_queue, max_new_tokens, log=_log())
+
+
 def _print_results(results: dict, json_out: bool, out: Path) -> None:
     from medtune.report import DISCLAIMER, render_results
 
