@@ -45,6 +45,9 @@ def train(cfg: Config, items: list[MCQItem], out_dir: Path, resume: bool = False
 
     prepare_env()  # before anything initializes the GPU runtime (ROCm reads HSA_OVERRIDE_GFX_VERSION once)
     info = detect()
+    from medtune.cost import Recorder
+
+    recorder = Recorder("train")  # wall time, device, energy -> out_dir/cost.json
     policy = decide(info)
     accelerator = Accelerator(mixed_precision=_mixed_precision(t.dtype, policy.train_dtype),
                               cpu=cfg.device == "cpu" or device_string(info) == "cpu",
@@ -111,6 +114,7 @@ def train(cfg: Config, items: list[MCQItem], out_dir: Path, resume: bool = False
                "tokens_per_s": round(tokens_seen / max(time.time() - t0, 1e-9), 1), "resumed_from_step": start}
     if accelerator.is_main_process:
         _save_adapter(accelerator.unwrap_model(model), tokenizer, cfg, items, out_dir, summary, extra_meta)
+        recorder.stop(out_dir, train_tokens=tokens_seen, steps=steps - start, device_count=max(world, 1))
         log(f"trained {steps} steps in {summary['wall_s']} s, {summary['tokens_per_s']} real tokens/s, "
             f"final loss {loss:.4f}")
     accelerator.wait_for_everyone()
