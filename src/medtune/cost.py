@@ -93,7 +93,7 @@ class EnergyMeter:
             return {"energy_source": None, "energy_j": None, "energy_note": f"no energy counter: {self.reason}"}
         end = self._read()
         joules = sum(_delta(a, b, wrap) for (a, wrap), (b, _) in zip(self._start, end)) / 1e6
-        return {"energy_source": self.source, "energy_j": round(joules, 3),
+        return {"energy_source": self.source, "energy_j": round(joules, 6),
                 "energy_note": "whole-device counters: other work on the same devices is included"}
 
 
