@@ -62,3 +62,20 @@ def test_price_needs_a_price_for_the_device(tmp_path):
     bad.write_text("- 1\n- 2\n")
     with pytest.raises(cost.MedtuneError, match="mapping of device name"):
         cost.load_prices(bad)
+
+
+def test_nvml_energy_in_millijoules(monkeypatch):
+    """NVML's total-energy counter is in mJ per GPU; the meter sums the visible GPUs' differences in joules."""
+    import sys
+    import types
+
+    readings = {0: 1_000, 1: 5_000}
+    fake = types.SimpleNamespace(nvmlInit=lambda: None, nvmlDeviceGetCount=lambda: 2,
+                                 nvmlDeviceGetHandleByIndex=lambda i: i,
+                                 nvmlDeviceGetTotalEnergyConsumption=lambda h: readings[h])
+    monkeypatch.setitem(sys.modules, "pynvml", fake)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    meter = cost.EnergyMeter("cuda")
+    readings.update({0: 3_500, 1: 6_000})  # +2.5 J and +1 J
+    rec = meter.stop()
+    assert rec["energy_source"] == "nvml" and rec["energy_j"] == pytest.approx(3.5)

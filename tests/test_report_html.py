@@ -136,3 +136,30 @@ def test_cost_of_two_runs(tiny_run, tmp_path):
     prices.write_text("Other GPU: 4.0\n")
     unknown = CliRunner().invoke(app, ["cost", str(a), "--prices", str(prices)])
     assert unknown.exit_code == 2 and "no price for device" in unknown.output
+
+
+@pytest.mark.slow
+def test_readme_command_examples_run(tiny_run, tiny_model_dir, tmp_path, monkeypatch):
+    """Each per-verb example of the README that needs a model runs as written, on the tiny model and a copy of the
+    tiny run as runs/demo (the README's env and data examples are run by test_cli.py)."""
+    import shlex
+
+    text = (ROOT / "README.md").read_text()
+    blocks = re.findall(r"```bash\n(.*?)```", text.split("## Commands, one at a time")[1].split("## How it works")[0],
+                        re.DOTALL)
+    commands = [shlex.split(line) for b in blocks for line in b.splitlines() if line.startswith("medtune ")]
+    verbs = [c[1] for c in commands]
+    assert {"eval", "train", "run", "report", "cost", "compare", "export"} <= set(verbs)
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(tiny_run[0], tmp_path / "runs" / "demo")
+    (tmp_path / "recipes").symlink_to(ROOT / "recipes")
+    for argv in commands:
+        if argv[1] in ("env", "data", "run"):  # env/data: test_cli.py; run: the tiny_run fixture
+            continue
+        extra = {"eval": ["--model", tiny_model_dir, "--quiet"],
+                 "train": ["--set", f"model={tiny_model_dir}", "--set", "train.dtype=float32", "--quiet"]}
+        result = CliRunner().invoke(app, argv[1:] + extra.get(argv[1], []))
+        assert result.exit_code == 0, (argv, result.output)
+    assert (tmp_path / "runs" / "eval-demo" / "cost.json").is_file()
+    assert (tmp_path / "runs" / "try" / "adapter" / "adapter_model.safetensors").is_file()
+    assert (tmp_path / "runs" / "demo" / "merged" / "model.safetensors").is_file()

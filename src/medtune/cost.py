@@ -164,7 +164,8 @@ def collect(run_dir: Path) -> dict:
     parts = {}
     for path in sorted([run_dir / "cost.json", *run_dir.glob("*/cost.json")]):
         if path.is_file():
-            parts[path.parent.name if path.parent != run_dir else "train"] = json.loads(path.read_text())
+            rec = json.loads(path.read_text())
+            parts[path.parent.name if path.parent != run_dir else rec["kind"]] = rec  # train, base, tuned, ...
     if not parts:
         raise MedtuneError(f"{run_dir}: no cost.json here or in its subdirs; runs recorded by this version of "
                            "medtune write one per training and eval job")

@@ -210,7 +210,7 @@ def _examples(run_dir: Path, results: dict, items: dict, tuned_rows: list[dict],
               log) -> tuple[list[dict], str]:
     """The first EXAMPLES eval items with the tuned model's scored answer, its probabilities and an explanation."""
     rows = tuned_rows[:EXAMPLES]
-    generated = {r["id"]: r for r in _rows(run_dir / "tuned-generate")}
+    generated = {r["id"]: r for r in (rows if rows and "explanation" in rows[0] else _rows(run_dir / "tuned-generate"))}
     if generated:
         note = "Explanations: from the run's greedy `generate` evaluation of the tuned model."
     elif explain and rows and all(r["id"] in items for r in rows):
@@ -225,8 +225,9 @@ def _examples(run_dir: Path, results: dict, items: dict, tuned_rows: list[dict],
     out = []
     for r in rows:
         item, g = items.get(r["id"]), generated.get(r["id"])
-        options = [{"letter": ch, "text": item.options[j] if item else "", "prob": r["probs"].get(ch, 0.0),
-                    "gold": ch == r["gold"], "pred": ch == r["pred"]} for j, ch in enumerate(sorted(r["probs"]))]
+        letters = sorted(r["probs"]) if "probs" in r else [chr(65 + j) for j in range(len(item.options) if item else 0)]
+        options = [{"letter": ch, "text": item.options[j] if item else "", "prob": r.get("probs", {}).get(ch),
+                    "gold": ch == r["gold"], "pred": ch == r["pred"]} for j, ch in enumerate(letters)]
         out.append({"id": r["id"], "question": item.question if item else "", "options": options, "gold": r["gold"],
                     "pred": r["pred"], "correct": r["correct"], "subject": r.get("subject"),
                     "explanation": g["explanation"] if g else None, "generated_letter": g["pred"] if g else None,
