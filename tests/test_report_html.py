@@ -163,3 +163,25 @@ def test_readme_command_examples_run(tiny_run, tiny_model_dir, tmp_path, monkeyp
     assert (tmp_path / "runs" / "eval-demo" / "cost.json").is_file()
     assert (tmp_path / "runs" / "try" / "adapter" / "adapter_model.safetensors").is_file()
     assert (tmp_path / "runs" / "demo" / "merged" / "model.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_report_of_a_generate_run_without_probabilities(tiny_run, tmp_path):
+    """A run scored with `--method generate` has explanations but no probabilities, calibration or debiased accuracy:
+    the report uses the explanations, says there is nothing to calibrate and that the raw gain was used."""
+    run = tmp_path / "gen"
+    shutil.copytree(tiny_run[0], run)
+    rows = [json.loads(x) for x in (run / "tuned" / "predictions.jsonl").read_text().splitlines()]
+    (run / "tuned" / "predictions.jsonl").write_text("".join(json.dumps(
+        {k: r[k] for k in ("id", "gold", "pred", "correct", "subject")} | {"explanation": f"why {r['id']}"}) + "\n"
+        for r in rows))
+    res = json.loads((run / "results.json").read_text())
+    for part in ("base", "tuned"):
+        del res[part]["metrics"]["calibration"], res[part]["metrics"]["permute"]
+    del res["comparison"]["debiased"]
+    (run / "results.json").write_text(json.dumps(res))
+    page = (run / "report.html") if CliRunner().invoke(app, ["report", str(run)]).exit_code == 0 else None
+    assert page is not None
+    text = page.read_text()
+    assert all(f"why {r['id']}" in text for r in rows) and "from the run&#39;s greedy `generate` evaluation" in text
+    assert "This method gives no probabilities" in text and "raw used" in text and len(_images(text)) == 5
