@@ -151,6 +151,8 @@ def run(config: Config_ = None, sets: Set_ = None,
                   **{"data.source": data, "data.train_size": train_size})
     results = run_fn(cfg, quiet=quiet, log=_log(quiet))
     _print_results(results, json_out, Path(cfg.out_dir))
+    if not json_out:
+        typer.echo(f"report: {results['report']}")
 
 
 @app.command()
@@ -170,6 +172,37 @@ def compare(a: Path, b: Path, json_out: Json = False) -> None:
     from medtune.compare import compare_files
 
     typer.echo(compare_files(a, b, as_json=json_out))
+
+
+@app.command()
+@user_errors
+def cost(runs: Annotated[list[Path], typer.Argument(help="Run dirs (or train/eval output dirs).")],
+         price_per_hour: Annotated[float | None, typer.Option(help="Price of one device-hour.")] = None,
+         prices: Annotated[Path | None, typer.Option(help="YAML: device name -> price per device-hour.")] = None,
+         json_out: Json = False) -> None:
+    """What each run cost: wall time x devices x price, per million training tokens, per accuracy point gained."""
+    from medtune import cost as cost_mod
+
+    if (price_per_hour is None) == (prices is None):
+        raise MedtuneError("give exactly one of --price-per-hour and --prices")
+    table = cost_mod.load_prices(prices) if prices else None
+    rows = [(c, cost_mod.price(c, price_per_hour, table)) for c in map(cost_mod.collect, runs)]
+    typer.echo(json.dumps([{**c, **p} for c, p in rows], indent=1) if json_out else cost_mod.render(rows))
+
+
+@app.command()
+@user_errors
+def report(run_dir: Path, out: Annotated[Path | None, typer.Option(help="Default RUN/report.html.")] = None,
+           price_per_hour: Annotated[float | None, typer.Option(help="Show the run's cost at this device-hour price.")]
+           = None,
+           explain: Annotated[bool, typer.Option(help="Generate the ten examples' explanations with the tuned model "
+                                                      "(when the run has no generate evaluation).")] = False,
+           quiet: Quiet = False) -> None:
+    """A self-contained HTML report of a run: curves, before/after with CIs, calibration, examples, cost."""
+    from medtune.html_report import write_report
+
+    path = write_report(run_dir, out, price_per_hour=price_per_hour, explain=explain, log=_log(quiet))
+    typer.echo(f"report: {path}")
 
 
 @data_app.command("validate")

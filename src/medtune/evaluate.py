@@ -23,6 +23,9 @@ def run_eval(items: list[MCQItem], cfg, out_dir: Path | None, adapter: str | Non
     from medtune.report import environment, metrics
 
     started = time.time()
+    from medtune.cost import Recorder
+
+    recorder = Recorder("eval")  # wall time, device, energy -> out_dir/cost.json
     style = adapter_style(adapter, cfg.prompt_style, log) if adapter else cfg.prompt_style
     model, tokenizer, path = loaded or load_model(cfg.model, adapter=adapter, device=_device(cfg), log=log,
                                                   merge=cfg.eval.merge_adapter)
@@ -31,7 +34,7 @@ def run_eval(items: list[MCQItem], cfg, out_dir: Path | None, adapter: str | Non
 
     if e.method == "generate":
         return _generate_eval(items, cfg, out_dir, model, tokenizer, style, path, adapter, fingerprint, contamination,
-                              started, quiet, label)
+                              started, quiet, label, recorder)
     from tqdm.auto import tqdm
 
     margin = e.margin if e.margin is not None else default_margin(e.method)
@@ -65,11 +68,11 @@ def run_eval(items: list[MCQItem], cfg, out_dir: Path | None, adapter: str | Non
         "rescored_fp32": sum(r.get("rescored_fp32", False) for r in rows) if e.mode == "fast" else None,
         "wall_s": round(time.time() - started, 2), "environment": environment(),
     }
-    _write(out_dir, rows, results)
+    _write(out_dir, rows, results, recorder)
     return results, rows
 
 
-def _write(out_dir, rows: list[dict], results: dict) -> None:
+def _write(out_dir, rows: list[dict], results: dict, recorder=None) -> None:
     from medtune.report import write_json, write_jsonl
 
     if out_dir is not None:
@@ -77,10 +80,12 @@ def _write(out_dir, rows: list[dict], results: dict) -> None:
         out_dir.mkdir(parents=True, exist_ok=True)
         write_jsonl(out_dir / "predictions.jsonl", rows)
         write_json(out_dir / "results.json", results)
+        if recorder is not None:
+            recorder.stop(out_dir, items=len(rows))
 
 
 def _generate_eval(items, cfg, out_dir, model, tokenizer, style, path, adapter, fingerprint, contamination, started,
-                   quiet, label) -> tuple[dict, list[dict]]:
+                   quiet, label, recorder=None) -> tuple[dict, list[dict]]:
     import time
 
     from tqdm.auto import tqdm
@@ -96,7 +101,7 @@ def _generate_eval(items, cfg, out_dir, model, tokenizer, style, path, adapter, 
                "model": cfg.model, "model_path": str(path), "adapter": adapter, "data": fingerprint,
                "contamination": contamination, "max_new_tokens": cfg.eval.max_new_tokens,
                "wall_s": round(time.time() - started, 2), "environment": environment()}
-    _write(out_dir, rows, results)
+    _write(out_dir, rows, results, recorder)
     return results, rows
 
 

@@ -45,6 +45,9 @@ def train(cfg: Config, items: list[MCQItem], out_dir: Path, resume: bool = False
 
     prepare_env()  # before anything initializes the GPU runtime (ROCm reads HSA_OVERRIDE_GFX_VERSION once)
     info = detect()
+    from medtune.cost import Recorder
+
+    recorder = Recorder("train")  # wall time, device, energy -> out_dir/cost.json
     policy = decide(info)
     accelerator = Accelerator(mixed_precision=_mixed_precision(t.dtype, policy.train_dtype),
                               gradient_accumulation_steps=t.grad_accum,
@@ -114,6 +117,7 @@ def train(cfg: Config, items: list[MCQItem], out_dir: Path, resume: bool = False
     state = accelerator.get_state_dict(model)  # every rank: FSDP / ZeRO-3 gather the sharded weights whole
     if accelerator.is_main_process:
         _save_adapter(accelerator.unwrap_model(model), state, tokenizer, cfg, items, out_dir, summary, extra_meta)
+        recorder.stop(out_dir, train_tokens=tokens_seen, steps=steps - start, device_count=max(world, 1))
         log(f"trained {steps} steps in {summary['wall_s']} s, {summary['tokens_per_s']} real tokens/s, "
             f"final loss {loss:.4f}")
     accelerator.wait_for_everyone()
