@@ -12,6 +12,7 @@ from typing import Annotated
 import typer
 
 from medtune.errors import DataError, MedtuneError
+from medtune.io import check_out_dir, claim_out_dir
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Fine-tune (LoRA) and evaluate small language models on medical multiple-choice exams.")
@@ -24,6 +25,8 @@ Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
 Json = Annotated[bool, typer.Option("--json", help="Print the result as JSON.")]
 CopBase = Annotated[int | None, typer.Option("--cop-base", help="MedMCQA `cop` base (0 Hub, 1 published).")]
 Map = Annotated[str | None, typer.Option("--map", help="Column mapping: question=q,options=a|b|c|d,answer=label")]
+Overwrite = Annotated[bool, typer.Option("--overwrite", help="Write into a non-empty output dir (replaces what "
+                                                            "medtune writes there).")]
 
 
 NO_DEVICE = {"compare", "data"}  # never touch a GPU; every other command, present or future, is prepared
@@ -46,7 +49,10 @@ def user_errors(fn):
         try:
             return fn(*args, **kwargs)
         except DataError as e:
-            typer.echo(f"error: {len(e.problems)} problem(s) in the data; nothing was written:\n{e}", err=True)
+            if len(e.problems) == 1:  # one line: file:line: field: what is wrong
+                typer.echo(f"error: {e.problems[0]} (nothing was written)", err=True)
+            else:
+                typer.echo(f"error: {len(e.problems)} problem(s) in the data; nothing was written:\n{e}", err=True)
             raise typer.Exit(2) from None
         except MedtuneError as e:
             typer.echo(f"error: {e}", err=True)
@@ -93,27 +99,40 @@ def eval_(
     prompt_style: Annotated[str | None, typer.Option(help="harness or chat.")] = None,
     batch_size: Annotated[int | None, typer.Option(help="Questions per forward pass.")] = None,
     cop_base: CopBase = None, mapping: Map = None, config: Config_ = None, sets: Set_ = None, quiet: Quiet = False,
-    json_out: Json = False,
+    json_out: Json = False, overwrite: Overwrite = False,
 ) -> None:
     """Score a model (optionally with an adapter) on MCQ items: accuracy with CI, letter baselines, calibration."""
     from medtune.data import sources
     from medtune.data.formats import parse_mapping
-    from medtune.evaluate import run_eval
     from medtune.prompts import check_style
 
     cfg = _config(config, sets, model=model, prompt_style=prompt_style, **{
         "data.source": data, "data.limit": limit, "eval.mode": mode, "eval.permute": permute,
         "eval.batch_size": batch_size, "eval.method": method})
     check_style(cfg.prompt_style)
+    if adapter:
+        from medtune.models import check_adapter
+
+        check_adapter(adapter)  # before any data or model is loaded
     if cfg.data.source in sources.SUITES:
         from medtune.evaluate import run_suite
 
         out = out or Path("runs") / f"eval-{cfg.data.source}"
-        _print_results({"suite": run_suite(cfg, out, adapter, quiet, _log(quiet))}, json_out, out)
+        with claim_out_dir(out, overwrite):
+            _print_results({"suite": run_suite(cfg, out, adapter, quiet, _log(quiet))}, json_out, out)
         return
+    out = out or Path("runs") / f"eval-{Path(cfg.data.source).stem}"
+    check_out_dir(out, overwrite)
     items = sources.load(cfg.data.source, "eval", cop_base=cop_base, mapping=parse_mapping(mapping) if mapping else None)
     items = items[: cfg.data.limit] if cfg.data.limit else items
-    out = out or Path("runs") / f"eval-{Path(cfg.data.source).stem}"
+    with claim_out_dir(out, overwrite):
+        _eval_items(items, cfg, out, adapter, quiet, json_out)
+
+
+def _eval_items(items, cfg, out: Path, adapter: str | None, quiet: bool, json_out: bool) -> None:
+    from medtune.data import sources
+    from medtune.evaluate import run_eval
+
     split_name = "eval" if cfg.data.source in sources.PRESETS or cfg.data.source == sources.DEMO else "file"
     results, _ = run_eval(items, cfg, out, adapter=adapter, fingerprint=sources.fingerprint(
         items, cfg.data.source, split_name), quiet=quiet, log=_log(quiet), label=Path(cfg.data.source).stem)
@@ -125,15 +144,17 @@ def eval_(
 def train(config: Config_ = None, sets: Set_ = None,
           out: Annotated[Path | None, typer.Option(help="Run dir (adapter, checkpoints, metrics).")] = None,
           resume: Annotated[bool, typer.Option(help="Continue from the last complete checkpoint in --out.")] = False,
-          quiet: Quiet = False) -> None:
+          quiet: Quiet = False, overwrite: Overwrite = False) -> None:
     """LoRA fine-tune on the training part of the data; writes RUN/adapter and RUN/metrics.jsonl."""
     from medtune.run import prepare_data
     from medtune.train import train as train_fn
 
     cfg = _config(config, sets, out_dir=str(out) if out else None)
     log = _log(quiet)
+    check_out_dir(Path(cfg.out_dir), overwrite, allow_existing=resume)
     train_items, _, data = prepare_data(cfg, log)
-    train_fn(cfg, train_items, Path(cfg.out_dir), resume=resume, quiet=quiet, log=log, extra_meta={"data": data})
+    with claim_out_dir(Path(cfg.out_dir), overwrite, allow_existing=resume):
+        train_fn(cfg, train_items, Path(cfg.out_dir), resume=resume, quiet=quiet, log=log, extra_meta={"data": data})
 
 
 @app.command()
@@ -143,13 +164,14 @@ def run(config: Config_ = None, sets: Set_ = None,
         data: Annotated[str | None, typer.Option(help="demo, a preset (medmcqa, medqa) or a file.")] = None,
         train_size: Annotated[int | None, typer.Option(help="Training items.")] = None,
         out: Annotated[Path | None, typer.Option(help="Run dir.")] = None,
-        quiet: Quiet = False, json_out: Json = False) -> None:
+        quiet: Quiet = False, json_out: Json = False, overwrite: Overwrite = False) -> None:
     """The main job: evaluate the base model, fine-tune, evaluate again on the same items, compare."""
     from medtune.run import run as run_fn
 
     cfg = _config(config, sets, model=model, out_dir=str(out) if out else None,
                   **{"data.source": data, "data.train_size": train_size})
-    results = run_fn(cfg, quiet=quiet, log=_log(quiet))
+    with claim_out_dir(Path(cfg.out_dir), overwrite):
+        results = run_fn(cfg, quiet=quiet, log=_log(quiet))
     _print_results(results, json_out, Path(cfg.out_dir))
     if not json_out:
         typer.echo(f"report: {results['report']}")
@@ -158,11 +180,16 @@ def run(config: Config_ = None, sets: Set_ = None,
 @app.command()
 @user_errors
 def export(run_dir: Path, out: Annotated[Path | None, typer.Option(help="Default RUN/merged.")] = None,
-           merge: Annotated[bool, typer.Option(help="Merge the adapter into the base weights.")] = True) -> None:
+           merge: Annotated[bool, typer.Option(help="Merge the adapter into the base weights.")] = True,
+           include_training_data: Annotated[bool, typer.Option(
+               help="Also ship the training items (RUN/train_items.jsonl); by default only ids and hashes.")] = False,
+           overwrite: Overwrite = False) -> None:
     """Write a merged safetensors model (or the adapter) with a model card: base, data, recipe, results, limits."""
     from medtune.export import export as export_fn
 
-    typer.echo(f"exported: {export_fn(run_dir, out, merge=merge, log=_log())}")
+    path = export_fn(run_dir, out, merge=merge, log=_log(), overwrite=overwrite,
+                     include_training_data=include_training_data)
+    typer.echo(f"exported: {path}")
 
 
 @app.command()
@@ -207,11 +234,16 @@ def report(run_dir: Path, out: Annotated[Path | None, typer.Option(help="Default
 
 @data_app.command("validate")
 @user_errors
-def data_validate(source: str, cop_base: CopBase = None, mapping: Map = None) -> None:
-    """Read every row; report each bad one as file:line: field: problem (exit 2), or the count of valid items."""
+def data_validate(source: str, cop_base: CopBase = None, mapping: Map = None,
+                  model: Annotated[str | None, typer.Option(help="Count tokens with this model's tokenizer to warn "
+                                                                 "about overlong items (default: an estimate).")] = None,
+                  max_length: Annotated[int, typer.Option(help="Token limit to warn above (train.max_length).")] = 512
+                  ) -> None:
+    """Read every row; report each bad one as file:line: field: problem (exit 2), or the count of valid items, with a
+    warning for items longer than the token limit (they are cut from the left of the question; docs/reliability.md)."""
     from medtune.data.inspect import validate
 
-    typer.echo(validate(source, cop_base, mapping))
+    typer.echo(validate(source, cop_base, mapping, model=model, max_length=max_length))
 
 
 @data_app.command("show")
@@ -227,11 +259,11 @@ def data_show(source: str, cop_base: CopBase = None, mapping: Map = None, json_o
 @user_errors
 def data_split(source: str, train_size: Annotated[int, typer.Option(help="Items in the training part.")],
                out: Annotated[Path, typer.Option(help="Writes OUT/train.jsonl and OUT/eval.jsonl.")],
-               seed: int = 42, cop_base: CopBase = None) -> None:
+               seed: int = 42, cop_base: CopBase = None, overwrite: Overwrite = False) -> None:
     """Seeded, subject-stratified train/eval partition; reports exact duplicates between the parts."""
     from medtune.data.inspect import split_to_files
 
-    typer.echo(split_to_files(source, train_size, out, seed, cop_base))
+    typer.echo(split_to_files(source, train_size, out, seed, cop_base, overwrite=overwrite))
 
 
 ModelOpt = Annotated[str, typer.Option(help="embedded, a Hub id, a local model dir or a merged export (RUN/merged).")]

@@ -242,4 +242,6 @@ def _coerce(value, hint, where: str):
 
 
 def save_config(cfg: Config, path: Path) -> None:
-    path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    from medtune import io
+
+    io.write_text(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
