@@ -77,10 +77,11 @@ def _config(config: Path | None, sets: list[str] | None, **flags):
 def env(json_out: Json = False) -> None:
     """Device, dtype and attention policy, library versions, and warnings with fixes for known setup traps."""
     from medtune import hardware
+    from medtune.doctor import doctor
 
     info = hardware.detect()
     policy = hardware.decide(info)
-    rep = hardware.report(info, policy, hardware.doctor(info, policy))
+    rep = hardware.report(info, policy, doctor(info, policy))
     typer.echo(json.dumps(rep, indent=1) if json_out else hardware.render(rep))
 
 

@@ -32,13 +32,24 @@ def resolve(name: str, log=print) -> str:
         log(f"note: the embedded model package is not installed ({EMBEDDED_PIP}); trying the Hub's {EMBEDDED_HUB}")
         return EMBEDDED_HUB
     out = cache_dir() / "smollm2-135m-instruct"
-    stamp = out / "medtune-source.json"
     expected = {"gguf": gguf.name, "size": gguf.stat().st_size}
-    if stamp.is_file() and json.loads(stamp.read_text()) == expected and (out / "model.safetensors").is_file():
+    if _converted(out, expected):
         return str(out)
-    log(f"converting the embedded model once: {gguf.name} -> {out}")
-    _convert_gguf(gguf, out, expected)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    from filelock import FileLock
+
+    # several processes (accelerate launch ranks, parallel jobs) may start on an empty cache: one converts, the
+    # others wait here and then find the finished directory
+    with FileLock(str(out) + ".lock"):
+        if not _converted(out, expected):
+            log(f"converting the embedded model once: {gguf.name} -> {out}")
+            _convert_gguf(gguf, out, expected)
     return str(out)
+
+
+def _converted(out: Path, expected: dict) -> bool:
+    stamp = out / "medtune-source.json"
+    return stamp.is_file() and json.loads(stamp.read_text()) == expected and (out / "model.safetensors").is_file()
 
 
 def embedded_gguf() -> Path | None:
@@ -65,6 +76,27 @@ def _convert_gguf(gguf: Path, out: Path, stamp: dict) -> None:
         tokenizer.save_pretrained(tmp)
         AutoModelForCausalLM.from_pretrained(tmp)  # verify: the saved directory loads
         io.write_json(tmp / "medtune-source.json", stamp, indent=None)
+
+
+QUANTIZE = ("none", "8bit", "4bit")
+
+
+def quantization_config(quantize: str, compute_dtype: str):
+    """transformers' BitsAndBytesConfig for `lora.quantize` (None for none). 4bit is QLoRA's NF4 with double
+    quantization; matmuls run in `compute_dtype` (the device policy's training dtype)."""
+    if quantize == "none":
+        return None
+    if quantize not in QUANTIZE:
+        raise MedtuneError(f"lora.quantize {quantize!r}: choose {', '.join(QUANTIZE)}")
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise MedtuneError(f"lora.quantize={quantize} needs bitsandbytes: pip install 'medtune[qlora]'")
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    if quantize == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=getattr(torch, compute_dtype))
 
 
 def load_tokenizer(path: str, padding_side: str = "left"):

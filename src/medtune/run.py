@@ -17,6 +17,7 @@ from medtune.errors import MedtuneError
 
 
 def run(cfg: Config, quiet: bool = False, log=print) -> dict:
+    from medtune.doctor import preflight
     from medtune.evaluate import run_eval
     from medtune.report import environment, write_json
     from medtune.train import train
@@ -27,6 +28,7 @@ def run(cfg: Config, quiet: bool = False, log=print) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "config.yaml")
     log(f"data: {len(train_items)} training and {len(eval_items)} eval items ({data['eval']['source']})")
+    preflight(cfg, log)  # the doctor's warnings for this training (dtype, memory) before the base evaluation
     base, base_rows = run_eval(eval_items, cfg, out / "base", fingerprint=data["eval"], quiet=quiet, log=log,
                                label="base")
     summary = train(cfg, train_items, out, quiet=quiet, log=log, extra_meta={"data": data})
