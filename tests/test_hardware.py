@@ -409,3 +409,53 @@ def test_accelerate_recipe_loads(path):
         assert config.deepspeed_config["zero_stage"] == int(path.stem[-1])
     if path.name == "fsdp.yaml":
         assert config.distributed_type == DistributedType.FSDP and config.fsdp_config["fsdp_version"] == 2
+
+
+# --- one entry point prepares the environment before any command can start a GPU runtime ---
+
+
+class _DeviceTouched(Exception):
+    pass
+
+
+@pytest.mark.parametrize("command", ["env", "eval", "train", "run", "export"])
+def test_every_device_command_prepares_env_before_the_runtime_starts(monkeypatch, tmp_path, tiny_model_dir, command):
+    """A fake ROCm torch on an RX 6700 XT (gfx1031, needs HSA_OVERRIDE_GFX_VERSION=10.3.0): the variable must be set
+    when the command first reaches anything that starts HIP (detect, torch.cuda, a model load)."""
+    import torch
+    from typer.testing import CliRunner
+
+    from medtune import cli, models
+
+    monkeypatch.setattr(hw, "_SET_BY_MEDTUNE", {})
+    monkeypatch.delenv("HSA_OVERRIDE_GFX_VERSION", raising=False)
+    events: list = []
+    real_prepare = hw.prepare_env
+
+    def prepare(torch=None, host_=None):
+        events.append("prepare")
+        return real_prepare(fake_torch(hip="6.4", arch_list=ROCM_ARCHS), host(kfd_archs=["gfx1031"]))
+
+    def touch(what):
+        def fn(*a, **k):
+            events.append((what, os.environ.get("HSA_OVERRIDE_GFX_VERSION")))
+            raise _DeviceTouched(what)
+        return fn
+
+    monkeypatch.setattr(hw, "prepare_env", prepare)
+    monkeypatch.setattr(hw, "detect", touch("detect"))
+    monkeypatch.setattr(models, "resolve", touch("model load"))
+    monkeypatch.setattr(torch.cuda, "is_available", touch("torch.cuda"))
+    run_dir = tmp_path / "run"
+    (run_dir / "adapter").mkdir(parents=True)
+    (run_dir / "adapter" / "adapter_config.json").write_text("{}")
+    (run_dir / "adapter" / "medtune.json").write_text(json.dumps({"base_model": tiny_model_dir,
+                                                                  "prompt_style": "harness"}))
+    sets = ["--set", f"model={tiny_model_dir}", "--out", str(tmp_path / "out")]
+    args = {"env": ["env"], "eval": ["eval", "--data", "demo", "--limit", "2", *sets], "train": ["train", *sets],
+            "run": ["run", *sets], "export": ["export", str(run_dir), "--out", str(tmp_path / "merged")]}[command]
+    result = CliRunner().invoke(cli.app, args)
+    assert isinstance(result.exception, _DeviceTouched), (result.output, result.exception)
+    assert events[0] == "prepare", events
+    touched = [e for e in events if e != "prepare"]
+    assert touched and touched[0][1] == "10.3.0", events  # the override was in place at the first device contact

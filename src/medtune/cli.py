@@ -29,6 +29,19 @@ Overwrite = Annotated[bool, typer.Option("--overwrite", help="Write into a non-e
                                                             "medtune writes there).")]
 
 
+NO_DEVICE = {"compare", "data"}  # never touch a GPU; every other command, present or future, is prepared
+
+
+@app.callback()
+def _prepare(ctx: typer.Context) -> None:
+    # Runs before any command's own code: ROCm reads HSA_OVERRIDE_GFX_VERSION once, when HIP starts, and
+    # detect(), accelerate or a model load would start it. Reads only the kernel driver and torch's arch list.
+    if ctx.invoked_subcommand not in NO_DEVICE:
+        from medtune.hardware import prepare_env
+
+        prepare_env()
+
+
 def user_errors(fn):
     """Print a user-fixable problem as `error: ...` and exit 2, with no traceback."""
     @functools.wraps(fn)
@@ -160,6 +173,8 @@ def run(config: Config_ = None, sets: Set_ = None,
     with claim_out_dir(Path(cfg.out_dir), overwrite):
         results = run_fn(cfg, quiet=quiet, log=_log(quiet))
     _print_results(results, json_out, Path(cfg.out_dir))
+    if not json_out:
+        typer.echo(f"report: {results['report']}")
 
 
 @app.command()
@@ -184,6 +199,37 @@ def compare(a: Path, b: Path, json_out: Json = False) -> None:
     from medtune.compare import compare_files
 
     typer.echo(compare_files(a, b, as_json=json_out))
+
+
+@app.command()
+@user_errors
+def cost(runs: Annotated[list[Path], typer.Argument(help="Run dirs (or train/eval output dirs).")],
+         price_per_hour: Annotated[float | None, typer.Option(help="Price of one device-hour.")] = None,
+         prices: Annotated[Path | None, typer.Option(help="YAML: device name -> price per device-hour.")] = None,
+         json_out: Json = False) -> None:
+    """What each run cost: wall time x devices x price, per million training tokens, per accuracy point gained."""
+    from medtune import cost as cost_mod
+
+    if (price_per_hour is None) == (prices is None):
+        raise MedtuneError("give exactly one of --price-per-hour and --prices")
+    table = cost_mod.load_prices(prices) if prices else None
+    rows = [(c, cost_mod.price(c, price_per_hour, table)) for c in map(cost_mod.collect, runs)]
+    typer.echo(json.dumps([{**c, **p} for c, p in rows], indent=1) if json_out else cost_mod.render(rows))
+
+
+@app.command()
+@user_errors
+def report(run_dir: Path, out: Annotated[Path | None, typer.Option(help="Default RUN/report.html.")] = None,
+           price_per_hour: Annotated[float | None, typer.Option(help="Show the run's cost at this device-hour price.")]
+           = None,
+           explain: Annotated[bool, typer.Option(help="Generate the ten examples' explanations with the tuned model "
+                                                      "(when the run has no generate evaluation).")] = False,
+           quiet: Quiet = False) -> None:
+    """A self-contained HTML report of a run: curves, before/after with CIs, calibration, examples, cost."""
+    from medtune.html_report import write_report
+
+    path = write_report(run_dir, out, price_per_hour=price_per_hour, explain=explain, log=_log(quiet))
+    typer.echo(f"report: {path}")
 
 
 @data_app.command("validate")
@@ -218,6 +264,87 @@ def data_split(source: str, train_size: Annotated[int, typer.Option(help="Items 
     from medtune.data.inspect import split_to_files
 
     typer.echo(split_to_files(source, train_size, out, seed, cop_base, overwrite=overwrite))
+
+
+ModelOpt = Annotated[str, typer.Option(help="embedded, a Hub id, a local model dir or a merged export (RUN/merged).")]
+AdapterOpt = Annotated[str | None, typer.Option(help="A PEFT adapter dir, or a run dir holding adapter/.")]
+MethodOpt = Annotated[str | None, typer.Option(help="letter or answer (default: the one its results.json used).")]
+ModeOpt = Annotated[str, typer.Option(help="exact (fp32) or fast (bf16 + fp32 re-score of close calls).")]
+StyleOpt = Annotated[str | None, typer.Option(help="harness, chat or seed (an adapter's saved style wins).")]
+
+
+@app.command()
+@user_errors
+def ask(question: Annotated[str | None, typer.Option(help="The question (or a JSON item on stdin).")] = None,
+        option: Annotated[list[str] | None, typer.Option("--option", "-o", help="An option; repeat 2-10 times.")]
+        = None,
+        model: ModelOpt = "embedded", adapter: AdapterOpt = None, method: MethodOpt = None, mode: ModeOpt = "exact",
+        prompt_style: StyleOpt = None,
+        max_new_tokens: Annotated[int, typer.Option(help="Explanation length cap (tokens); 0: no explanation.")] = 96,
+        json_out: Json = False) -> None:
+    """Ask one question: the scored answer, every option's probability (eval's scoring) and a greedy explanation."""
+    from medtune import ask as ask_mod
+
+    if question is None:
+        if sys.stdin.isatty():
+            raise MedtuneError("give --question and --option (2-10 times), or a JSON item on stdin")
+        item = ask_mod.item_from_json(sys.stdin.read())
+    else:
+        item = ask_mod.make_item(question, option or [])
+    if max_new_tokens < 0:
+        raise MedtuneError("--max-new-tokens must be 0 or more")
+    loaded = ask_mod.load(model, adapter, method, mode, prompt_style, log=_log(json_out))
+    result = ask_mod.answer(loaded, item, max_new_tokens, explain=max_new_tokens > 0)
+    typer.echo(json.dumps(result, indent=1) if json_out else ask_mod.render(result))
+
+
+@app.command()
+@user_errors
+def predict(source: Annotated[str, typer.Argument(help="A file, `demo`, `demo:train`, or a preset (medqa, ...).")],
+            out: Annotated[Path, typer.Option(help="The .jsonl to write; a rerun resumes it.")]
+            = Path("predictions.jsonl"),
+            model: ModelOpt = "embedded", adapter: AdapterOpt = None, method: MethodOpt = None, mode: ModeOpt = "exact",
+            prompt_style: StyleOpt = None,
+            csv_out: Annotated[bool, typer.Option("--csv", help="Also write the same rows as OUT.csv.")] = False,
+            chunk: Annotated[int, typer.Option(help="Items scored and appended at a time (bounds memory).")] = 64,
+            limit: Annotated[int | None, typer.Option(help="The first N items only.")] = None,
+            cop_base: CopBase = None, mapping: Map = None, quiet: Quiet = False, json_out: Json = False) -> None:
+    """Score every item of a source into predictions.jsonl (letter, probabilities), streamed and resumable."""
+    from medtune import ask as ask_mod
+    from medtune.data import sources
+    from medtune.data.formats import parse_mapping
+    from medtune.predict import predict as predict_fn
+
+    if limit is not None and limit < 1:
+        raise MedtuneError("--limit must be 1 or more")
+    items = sources.load(source, "eval", cop_base=cop_base, mapping=parse_mapping(mapping) if mapping else None)
+    items = items[:limit] if limit else items
+    loaded = ask_mod.load(model, adapter, method, mode, prompt_style, log=_log(quiet))
+    summary = predict_fn(loaded, items, out, source, chunk, csv_out, quiet, _log(quiet))
+    typer.echo(json.dumps(summary, indent=1) if json_out else
+               f"{summary['new']} new, {summary['skipped']} already written: {summary['out']}"
+               + (f" and {summary['csv']}" if csv_out else ""))
+
+
+@app.command()
+@user_errors
+def serve(model: ModelOpt = "embedded", adapter: AdapterOpt = None, method: MethodOpt = None, mode: ModeOpt = "exact",
+          prompt_style: StyleOpt = None,
+          host: Annotated[str, typer.Option(help="Interface to bind; the default is this machine only.")]
+          = "127.0.0.1",
+          port: int = 7860,
+          share: Annotated[bool, typer.Option(help="Also open a public Gradio share link (prints a warning).")] = False,
+          concurrency: Annotated[int, typer.Option(help="Questions answered at once.")] = 1,
+          max_queue: Annotated[int, typer.Option(help="Waiting questions beyond this get 'busy'.")] = 16,
+          max_new_tokens: Annotated[int, typer.Option(help="Explanation length cap (tokens).")] = 96) -> None:
+    """A local web page to ask the model questions (Gradio), with probabilities, explanation and disclaimer."""
+    from medtune import ask as ask_mod
+    from medtune.serve import serve as serve_fn
+
+    if max_new_tokens < 1:
+        raise MedtuneError("--max-new-tokens must be 1 or more")
+    loaded = ask_mod.load(model, adapter, method, mode, prompt_style, log=_log())
+    serve_fn(loaded, host, port, share, concurrency, max_queue, max_new_tokens, log=_log())
 
 
 def _print_results(results: dict, json_out: bool, out: Path) -> None:

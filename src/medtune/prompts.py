@@ -1,13 +1,15 @@
 """Named prompt styles. One style is chosen per run and used identically for training and evaluation.
 
 harness  the lm-evaluation-harness text for the item's benchmark (`Question: ...\\nA. ...\\nAnswer:`), scored on the
-         continuations " A", " B", ...; the default, so numbers compare with published harness numbers.
+         continuations " A", " B", ...; the default, so numbers compare with published harness numbers. PubMedQA is
+         lm-eval's `pubmedqa` task: `Abstract: ...\\nQuestion: ...\\nAnswer:` scored on " yes", " no", " maybe" (its
+         options are not lettered: the model is scored on what the harness scores).
 chat     the model's chat template: the question as the user turn, the answer as the assistant turn (thinking off for
          templates that have it, e.g. Qwen3); scored on the continuations "A", "B", ... after the generation prompt.
 seed     the seed project's text (`### Question:` / `### Options:` with `A) ...` / `### Answer:`), for reproducing it;
          its target is `B) text\n\n### Explanation:\n...`, scored on the continuations "A", "B", ...
 
-The training target is `<letter>. <option text>`, then `\\nExplanation: ...` when the item has one, then EOS.
+The training target is `<letter>. <option text>` (the bare continuation, e.g. ` yes`, where options are not lettered), then `\\nExplanation: ...` when the item has one, then EOS.
 """
 
 from __future__ import annotations
@@ -42,7 +44,14 @@ def question_block(item: MCQItem) -> str:
     return f"Question: {item.question}\n{options}"
 
 
+def lettered(item: MCQItem, style: str) -> bool:
+    """Whether options are shown and scored as letters. lm-eval's pubmedqa lists no options and scores the words."""
+    return not (style == "harness" and item.benchmark == "pubmedqa")
+
+
 def build_prompt(item: MCQItem, style: str, tokenizer=None) -> str:
+    if not lettered(item, style):
+        return f"{item.question}\nAnswer:"
     if style == "harness":
         return question_block(item) + "Answer:"
     if style == "seed":
@@ -51,10 +60,20 @@ def build_prompt(item: MCQItem, style: str, tokenizer=None) -> str:
     return _chat(tokenizer, [{"role": "user", "content": f"{CHAT_INSTRUCTION}\n\n{question_block(item).rstrip()}"}])
 
 
-def continuations(item: MCQItem, style: str) -> list[str]:
+def choices(item: MCQItem, style: str, method: str = "letter") -> list[str]:
+    """Each option's scored text without the delimiter before it, as lm-eval's `doc_to_choice`: "A" (letter), "A. text"
+    (the answer line), or the option itself where options are not lettered ("yes", "no", "maybe")."""
+    if not lettered(item, style):
+        return list(item.options)
+    if method == "answer":
+        return [f"{LETTERS[i]}. {text}" for i, text in enumerate(item.options)]
+    return [LETTERS[i] for i in range(len(item.options))]
+
+
+def continuations(item: MCQItem, style: str, method: str = "letter") -> list[str]:
     """The text scored for each option: " A" after `Answer:` (harness), "A" after the assistant header (chat)."""
     space = " " if style == "harness" else ""
-    return [space + LETTERS[i] for i in range(len(item.options))]
+    return [space + c for c in choices(item, style, method)]
 
 
 def build_target(item: MCQItem, style: str, target: str = "answer+explanation") -> str:
@@ -62,7 +81,7 @@ def build_target(item: MCQItem, style: str, target: str = "answer+explanation") 
     if style == "seed":  # the seed's own target, explanation placeholder included
         return (f"{item.gold_letter}) {item.options[item.answer]}\n\n### Explanation:\n"
                 f"{item.explanation or 'No explanation provided.'}")
-    text = f"{continuations(item, style)[item.answer]}. {item.options[item.answer]}"
+    text = continuations(item, style, "answer")[item.answer]
     explanation = clean_explanation(item.explanation) if target == "answer+explanation" else None
     return text + (f"\nExplanation: {explanation}" if explanation else "")
 

@@ -44,6 +44,9 @@ def run(cfg: Config, quiet: bool = False, log=print) -> dict:
                                             "comparison": compare(eval_items, b, t, b_rows, t_rows)}
     results["wall_s"], results["environment"] = round(time.time() - started, 1), environment()
     write_json(out / "results.json", results)
+    from medtune.html_report import write_report
+
+    results["report"] = str(write_report(out, explain=True, log=log))  # plots, examples with explanations, cost
     return results
 
 

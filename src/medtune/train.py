@@ -45,8 +45,12 @@ def train(cfg: Config, items: list[MCQItem], out_dir: Path, resume: bool = False
 
     prepare_env()  # before anything initializes the GPU runtime (ROCm reads HSA_OVERRIDE_GFX_VERSION once)
     info = detect()
+    from medtune.cost import Recorder
+
+    recorder = Recorder("train")  # wall time, device, energy -> out_dir/cost.json
     policy = decide(info)
     accelerator = Accelerator(mixed_precision=_mixed_precision(t.dtype, policy.train_dtype),
+                              gradient_accumulation_steps=t.grad_accum,
                               cpu=cfg.device == "cpu" or device_string(info) == "cpu",
                               log_with=t.report_to or None, project_dir=str(out_dir))
     set_seed(t.seed, deterministic=False)
@@ -76,19 +80,20 @@ def train(cfg: Config, items: list[MCQItem], out_dir: Path, resume: bool = False
         micro = [b[rank::world] for b in plan[step]]  # each rank takes its share of every global micro-batch
         total = sum(len(ex.input_ids) - max(ex.prompt_len, 1) for b in plan[step] for ex in b)  # global targets
         loss_sum, real = torch.zeros((), device=accelerator.device), 0
-        for k, batch in enumerate(micro):
+        # accelerate syncs gradients (DDP/FSDP all-reduce, DeepSpeed's optimizer step) when its micro-batch counter
+        # reaches grad_accum; starting the count here puts that on this step's last micro-batch, also when the
+        # epoch's last step has fewer micro-batches than grad_accum.
+        accelerator.step = t.grad_accum - len(micro)
+        for batch in micro:
             ids, mask, labels = collate(batch, tokenizer.pad_token_id, accelerator.device)
-            with accelerator.autocast():
-                part = _loss_sum(model, ids, mask, labels, _first_target(batch)) * world / total
-            if k < len(micro) - 1:
-                with accelerator.no_sync(model):
-                    accelerator.backward(part)
-            else:
+            with accelerator.accumulate(model):
+                with accelerator.autocast():  # accelerate divides by grad_accum; x grad_accum keeps the step norm
+                    part = _loss_sum(model, ids, mask, labels, _first_target(batch)) * world / total * t.grad_accum
                 accelerator.backward(part)
-            loss_sum += part.detach() / world  # stays on the device: one sync per step, not per micro-batch
+            loss_sum += part.detach() / (world * t.grad_accum)  # on the device: one sync per step, not per batch
             real += sum(len(ex.input_ids) for ex in batch)
         lr = scheduler.get_last_lr()[0]  # the rate this step ran at
-        optimizer.step()
+        optimizer.step()  # accelerate's wrapper: the last micro-batch set sync_gradients, so this steps
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         loss = accelerator.reduce(loss_sum, "sum").item()
@@ -109,8 +114,10 @@ def train(cfg: Config, items: list[MCQItem], out_dir: Path, resume: bool = False
     progress.close()
     summary = {"steps": steps, "final_loss": loss, "wall_s": round(time.time() - t0, 2), "real_tokens": tokens_seen,
                "tokens_per_s": round(tokens_seen / max(time.time() - t0, 1e-9), 1), "resumed_from_step": start}
+    state = accelerator.get_state_dict(model)  # every rank: FSDP / ZeRO-3 gather the sharded weights whole
     if accelerator.is_main_process:
-        _save_adapter(accelerator.unwrap_model(model), tokenizer, cfg, items, out_dir, summary, extra_meta)
+        _save_adapter(accelerator.unwrap_model(model), state, tokenizer, cfg, items, out_dir, summary, extra_meta)
+        recorder.stop(out_dir, train_tokens=tokens_seen, steps=steps - start, device_count=max(world, 1))
         log(f"trained {steps} steps in {summary['wall_s']} s, {summary['tokens_per_s']} real tokens/s, "
             f"final loss {loss:.4f}")
     accelerator.wait_for_everyone()
@@ -270,14 +277,14 @@ def _resume(accelerator, out_dir: Path) -> int:
     return json.loads((done[-1] / "medtune-step.json").read_text())["step"]
 
 
-def _save_adapter(model, tokenizer, cfg: Config, items: list[MCQItem], out_dir: Path, summary: dict,
+def _save_adapter(model, state: dict, tokenizer, cfg: Config, items: list[MCQItem], out_dir: Path, summary: dict,
                   extra_meta: dict | None) -> None:
     from medtune.report import environment
 
     adapter = out_dir / "adapter"
     tmp = out_dir / ".adapter.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
+    model.save_pretrained(tmp, state_dict=state)  # PEFT keeps the adapter's entries of the gathered state
     tokenizer.save_pretrained(tmp)
     save_config(cfg, tmp / "medtune-config.yaml")
     meta = {"prompt_style": cfg.prompt_style, "target": cfg.train.target, "base_model": cfg.model,

@@ -274,7 +274,8 @@ def _pubmedqa(row, where, path, **_) -> MCQItem:
     decision = (row.get("final_decision") or "").strip().lower()
     if decision not in PUBMEDQA_OPTIONS:
         raise RowError("final_decision", f"expected yes, no or maybe, got {row.get('final_decision')!r}")
-    text = "Abstract: " + " ".join(c.strip() for c in contexts) + "\nQuestion: " + question
+    # lm-eval's pubmedqa text, contexts joined by newlines and used as written (its preprocess_pubmedqa.doc_to_text)
+    text = "Abstract: " + "\n".join(contexts) + "\nQuestion: " + question
     return MCQItem(id=str(pid or _line_id(path, where)), question=text, options=PUBMEDQA_OPTIONS,
                    answer=PUBMEDQA_OPTIONS.index(decision), explanation=explanation, benchmark="pubmedqa")
 
