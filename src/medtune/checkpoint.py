@@ -215,3 +215,30 @@ def cut_metrics(path: Path, step: int) -> None:
             break
         keep.append(line + "\n")
     io.write_text(path, "".join(keep))
+
+
+class Signals:
+    """While training: SIGTERM and SIGINT set `received` (the loop checkpoints and stops after the current step); a
+    second signal interrupts at once (checkpoints are atomic, so nothing half-written is left)."""
+
+    def __enter__(self):
+        import signal
+        import threading
+
+        self.received, self.previous = None, {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self.previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.received is not None:
+            raise KeyboardInterrupt
+        self.received = signum
+
+    def __exit__(self, *exc):
+        import signal
+
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+        return False

@@ -64,7 +64,7 @@ def run_eval(items: list[MCQItem], cfg, out_dir: Path | None, adapter: str | Non
         "decides": "argmax of the summed log-likelihood (lm-eval's acc); accuracy_norm, where reported, is lm-eval's "
                    "acc_norm (log-likelihood / characters of the choice)",
         "model": cfg.model, "model_path": str(path), "adapter": adapter, "data": fingerprint,
-        "contamination": contamination,
+        "contamination": contamination, "question_cut": sum(1 for r in rows if r.get("question_cut_chars")),
         "rescored_fp32": sum(r.get("rescored_fp32", False) for r in rows) if e.mode == "fast" else None,
         "wall_s": round(time.time() - started, 2), "environment": environment(),
     }
