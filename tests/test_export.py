@@ -136,3 +136,20 @@ def test_missing_adapter_and_unsafe_targets_are_refused(run_dir, tmp_path):
     with pytest.raises(MedtuneError, match="already exists and is not empty"):
         export(run_dir, stranger, merge=False, log=lambda *_: None)
     assert (stranger / "notes.txt").read_text() == "keep me"
+
+
+def test_export_carries_no_training_text_and_no_local_paths(run_dir, tiny_model_dir, tmp_path):
+    """Grep every file of both export kinds for the training texts and for this machine's directories."""
+    texts = [t for it in items(12) for t in (it.question, it.explanation)]
+    local = [str(run_dir.resolve()), str(Path(tiny_model_dir).resolve()), str(Path.home()), str(tmp_path.parent)]
+    for merge in (True, False):
+        out = export(run_dir, tmp_path / f"export-{merge}", merge=merge, log=lambda *_: None)
+        for f in out.rglob("*"):
+            data = f.read_bytes()
+            assert not [t for t in texts if t.encode() in data], f
+            assert not [p for p in local if p.encode() in data], f
+        card = (out / "README.md").read_text()
+        assert f'from_pretrained("{Path(tiny_model_dir).name}")' in card or merge  # the base by name, not by path
+        peft_cfg = out / "adapter_config.json"
+        if peft_cfg.is_file():
+            assert json.loads(peft_cfg.read_text())["base_model_name_or_path"] == Path(tiny_model_dir).name

@@ -11,7 +11,7 @@ from typing import Annotated
 
 import typer
 
-from medtune.errors import DataError, MedtuneError
+from medtune.errors import DataError, MedtuneError, TrainingInterrupted
 from medtune.io import check_out_dir, claim_out_dir
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -54,6 +54,9 @@ def user_errors(fn):
             else:
                 typer.echo(f"error: {len(e.problems)} problem(s) in the data; nothing was written:\n{e}", err=True)
             raise typer.Exit(2) from None
+        except TrainingInterrupted as e:  # checkpoint written; 128 + signal number, as a shell reports it
+            typer.echo(f"error: {e}", err=True)
+            raise typer.Exit(e.exit_code) from None
         except MedtuneError as e:
             typer.echo(f"error: {e}", err=True)
             raise typer.Exit(2) from None
