@@ -143,11 +143,13 @@ def run(config: Config_ = None, sets: Set_ = None,
 @app.command()
 @user_errors
 def export(run_dir: Path, out: Annotated[Path | None, typer.Option(help="Default RUN/merged.")] = None,
-           merge: Annotated[bool, typer.Option(help="Merge the adapter into the base weights.")] = True) -> None:
+           merge: Annotated[bool, typer.Option(help="Merge the adapter into the base weights.")] = True,
+           gguf: Annotated[str | None, typer.Option(help="Also write model.<type>.gguf (f16 or q8_0) for llama.cpp "
+                                                         "and Ollama, with a Modelfile, verified.")] = None) -> None:
     """Write a merged safetensors model (or the adapter) with a model card: base, data, recipe, results, limits."""
     from medtune.export import export as export_fn
 
-    typer.echo(f"exported: {export_fn(run_dir, out, merge=merge, log=_log())}")
+    typer.echo(f"exported: {export_fn(run_dir, out, merge=merge, log=_log(), gguf=gguf)}")
 
 
 @app.command()

@@ -21,14 +21,16 @@ from medtune.errors import MedtuneError
 TAGS = ["medical", "multiple-choice", "lora", "medtune"]
 
 
-def export(run_dir: Path, out: Path | None = None, merge: bool = True, log=print) -> Path:
+def export(run_dir: Path, out: Path | None = None, merge: bool = True, log=print, gguf: str | None = None) -> Path:
     """Write RUN's adapter, merged into its base model (default, to RUN/merged) or as-is (to RUN/export), with a model
-    card and medtune.json; return the export directory."""
+    card and medtune.json; return the export directory. `gguf` (f16, q8_0) adds a verified GGUF and a Modelfile."""
     run_dir = Path(run_dir)
     adapter = run_dir / "adapter"
     meta = _adapter_meta(adapter)
     out = Path(out) if out is not None else run_dir / ("merged" if merge else "export")
     _check_target(out, run_dir, adapter)
+    if gguf:  # refused before the merge: a wrong type or architecture costs a second, and nothing is written
+        _check_gguf(gguf, merge, meta["base_model"])
     tmp = out.with_name(f".{out.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -47,6 +49,13 @@ def export(run_dir: Path, out: Path | None = None, merge: bool = True, log=print
         (tmp / "medtune.json").write_text(json.dumps({**meta, "export": provenance}, indent=1))
         results = run_dir / "results.json"
         card = model_card(meta, adapter, json.loads(results.read_text()) if results.is_file() else None, merge)
+        if gguf:
+            from medtune import export_gguf
+
+            info = export_gguf.export_gguf(tmp, gguf, meta["prompt_style"], log=log)
+            (tmp / "medtune.json").write_text(json.dumps({**json.loads((tmp / "medtune.json").read_text()),
+                                                          "gguf": info}, indent=1))
+            card += "\n" + export_gguf.card_section(info)
         (tmp / "README.md").write_text(card)
     except BaseException:  # leave no half-written export behind (Ctrl-C included), then re-raise
         shutil.rmtree(tmp, ignore_errors=True)
@@ -68,6 +77,18 @@ def _adapter_meta(adapter: Path) -> dict:
     if missing:
         raise MedtuneError(f"{adapter / 'medtune.json'}: missing {', '.join(missing)}")
     return meta
+
+
+def _check_gguf(gguf: str, merge: bool, base_model: str) -> None:
+    from transformers import AutoConfig
+
+    from medtune.export_gguf import check_architecture, check_type
+    from medtune.models import resolve
+
+    check_type(gguf)
+    if not merge:
+        raise MedtuneError("--gguf needs the merged model; drop --no-merge")
+    check_architecture(AutoConfig.from_pretrained(resolve(base_model, log=lambda *_: None)).to_dict())
 
 
 def _check_target(out: Path, run_dir: Path, adapter: Path) -> None:

@@ -25,6 +25,10 @@ def cache_dir() -> Path:
 def resolve(name: str, log=print) -> str:
     """A path or Hub id `from_pretrained` can load. `embedded` converts the packaged GGUF once into the cache."""
     if name != EMBEDDED:
+        if Path(name).suffix == ".gguf":  # a single GGUF file: transformers' GGUF reader loads it (see _pretrained)
+            if not Path(name).is_file():
+                raise MedtuneError(f"{name}: no such GGUF file")
+            return name
         if Path(name).exists() and not (Path(name) / "config.json").is_file():
             raise MedtuneError(f"{name}: not a model directory (no config.json)")
         return name
@@ -69,10 +73,18 @@ def _convert_gguf(gguf: Path, out: Path, stamp: dict) -> None:
     tmp.rename(out)
 
 
+def _pretrained(path: str) -> tuple[str, dict]:
+    """from_pretrained arguments: a `.gguf` file is read as `from_pretrained(its dir, gguf_file=its name)`."""
+    if Path(path).suffix == ".gguf":
+        return str(Path(path).parent), {"gguf_file": Path(path).name}
+    return path, {}
+
+
 def load_tokenizer(path: str, padding_side: str = "left"):
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    where, kwargs = _pretrained(path)
+    tokenizer = AutoTokenizer.from_pretrained(where, **kwargs)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = padding_side
@@ -86,9 +98,10 @@ def load_model(name: str, adapter: str | None = None, dtype: str = "float32", de
     from transformers import AutoModelForCausalLM
 
     path = resolve(name, log=log)
+    where, kwargs = _pretrained(path)
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype),
-                                                     attn_implementation=attn_implementation)
+        model = AutoModelForCausalLM.from_pretrained(where, dtype=getattr(torch, dtype),
+                                                     attn_implementation=attn_implementation, **kwargs)
     except OSError as e:
         raise MedtuneError(f"{name}: could not load the model ({e}). Offline, use `embedded` or a local dir.") from None
     tokenizer = load_tokenizer(adapter if adapter and (Path(adapter) / "tokenizer_config.json").is_file() else path)
