@@ -24,6 +24,10 @@ def cache_dir() -> Path:
 def resolve(name: str, log=print) -> str:
     """A path or Hub id `from_pretrained` can load. `embedded` converts the packaged GGUF once into the cache."""
     if name != EMBEDDED:
+        if Path(name).suffix == ".gguf":  # a single GGUF file: transformers' GGUF reader loads it (see _pretrained)
+            if not Path(name).is_file():
+                raise MedtuneError(f"{name}: no such GGUF file")
+            return name
         if Path(name).exists() and not (Path(name) / "config.json").is_file():
             raise MedtuneError(f"{name}: not a model directory (no config.json)")
         return name
@@ -99,10 +103,18 @@ def quantization_config(quantize: str, compute_dtype: str):
                               bnb_4bit_compute_dtype=getattr(torch, compute_dtype))
 
 
+def _pretrained(path: str) -> tuple[str, dict]:
+    """from_pretrained arguments: a `.gguf` file is read as `from_pretrained(its dir, gguf_file=its name)`."""
+    if Path(path).suffix == ".gguf":
+        return str(Path(path).parent), {"gguf_file": Path(path).name}
+    return path, {}
+
+
 def load_tokenizer(path: str, padding_side: str = "left"):
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    where, kwargs = _pretrained(path)
+    tokenizer = AutoTokenizer.from_pretrained(where, **kwargs)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = padding_side
@@ -118,10 +130,13 @@ def load_model(name: str, adapter: str | None = None, dtype: str = "float32", de
     if adapter:
         check_adapter(adapter)  # before the model loads: a bad adapter is refused in a second, not after a minute
     path = resolve(name, log=log)
+    where, kwargs = _pretrained(path)
     try:
         # safetensors only: a pickled checkpoint (.bin) can run code when loaded. No remote code unless asked for.
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype), use_safetensors=True,
-                                                     attn_implementation=attn_implementation, trust_remote_code=False)
+        # A `.gguf` file is read by transformers' own GGUF loader (no pickle either).
+        model = AutoModelForCausalLM.from_pretrained(where, dtype=getattr(torch, dtype), trust_remote_code=False,
+                                                     attn_implementation=attn_implementation,
+                                                     **(kwargs or {"use_safetensors": True}))
     except (OSError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise MedtuneError(f"{name}: could not load the model ({first}). medtune loads safetensors weights only; "
