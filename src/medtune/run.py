@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import re
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -45,6 +46,9 @@ def run(cfg: Config, quiet: bool = False, log=print) -> dict:
                                             "comparison": compare(eval_items, b, t, b_rows, t_rows)}
     results["wall_s"], results["environment"] = round(time.time() - started, 1), environment()
     write_json(out / "results.json", results)
+    from medtune.html_report import write_report
+
+    results["report"] = str(write_report(out, explain=True, log=log))  # plots, examples with explanations, cost
     return results
 
 
@@ -91,7 +95,8 @@ def prepare_data(cfg: Config, log=print) -> tuple[list[MCQItem], list[MCQItem], 
 
 
 def _refuse_test(source: str) -> None:
-    if "test" in Path(source).stem.lower():
+    # `test` as a word of the file name (test.jsonl, mmlu_anatomy_test.csv, medqa-test-4opt), not inside one (latest_)
+    if "test" in re.split(r"[^a-z0-9]+", Path(source).stem.lower()):
         raise MedtuneError(f"{source}: looks like a test split; medtune never trains on test data. Train on a train "
                            "or dev file and pass the test file as data.eval_source")
 
