@@ -461,7 +461,28 @@ class _DeviceTouched(Exception):
     pass
 
 
-@pytest.mark.parametrize("command", ["env", "eval", "train", "run", "export"])
+COMMAND_ARGS = {  # enough arguments for each command to reach its first device contact
+    "env": ["env"], "eval": ["eval", "--data", "demo", "--limit", "2", "--set", "model={model}", "--out", "{out}"],
+    "train": ["train", "--set", "model={model}", "--out", "{out}"],
+    "run": ["run", "--set", "model={model}", "--out", "{out}"], "export": ["export", "{run}", "--out", "{out}"],
+    "ask": ["ask", "--question", "Which?", "-o", "a", "-o", "b", "--model", "{model}"],
+    "predict": ["predict", "demo", "--model", "{model}", "--out", "{out}.jsonl"],
+    "serve": ["serve", "--model", "{model}"],
+}
+SOMETIMES_DEVICE = {"cost", "report"}  # prepared too; they reach a device only on some paths (detect, --explain)
+
+
+def test_every_command_is_prepared_or_exempt():
+    """A new command gets the environment preparation by default; this keeps the order test below complete."""
+    import typer.main
+
+    from medtune import cli
+
+    commands = set(typer.main.get_group(cli.app).commands)
+    assert commands - cli.NO_DEVICE - SOMETIMES_DEVICE == set(COMMAND_ARGS), "add the new command to COMMAND_ARGS"
+
+
+@pytest.mark.parametrize("command", sorted(COMMAND_ARGS))
 def test_every_device_command_prepares_env_before_the_runtime_starts(monkeypatch, tmp_path, tiny_model_dir, command):
     """A fake ROCm torch on an RX 6700 XT (gfx1031, needs HSA_OVERRIDE_GFX_VERSION=10.3.0): the variable must be set
     when the command first reaches anything that starts HIP (detect, torch.cuda, a model load)."""
@@ -470,6 +491,15 @@ def test_every_device_command_prepares_env_before_the_runtime_starts(monkeypatch
 
     from medtune import cli, models
 
+    run_dir = tmp_path / "run"
+    if command == "export":  # a real (untrained) adapter, so export's own checks pass and it goes on to load the base
+        from peft import LoraConfig, get_peft_model
+        from transformers import AutoModelForCausalLM
+
+        lora = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir), LoraConfig(r=2))
+        lora.save_pretrained(run_dir / "adapter")
+        (run_dir / "adapter" / "medtune.json").write_text(json.dumps({"base_model": tiny_model_dir,
+                                                                      "prompt_style": "harness"}))
     monkeypatch.setattr(hw, "_SET_BY_MEDTUNE", {})
     monkeypatch.delenv("HSA_OVERRIDE_GFX_VERSION", raising=False)
     events: list = []
@@ -489,14 +519,7 @@ def test_every_device_command_prepares_env_before_the_runtime_starts(monkeypatch
     monkeypatch.setattr(hw, "detect", touch("detect"))
     monkeypatch.setattr(models, "resolve", touch("model load"))
     monkeypatch.setattr(torch.cuda, "is_available", touch("torch.cuda"))
-    run_dir = tmp_path / "run"
-    (run_dir / "adapter").mkdir(parents=True)
-    (run_dir / "adapter" / "adapter_config.json").write_text("{}")
-    (run_dir / "adapter" / "medtune.json").write_text(json.dumps({"base_model": tiny_model_dir,
-                                                                  "prompt_style": "harness"}))
-    sets = ["--set", f"model={tiny_model_dir}", "--out", str(tmp_path / "out")]
-    args = {"env": ["env"], "eval": ["eval", "--data", "demo", "--limit", "2", *sets], "train": ["train", *sets],
-            "run": ["run", *sets], "export": ["export", str(run_dir), "--out", str(tmp_path / "merged")]}[command]
+    args = [a.format(model=tiny_model_dir, out=tmp_path / "out", run=run_dir) for a in COMMAND_ARGS[command]]
     result = CliRunner().invoke(cli.app, args)
     assert isinstance(result.exception, _DeviceTouched), (result.output, result.exception)
     assert events[0] == "prepare", events
