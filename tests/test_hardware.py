@@ -525,3 +525,23 @@ def test_every_device_command_prepares_env_before_the_runtime_starts(monkeypatch
     assert events[0] == "prepare", events
     touched = [e for e in events if e != "prepare"]
     assert touched and touched[0][1] == "10.3.0", events  # the override was in place at the first device contact
+
+
+def test_preflight_passes_the_training_dtype_and_model_size(monkeypatch, tiny_model_dir):
+    """The two warnings `env` alone can't give: fp16 asked for where bf16 exists, and a model too large for memory."""
+    from medtune.config import load_config
+
+    monkeypatch.setattr(hw, "_probe_extras", lambda kind: dict(NO_EXTRAS))
+    monkeypatch.setattr(dr, "_SHOWN", set())
+    a100 = hw.detect(fake_torch(cuda="12.8", gpus=[gpu("A100", 1, (8, 0))], arch_list=CUDA_ARCHS), host())
+    cfg = load_config(None, [f"model={tiny_model_dir}", "train.dtype=float16", "train.batch_size=64",
+                             "train.max_length=512"])
+    assert dr.model_params(tiny_model_dir) == sum(
+        p.numel() for p in __import__("transformers").AutoModelForCausalLM.from_pretrained(tiny_model_dir).parameters())
+    lines: list[str] = []
+    findings = dr.preflight(cfg, lines.append, a100)
+    assert any("train_dtype float16 on a device with bf16" in m for m in lines), lines
+    assert any("needed but 1.0 GiB on A100" in m for m in lines), lines  # 1 GiB card: the memory check fires
+    assert [f.level for f in findings].count("warning") == len(lines) == 2
+    dr.preflight(cfg, lines.append, a100)
+    assert len(lines) == 2  # `run` calls it before its base evaluation and again in train: printed once
