@@ -95,12 +95,12 @@ def test_headline_comes_from_the_adapters_run(tmp_path):
 
 def test_predict_streams_in_chunks_resumes_and_equals_eval(loaded_answer, items, tiny_model_dir, tmp_path,
                                                             monkeypatch):
-    from medtune import evaluate
+    from medtune import scoring
 
     loaded = loaded_answer
     sizes = []
-    real_score = evaluate.score
-    monkeypatch.setattr(evaluate, "score", lambda model, enc, *a, **k: sizes.append(len(enc)) or
+    real_score = scoring.score
+    monkeypatch.setattr(scoring, "score", lambda model, enc, *a, **k: sizes.append(len(enc)) or
                         real_score(model, enc, *a, **k))
     out = tmp_path / "p" / "predictions.jsonl"
     summary = predict(loaded, items, out, "demo:eval", chunk=5, write_csv=True, quiet=True)
