@@ -32,8 +32,9 @@ class Example:
 
 
 def train(cfg: Config, items: list[MCQItem], out_dir: Path, resume: bool = False, quiet: bool = False,
-          log=print, extra_meta: dict | None = None) -> dict:
-    """Train a LoRA adapter on `items`; write it to out_dir/adapter with everything needed to trace it."""
+          log=print, extra_meta: dict | None = None, base_model=None) -> dict:
+    """Train a LoRA adapter on `items`; write it to out_dir/adapter with everything needed to trace it.
+    `base_model`: the fp32 base already in memory (run.py), trained in place instead of loading it again."""
     import torch
     from accelerate import Accelerator
     from accelerate.utils import set_seed
@@ -50,7 +51,7 @@ def train(cfg: Config, items: list[MCQItem], out_dir: Path, resume: bool = False
                               cpu=cfg.device == "cpu" or device_string(info) == "cpu",
                               log_with=t.report_to or None, project_dir=str(out_dir))
     set_seed(t.seed, deterministic=False)
-    model, tokenizer = _lora_model(cfg, accelerator, log, _attention(cfg, info, policy))
+    model, tokenizer = _lora_model(cfg, accelerator, log, _attention(cfg, info, policy), base_model)
     world, rank = accelerator.num_processes, accelerator.process_index
     plan = batch_plan(items, cfg, tokenizer, world)
     steps = len(plan) if t.max_steps is None else min(t.max_steps, len(plan))
@@ -138,7 +139,7 @@ def _attention(cfg: Config, info, policy) -> str:
     return "eager" if info.kind == "cpu" or cfg.device == "cpu" else policy.attn_implementation
 
 
-def _lora_model(cfg: Config, accelerator, log, attn_implementation: str | None = None):
+def _lora_model(cfg: Config, accelerator, log, attn_implementation: str | None = None, base=None):
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
@@ -147,7 +148,11 @@ def _lora_model(cfg: Config, accelerator, log, attn_implementation: str | None =
 
     path = resolve(cfg.model, log=log if accelerator.is_main_process else (lambda *_: None))
     tokenizer = load_tokenizer(path, padding_side="right")
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation=attn_implementation)
+    if base is not None:
+        model = base
+        model.set_attn_implementation(attn_implementation or "sdpa")
+    else:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation=attn_implementation)
     if cfg.train.gradient_checkpointing:
         enable = getattr(model, "activation_checkpointing_enable", None)  # transformers >= 5.x name
         if enable is not None:
