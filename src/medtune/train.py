@@ -35,8 +35,9 @@ class Example:
 
 
 def train(cfg: Config, items: list[MCQItem], out_dir: Path, resume: bool = False, quiet: bool = False,
-          log=print, extra_meta: dict | None = None) -> dict:
+          log=print, extra_meta: dict | None = None, base_model=None) -> dict:
     """Train a LoRA adapter on `items`; write it to out_dir/adapter with everything needed to trace it.
+    `base_model`: the fp32 base already in memory (run.py), trained in place instead of loading it again.
 
     Checkpoints (checkpoint.py) every `save_every` steps, or every DEFAULT_SAVE_MINUTES when it is 0, and at the end;
     SIGTERM/SIGINT write one and exit (TrainingInterrupted). Without `resume` an earlier run's checkpoints and metrics
@@ -66,7 +67,7 @@ def train(cfg: Config, items: list[MCQItem], out_dir: Path, resume: bool = False
                               log_with=t.report_to or None, project_dir=str(out_dir))
     set_seed(t.seed, deterministic=False)
     preflight(cfg, log if accelerator.is_main_process else (lambda *_: None), info)  # warnings before weights load
-    model, tokenizer = _lora_model(cfg, accelerator, log, _attention(cfg, info, policy))
+    model, tokenizer = _lora_model(cfg, accelerator, log, _attention(cfg, info, policy), base_model)
     world = accelerator.num_processes
     plan = batch_plan(items, cfg, tokenizer, world)
     steps = len(plan) if t.max_steps is None else min(t.max_steps, len(plan))
@@ -317,7 +318,7 @@ def _base_dtype(accelerator) -> str:
     return "bfloat16" if accelerator.mixed_precision == "bf16" and not sharded else "float32"
 
 
-def _lora_model(cfg: Config, accelerator, log, attn_implementation: str | None = None):
+def _lora_model(cfg: Config, accelerator, log, attn_implementation: str | None = None, base=None):
     import torch
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM
@@ -329,13 +330,18 @@ def _lora_model(cfg: Config, accelerator, log, attn_implementation: str | None =
     compute = {"bf16": "bfloat16", "fp16": "float16"}.get(accelerator.mixed_precision, "float32")
     quant = quantization_config(cfg.lora.quantize, compute)
     dtype = compute if quant else _base_dtype(accelerator)
-    try:  # safetensors only (a pickled .bin can run code when loaded); no remote code
-        model = AutoModelForCausalLM.from_pretrained(  # a quantized base is placed at load; accelerate can't move it
-            path, dtype=getattr(torch, dtype), attn_implementation=attn_implementation, quantization_config=quant,
-            device_map={"": accelerator.device} if quant else None, use_safetensors=True, trust_remote_code=False)
-    except (OSError, ValueError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise MedtuneError(f"{cfg.model}: could not load the model ({first}); medtune loads safetensors only") from None
+    if base is not None and not quant:  # run.py's base, already in memory: no second read from disk
+        model = base.to(getattr(torch, dtype))
+        model.set_attn_implementation(attn_implementation or "sdpa")
+    else:
+        try:  # safetensors only (a pickled .bin can run code when loaded); no remote code
+            model = AutoModelForCausalLM.from_pretrained(  # a quantized base is placed at load; accelerate can't move it
+                path, dtype=getattr(torch, dtype), attn_implementation=attn_implementation, quantization_config=quant,
+                device_map={"": accelerator.device} if quant else None, use_safetensors=True, trust_remote_code=False)
+        except (OSError, ValueError) as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise MedtuneError(f"{cfg.model}: could not load the model ({first}); medtune loads safetensors only") \
+                from None
     if quant:  # QLoRA: norms and embeddings to fp32, input grads on, checkpointing as configured
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.train.gradient_checkpointing,
                                                 gradient_checkpointing_kwargs={"use_reentrant": False})
