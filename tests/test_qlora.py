@@ -36,21 +36,27 @@ def test_quantize_without_bitsandbytes_is_a_user_error(monkeypatch):
         quantization_config("4bit", "bfloat16")
 
 
-@pytest.mark.slow  # NF4 quantization of the 135M model and 4-bit matmuls on 2 CPU cores: ~40 s
-def test_4bit_training_on_cpu_saves_an_adapter_that_evaluates(tmp_path):
+@pytest.mark.slow  # NF4 quantization of the 135M model and 4-bit matmuls on 2 CPU cores: ~60 s
+def test_4bit_training_on_cpu_saves_an_adapter_that_evaluates(tmp_path, monkeypatch):
     pytest.importorskip("bitsandbytes")
     from medtune import train as train_mod
 
+    seen = {}
+    real = train_mod._lora_model
+
+    def spy(*args, **kwargs):
+        seen["model"], tok = real(*args, **kwargs)
+        return seen["model"], tok
+
+    monkeypatch.setattr(train_mod, "_lora_model", spy)
     out = tmp_path / "q"
     cfg = cfg_for("embedded", out, **{"lora.quantize": "4bit", "train.dtype": "bfloat16", "train.max_steps": 2,
-                                     "train.batch_size": 2, "train.max_length": 96, "train.target": "answer",
+                                     "train.batch_size": 2, "train.max_length": 64, "train.target": "answer",
                                      "lora.target_modules": "[q_proj, v_proj]", "train.attn_implementation": "sdpa"})
-    model, _ = train_mod._lora_model(cfg, _accelerator("bf16"), print)
-    quantized = [m for m in model.modules() if type(m).__name__ == "Linear4bit"]
+    summary = train_mod.train(cfg, items(4), out, quiet=True)
+    quantized = [m for m in seen.pop("model").modules() if type(m).__name__ == "Linear4bit"]
     assert quantized and all(m.weight.quant_type == "nf4" for m in quantized)
     assert quantized[0].weight.quant_state.nested  # double quantization: the absmax constants are quantized too
-    del model
-    summary = train_mod.train(cfg, items(8), out, quiet=True)
     assert summary["steps"] == 2 and math.isfinite(summary["final_loss"])
     tensors = load_file(str(out / "adapter" / "adapter_model.safetensors"))
     assert any("lora_B" in k and v.abs().sum() > 0 for k, v in tensors.items())  # the steps moved the adapter
@@ -58,9 +64,3 @@ def test_4bit_training_on_cpu_saves_an_adapter_that_evaluates(tmp_path):
     base, tok, _ = load_model("embedded", adapter=str(out / "adapter"), log=lambda *_: None)  # base + adapter, fp32
     scores, _ = score(base, encode(items(4), "harness", tok), mode="exact")
     assert len(scores) == 4 and all(len(s) == 4 and all(map(math.isfinite, s)) for s in scores)
-
-
-def _accelerator(mixed_precision):
-    from accelerate import Accelerator
-
-    return Accelerator(cpu=True, mixed_precision=mixed_precision)
