@@ -419,3 +419,19 @@ def test_validate_warns_about_overlong_items(tmp_path):
     result = runner.invoke(app, ["data", "validate", path, "--max-length", "512"])
     assert result.exit_code == 0 and "2 valid items" in result.output
     assert "warning: item q2" in result.output and "item q1" not in result.output
+
+
+def test_hashed_overlap_equals_overlap_on_the_texts():
+    from dataclasses import replace
+
+    from medtune.data.split import item_hashes, overlap, overlap_hashed
+
+    words = "a patient presents with fever cough and chest pain after travel abroad which test is best".split()
+    train = [MCQItem(id=f"t{k}", question=" ".join(words[k:] + words[:k]), options=("x", "y"), answer=0)
+             for k in range(6)]
+    evals = [replace(train[0], id="same"), replace(train[2], id="near", question=train[2].question + " now?",
+                                                   options=("p", "q")),
+             MCQItem(id="new", question="an unrelated question about kidneys and salt", options=("x", "y"), answer=1)]
+    want = overlap(train, evals)
+    assert want["exact"] and want["near"]
+    assert overlap_hashed(item_hashes(train), evals) == want
