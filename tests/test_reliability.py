@@ -191,7 +191,7 @@ CASES = [
     ("lr-zero", lambda w: _train(w, "train.lr=0"), ["lr"]),
     ("scheduler-typo", lambda w: _train(w, "train.scheduler=cosin"), ["scheduler", "cosin"]),
     ("max-steps-zero", lambda w: _train(w, "train.max_steps=0"), ["max_steps"]),
-    ("prompt-style", lambda w: _eval(w, w["good"], "--prompt-style", "fancy"), ["prompt style", "fancy"]),
+    ("prompt-style", lambda w: _eval(w, w["good"], "--prompt-style", "fancy"), ["prompt_style", "fancy"]),
     ("eval-method", lambda w: _eval(w, w["good"], "--method", "vibes"), ["method", "vibes"]),
     ("train-dtype", lambda w: _train(w, "train.dtype=float8"), ["dtype", "float8"]),
     # models
@@ -235,12 +235,7 @@ CASES = [
 ]
 
 
-# Range and enum checks live in config.py (checked before the model loads); until they land these rows only document
-# the expected behaviour and are not run (each would otherwise load a model or train).
-CONFIG_CHECKS = {"lora-r-negative", "batch-size-zero", "limit-zero", "limit-negative", "lr-zero", "scheduler-typo",
-                 "max-steps-zero", "eval-method"}
-PARAMS = [pytest.param(c, id=c[0], marks=pytest.mark.xfail(reason="needs config.py range checks", run=False))
-          if c[0] in CONFIG_CHECKS else pytest.param(c, id=c[0]) for c in CASES]
+PARAMS = [pytest.param(c, id=c[0]) for c in CASES]
 
 
 def _snapshot(d: Path) -> dict:
@@ -424,3 +419,19 @@ def test_validate_warns_about_overlong_items(tmp_path):
     result = runner.invoke(app, ["data", "validate", path, "--max-length", "512"])
     assert result.exit_code == 0 and "2 valid items" in result.output
     assert "warning: item q2" in result.output and "item q1" not in result.output
+
+
+def test_hashed_overlap_equals_overlap_on_the_texts():
+    from dataclasses import replace
+
+    from medtune.data.split import item_hashes, overlap, overlap_hashed
+
+    words = "a patient presents with fever cough and chest pain after travel abroad which test is best".split()
+    train = [MCQItem(id=f"t{k}", question=" ".join(words[k:] + words[:k]), options=("x", "y"), answer=0)
+             for k in range(6)]
+    evals = [replace(train[0], id="same"), replace(train[2], id="near", question=train[2].question + " now?",
+                                                   options=("p", "q")),
+             MCQItem(id="new", question="an unrelated question about kidneys and salt", options=("x", "y"), answer=1)]
+    want = overlap(train, evals)
+    assert want["exact"] and want["near"]
+    assert overlap_hashed(item_hashes(train), evals) == want

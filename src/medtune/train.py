@@ -60,7 +60,7 @@ def train(cfg: Config, items: list[MCQItem], out_dir: Path, resume: bool = False
 
     recorder = Recorder("train")  # wall time, device, energy -> out_dir/cost.json
     policy = decide(info)
-    ckpt = _checkpoint_to_resume(out_dir, cfg) if resume else None  # refused before the model loads
+    ckpt = _checkpoint_to_resume(out_dir, cfg, log) if resume else None  # refused before the model loads
     accelerator = Accelerator(mixed_precision=_mixed_precision(t.dtype, policy.train_dtype),
                               gradient_accumulation_steps=t.grad_accum,
                               cpu=cfg.device == "cpu" or device_string(info) == "cpu",
@@ -124,12 +124,15 @@ def _fill_deepspeed(accelerator, batch_size: int) -> None:
         ds["gradient_clipping"] = 0.0  # DeepSpeed's "off"
 
 
-def _checkpoint_to_resume(out_dir: Path, cfg: Config) -> Path:
+def _checkpoint_to_resume(out_dir: Path, cfg: Config, log) -> Path | None:
+    """The checkpoint to resume from, checked; None (start at step 0, said so) when a run was stopped before its first
+    checkpoint was complete."""
     from medtune import checkpoint
 
     ckpt = checkpoint.latest(out_dir)
     if ckpt is None:
-        raise MedtuneError(f"--resume: no complete checkpoint under {out_dir / 'checkpoints'}")
+        log(f"note: --resume: no complete checkpoint under {out_dir / 'checkpoints'}; starting from step 0")
+        return None
     checkpoint.check(ckpt, cfg.to_dict())
     return ckpt
 
