@@ -11,7 +11,7 @@ from typing import Annotated
 
 import typer
 
-from medtune.errors import DataError, MedtuneError
+from medtune.errors import DataError, MedtuneError, TrainingInterrupted
 from medtune.io import check_out_dir, claim_out_dir
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -54,6 +54,9 @@ def user_errors(fn):
             else:
                 typer.echo(f"error: {len(e.problems)} problem(s) in the data; nothing was written:\n{e}", err=True)
             raise typer.Exit(2) from None
+        except TrainingInterrupted as e:  # checkpoint written; 128 + signal number, as a shell reports it
+            typer.echo(f"error: {e}", err=True)
+            raise typer.Exit(e.exit_code) from None
         except MedtuneError as e:
             typer.echo(f"error: {e}", err=True)
             raise typer.Exit(2) from None
@@ -77,10 +80,11 @@ def _config(config: Path | None, sets: list[str] | None, **flags):
 def env(json_out: Json = False) -> None:
     """Device, dtype and attention policy, library versions, and warnings with fixes for known setup traps."""
     from medtune import hardware
+    from medtune.doctor import doctor
 
     info = hardware.detect()
     policy = hardware.decide(info)
-    rep = hardware.report(info, policy, hardware.doctor(info, policy))
+    rep = hardware.report(info, policy, doctor(info, policy))
     typer.echo(json.dumps(rep, indent=1) if json_out else hardware.render(rep))
 
 
@@ -183,12 +187,14 @@ def export(run_dir: Path, out: Annotated[Path | None, typer.Option(help="Default
            merge: Annotated[bool, typer.Option(help="Merge the adapter into the base weights.")] = True,
            include_training_data: Annotated[bool, typer.Option(
                help="Also ship the training items (RUN/train_items.jsonl); by default only ids and hashes.")] = False,
+           gguf: Annotated[str | None, typer.Option(help="Also write model.<type>.gguf (f16 or q8_0) for llama.cpp "
+                                                          "and Ollama, with a Modelfile, verified.")] = None,
            overwrite: Overwrite = False) -> None:
     """Write a merged safetensors model (or the adapter) with a model card: base, data, recipe, results, limits."""
     from medtune.export import export as export_fn
 
     path = export_fn(run_dir, out, merge=merge, log=_log(), overwrite=overwrite,
-                     include_training_data=include_training_data)
+                     include_training_data=include_training_data, gguf=gguf)
     typer.echo(f"exported: {path}")
 
 

@@ -64,7 +64,7 @@ def run_eval(items: list[MCQItem], cfg, out_dir: Path | None, adapter: str | Non
         "decides": "argmax of the summed log-likelihood (lm-eval's acc); accuracy_norm, where reported, is lm-eval's "
                    "acc_norm (log-likelihood / characters of the choice)",
         "model": cfg.model, "model_path": str(path), "adapter": adapter, "data": fingerprint,
-        "contamination": contamination,
+        "contamination": contamination, "question_cut": sum(1 for r in rows if r.get("question_cut_chars")),
         "rescored_fp32": sum(r.get("rescored_fp32", False) for r in rows) if e.mode == "fast" else None,
         "wall_s": round(time.time() - started, 2), "environment": environment(),
     }
@@ -132,8 +132,17 @@ def contamination_check(items: list[MCQItem], adapter: str, log) -> dict | None:
     if not meta.is_file():
         log(f"warning: {adapter} has no medtune.json, so its training items are unknown: no contamination check")
         return None
-    train = [MCQItem(**{**d, "options": tuple(d["options"])}) for d in json.loads(meta.read_text())["train_items"]]
-    found = overlap(train, items)
+    record = json.loads(meta.read_text())
+    if "train_items" in record:  # adapters from before the hashes (or exported with the items)
+        found = overlap([MCQItem(**{**d, "options": tuple(d["options"])}) for d in record["train_items"]], items)
+    else:  # the training text stays in the run dir; the adapter carries hashes of it (data/split.py)
+        from medtune.data.split import load_item_hashes, overlap_hashed
+
+        hashes = load_item_hashes(adapter, record.get("train_ids") or [])
+        if hashes is None:
+            log(f"warning: {adapter} records no training-item hashes: no contamination check")
+            return None
+        found = overlap_hashed(hashes, items)
     bad = len(found["exact"]) + len(found["near"])
     if bad:
         ids = [x["eval_id"] for x in found["exact"] + found["near"]]

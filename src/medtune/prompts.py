@@ -142,6 +142,16 @@ def fit_prompt(item: MCQItem, style: str, tokenizer, budget: int) -> tuple[MCQIt
     raise MedtuneError(f"item {item.id}: could not fit the prompt into {budget} tokens")
 
 
+DEFAULT_CONTEXT = 8192  # when the tokenizer does not state its model's context length
+
+
+def context_limit(tokenizer) -> int:
+    """Tokens an evaluation prompt + continuation may take: the tokenizer's model_max_length (transformers sets a huge
+    placeholder when the model card gives none; then DEFAULT_CONTEXT)."""
+    n = getattr(tokenizer, "model_max_length", None)
+    return int(n) if isinstance(n, int) and 0 < n < 1_000_000 else DEFAULT_CONTEXT
+
+
 def _count(tokenizer, text: str) -> int:
     return len(tokenizer(text, add_special_tokens=False).input_ids)
 
