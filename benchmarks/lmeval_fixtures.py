@@ -6,7 +6,7 @@
 For each benchmark a fixed sample of items (every k-th item of the published file, `sample_indices`) is written to a
 small local file, and lm-eval (`hf` model, fp32, CPU, batch size 1, samples logged) scores them through the tasks in
 benchmarks/lmeval_task/ twice: on the embedded model and with the LoRA adapter in tests/fixtures/lmeval/adapter (made
-by `make_adapter`: seeded random LoRA weights, r=2 on q_proj and v_proj, scaled so that its predictions vary; it is a
+by `make_adapter`: seeded random LoRA weights, r=2 on o_proj and down_proj, scaled so that its predictions vary; it is a
 parity fixture, not a model anyone should use). The fixtures hold ids, indices into the published file and numbers
 only: no question text. tests/test_lmeval_fixtures.py scores the same items with medtune's exact mode.
 """
@@ -33,7 +33,7 @@ SETS = {
     "mmlu": ([f"mmlu/{s}_test.csv" for s in ("clinical_knowledge", "college_biology", "college_medicine",
                                              "professional_medicine")], 28),
 }
-ADAPTER_SEED, ADAPTER_STD, TARGETS = 0, 0.02, ["q_proj", "v_proj"]
+ADAPTER_SEED, ADAPTER_STD, TARGETS = 0, 0.3, ["o_proj", "down_proj"]
 
 
 def sample_indices(n_items: int, k: int) -> list[int]:
@@ -105,7 +105,7 @@ def prepare(shared: Path, work: Path) -> tuple[list[str], dict[str, tuple[list[i
 
 
 def make_adapter(out: Path) -> None:
-    """A small PEFT LoRA adapter with seeded random weights (r=2, q_proj and v_proj), saved as safetensors."""
+    """A small PEFT LoRA adapter with seeded random weights (r=2, o_proj and down_proj), saved as safetensors."""
     import torch
     from peft import LoraConfig, get_peft_model
 
@@ -120,6 +120,7 @@ def make_adapter(out: Path) -> None:
             if "lora_" in name:
                 param.copy_(torch.randn(param.shape, generator=gen) * ADAPTER_STD)
     peft_model.save_pretrained(out)
+    (out / "README.md").unlink(missing_ok=True)  # PEFT's model-card template: not needed for a test fixture
 
 
 if __name__ == "__main__":

@@ -104,4 +104,8 @@ def attach_adapter(model, adapter: str):
 
     if not (Path(adapter) / "adapter_config.json").is_file():
         raise MedtuneError(f"{adapter}: not a PEFT adapter directory (no adapter_config.json)")
-    return PeftModel.from_pretrained(model, adapter)
+    import warnings
+
+    with warnings.catch_warnings():  # peft 0.21 reads `is_gradient_checkpointing`, deprecated in transformers 5
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        return PeftModel.from_pretrained(model, adapter)
