@@ -97,6 +97,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--cop-base", type=int, choices=(0, 1), help="MedMCQA cop base (default: from the file).")
     p.add_argument("--lmeval-python", default=str(Path(os.environ.get("LMEVAL_VENV", DEFAULT_VENV)) / "bin/python"),
                    help="Python of the lm-eval venv (benchmarks/setup_lmeval.sh).")
+    p.add_argument("--lmeval-device", default="cpu", help="lm-eval's --device (cuda:0 on a GPU; medtune picks its own).")
     p.add_argument("--check", action="store_true", help="Exit 1 when a parity check fails.")
     args = p.parse_args(argv)
     if not Path(args.lmeval_python).exists():
@@ -174,7 +175,7 @@ def command(name: str, args, data: Path, model_dir: str, task_dir: Path, run_dir
     if name == "lmeval":
         model_args = f"pretrained={model_dir},dtype=float32" + (f",peft={args.adapter}" if args.adapter else "")
         return [args.lmeval_python, "-m", "lm_eval", "run", "--model", "hf", "--model_args", model_args,
-                "--tasks", TASKS[args.benchmark], "--include_path", str(task_dir), "--device", "cpu",
+                "--tasks", TASKS[args.benchmark], "--include_path", str(task_dir), "--device", args.lmeval_device,
                 "--batch_size", "1", "--output_path", str(run_dir), "--log_samples", *limit], env
     cmd = [sys.executable, "-m", "medtune", "eval", "--model", args.model, "--data", str(data), "--out", str(run_dir),
            "--mode", name, "--quiet", *limit]

@@ -95,9 +95,13 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if not path.is_file():
             raise MedtuneError(f"{path}: config file not found")
         try:
-            raw = yaml.safe_load(path.read_text()) or {}
+            raw = yaml.safe_load(path.read_text(encoding="utf-8-sig")) or {}  # a BOM is fine
+        except UnicodeDecodeError as e:
+            raise MedtuneError(f"{path}: not a text file (invalid UTF-8 at byte {e.start}); a recipe is YAML") from None
         except yaml.YAMLError as e:
-            raise MedtuneError(f"{path}: not valid YAML: {e}") from None
+            mark = getattr(e, "problem_mark", None)
+            where = f"{path}:{mark.line + 1}" if mark else str(path)
+            raise MedtuneError(f"{where}: not valid YAML: {getattr(e, 'problem', None) or e}") from None
         if not isinstance(raw, dict):
             raise MedtuneError(f"{path}: top level must be a mapping of config keys")
     for item in overrides or []:
@@ -242,4 +246,6 @@ def _coerce(value, hint, where: str):
 
 
 def save_config(cfg: Config, path: Path) -> None:
-    path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    from medtune import io
+
+    io.write_text(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))

@@ -23,6 +23,9 @@ def run_eval(items: list[MCQItem], cfg, out_dir: Path | None, adapter: str | Non
     from medtune.report import environment, metrics
 
     started = time.time()
+    from medtune.cost import Recorder
+
+    recorder = Recorder("eval")  # wall time, device, energy -> out_dir/cost.json
     style = adapter_style(adapter, cfg.prompt_style, log) if adapter else cfg.prompt_style
     model, tokenizer, path = loaded or load_model(cfg.model, adapter=adapter, device=_device(cfg), log=log,
                                                   merge=cfg.eval.merge_adapter)
@@ -31,7 +34,7 @@ def run_eval(items: list[MCQItem], cfg, out_dir: Path | None, adapter: str | Non
 
     if e.method == "generate":
         return _generate_eval(items, cfg, out_dir, model, tokenizer, style, path, adapter, fingerprint, contamination,
-                              started, quiet, label)
+                              started, quiet, label, recorder)
     from tqdm.auto import tqdm
 
     margin = e.margin if e.margin is not None else default_margin(e.method)
@@ -61,12 +64,12 @@ def run_eval(items: list[MCQItem], cfg, out_dir: Path | None, adapter: str | Non
         "decides": "argmax of the summed log-likelihood (lm-eval's acc); accuracy_norm, where reported, is lm-eval's "
                    "acc_norm (log-likelihood / characters of the choice)",
         "model": cfg.model, "model_path": str(path), "adapter": adapter, "data": fingerprint,
-        "contamination": contamination,
+        "contamination": contamination, "question_cut": sum(1 for r in rows if r.get("question_cut_chars")),
         "rescored_fp32": sum(r.get("rescored_fp32", False) for r in rows) if e.mode == "fast" else None,
         "precision": precision_record(rows, details), "wall_s": round(time.time() - started, 2),
         "environment": environment(),
     }
-    _write(out_dir, rows, results)
+    _write(out_dir, rows, results, recorder)
     return results, rows
 
 
@@ -84,7 +87,7 @@ def precision_record(rows: list[dict], details: list[dict] | None) -> dict:
     return out
 
 
-def _write(out_dir, rows: list[dict], results: dict) -> None:
+def _write(out_dir, rows: list[dict], results: dict, recorder=None) -> None:
     from medtune.report import write_json, write_jsonl
 
     if out_dir is not None:
@@ -92,10 +95,12 @@ def _write(out_dir, rows: list[dict], results: dict) -> None:
         out_dir.mkdir(parents=True, exist_ok=True)
         write_jsonl(out_dir / "predictions.jsonl", rows)
         write_json(out_dir / "results.json", results)
+        if recorder is not None:
+            recorder.stop(out_dir, items=len(rows))
 
 
 def _generate_eval(items, cfg, out_dir, model, tokenizer, style, path, adapter, fingerprint, contamination, started,
-                   quiet, label) -> tuple[dict, list[dict]]:
+                   quiet, label, recorder=None) -> tuple[dict, list[dict]]:
     import time
 
     from tqdm.auto import tqdm
@@ -111,7 +116,7 @@ def _generate_eval(items, cfg, out_dir, model, tokenizer, style, path, adapter, 
                "model": cfg.model, "model_path": str(path), "adapter": adapter, "data": fingerprint,
                "contamination": contamination, "max_new_tokens": cfg.eval.max_new_tokens,
                "wall_s": round(time.time() - started, 2), "environment": environment()}
-    _write(out_dir, rows, results)
+    _write(out_dir, rows, results, recorder)
     return results, rows
 
 
@@ -142,8 +147,17 @@ def contamination_check(items: list[MCQItem], adapter: str, log) -> dict | None:
     if not meta.is_file():
         log(f"warning: {adapter} has no medtune.json, so its training items are unknown: no contamination check")
         return None
-    train = [MCQItem(**{**d, "options": tuple(d["options"])}) for d in json.loads(meta.read_text())["train_items"]]
-    found = overlap(train, items)
+    record = json.loads(meta.read_text())
+    if "train_items" in record:  # adapters from before the hashes (or exported with the items)
+        found = overlap([MCQItem(**{**d, "options": tuple(d["options"])}) for d in record["train_items"]], items)
+    else:  # the training text stays in the run dir; the adapter carries hashes of it (data/split.py)
+        from medtune.data.split import load_item_hashes, overlap_hashed
+
+        hashes = load_item_hashes(adapter, record.get("train_ids") or [])
+        if hashes is None:
+            log(f"warning: {adapter} records no training-item hashes: no contamination check")
+            return None
+        found = overlap_hashed(hashes, items)
     bad = len(found["exact"]) + len(found["near"])
     if bad:
         ids = [x["eval_id"] for x in found["exact"] + found["near"]]

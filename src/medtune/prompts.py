@@ -109,3 +109,54 @@ def _chat(tokenizer, messages: list[dict]) -> str:
         raise MedtuneError("prompt style 'chat' needs a tokenizer with a chat template; use --prompt-style harness")
     # enable_thinking=False turns Qwen3's thinking off; other templates ignore the extra variable.
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, enable_thinking=False)
+
+
+# Overlong items: one rule for training and evaluation (train.py and evaluate.py both call fit_prompt).
+# The question text (a vignette, or PubMedQA's "Abstract: ... Question: ..." context) is cut from the LEFT, marked with
+# CUT_MARK, until the prompt fits the token budget. The prompt template's header ("Question:", the MMLU subject line),
+# every option and the answer are never cut; if they alone do not fit, the item is refused with the numbers.
+CUT_MARK = "... "
+MAX_CHARS_PER_TOKEN = 64  # a generous bound: text longer than budget * this is pre-cut before tokenizing (no 5 MB pass)
+
+
+def fit_prompt(item: MCQItem, style: str, tokenizer, budget: int) -> tuple[MCQItem, str, int]:
+    """(item, prompt, characters cut from the question's start) with the prompt at most `budget` tokens long."""
+    prompt = build_prompt(item, style, tokenizer)
+    if len(prompt.encode("utf-8")) <= budget or _count(tokenizer, prompt) <= budget:  # tokens <= UTF-8 bytes
+        return item, prompt, 0
+    bare = _count(tokenizer, build_prompt(_with_question(item, CUT_MARK), style, tokenizer))
+    keep = budget - bare
+    if keep < 1:
+        raise MedtuneError(f"item {item.id}: the prompt without its question text is {bare} tokens, over the limit of "
+                           f"{budget}; its options are too long to fit (raise train.max_length or drop the item)")
+    tail = item.question[-budget * MAX_CHARS_PER_TOKEN:]
+    ids = tokenizer(tail, add_special_tokens=False).input_ids
+    for _ in range(4):  # re-tokenizing the joined text can merge tokens differently: shrink until it fits
+        question = CUT_MARK + tokenizer.decode(ids[-keep:] if keep > 0 else [], skip_special_tokens=True).lstrip()
+        fitted = _with_question(item, question)
+        prompt = build_prompt(fitted, style, tokenizer)
+        over = _count(tokenizer, prompt) - budget
+        if over <= 0:
+            return fitted, prompt, len(item.question) - (len(question) - len(CUT_MARK))
+        keep -= over
+    raise MedtuneError(f"item {item.id}: could not fit the prompt into {budget} tokens")
+
+
+DEFAULT_CONTEXT = 8192  # when the tokenizer does not state its model's context length
+
+
+def context_limit(tokenizer) -> int:
+    """Tokens an evaluation prompt + continuation may take: the tokenizer's model_max_length (transformers sets a huge
+    placeholder when the model card gives none; then DEFAULT_CONTEXT)."""
+    n = getattr(tokenizer, "model_max_length", None)
+    return int(n) if isinstance(n, int) and 0 < n < 1_000_000 else DEFAULT_CONTEXT
+
+
+def _count(tokenizer, text: str) -> int:
+    return len(tokenizer(text, add_special_tokens=False).input_ids)
+
+
+def _with_question(item: MCQItem, question: str) -> MCQItem:
+    from dataclasses import replace
+
+    return replace(item, question=question)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import platform
@@ -81,18 +80,16 @@ def permute_metrics(items: list[MCQItem], debiased: list[list[float]], details: 
 
 
 def write_json(path: Path, data: dict) -> None:
-    """Written beside and renamed into place: a reader never sees half a file."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1, default=str))
-    tmp.replace(path)
+    """Written beside and renamed into place: a reader never sees half a file (medtune.io)."""
+    from medtune import io
+
+    io.write_json(path, data)
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    tmp.replace(path)
+    from medtune import io
+
+    io.write_jsonl(path, rows)
 
 
 def summary_line(label: str, m: dict) -> dict:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import re
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -20,6 +21,7 @@ def run(cfg: Config, quiet: bool = False, log=print) -> dict:
     and the tuned evaluations (the saved adapter attached to the same weights) all use that one load."""
     import copy
 
+    from medtune.doctor import preflight
     from medtune.evaluate import _device, run_eval
     from medtune.models import attach_adapter, load_model, load_tokenizer
     from medtune.report import environment, write_json
@@ -31,6 +33,7 @@ def run(cfg: Config, quiet: bool = False, log=print) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "config.yaml")
     log(f"data: {len(train_items)} training and {len(eval_items)} eval items ({data['eval']['source']})")
+    preflight(cfg, log)  # the doctor's warnings for this training (dtype, memory) before the base evaluation
     model, tokenizer, path = load_model(cfg.model, device=_device(cfg), log=log)
     methods = [cfg.eval.method, *[m for m in cfg.eval.extra_methods if m != cfg.eval.method]]
     subs = {m: replace(cfg, eval=replace(cfg.eval, method=m)) for m in methods}
@@ -55,6 +58,9 @@ def run(cfg: Config, quiet: bool = False, log=print) -> dict:
         results["extra_methods"][m] = {"base": b, "tuned": t, "comparison": compare(eval_items, b, t, b_rows, t_rows)}
     results["wall_s"], results["environment"] = round(time.time() - started, 1), environment()
     write_json(out / "results.json", results)
+    from medtune.html_report import write_report
+
+    results["report"] = str(write_report(out, explain=True, log=log))  # plots, examples with explanations, cost
     return results
 
 
@@ -101,7 +107,8 @@ def prepare_data(cfg: Config, log=print) -> tuple[list[MCQItem], list[MCQItem], 
 
 
 def _refuse_test(source: str) -> None:
-    if "test" in Path(source).stem.lower():
+    # `test` as a word of the file name (test.jsonl, mmlu_anatomy_test.csv, medqa-test-4opt), not inside one (latest_)
+    if "test" in re.split(r"[^a-z0-9]+", Path(source).stem.lower()):
         raise MedtuneError(f"{source}: looks like a test split; medtune never trains on test data. Train on a train "
                            "or dev file and pass the test file as data.eval_source")
 

@@ -23,7 +23,7 @@ import math
 from dataclasses import dataclass
 
 from medtune.data.items import LETTERS, MCQItem
-from medtune.prompts import build_prompt, choices, continuations
+from medtune.prompts import choices, context_limit, continuations, fit_prompt
 
 METHODS = ("letter", "answer", "generate")  # generate lives in generate.py: it writes text, it does not score options
 MODES = ("fast", "exact")
@@ -42,6 +42,7 @@ class Encoded:
     context: list[int]
     options: list[list[int]]  # continuation tokens per option
     choice_chars: list[int] | None = None  # characters of each choice (lm-eval's acc_norm divides by these)
+    cut: int = 0  # characters cut from the question's start to fit the context (prompts.fit_prompt)
 
     @property
     def single_token(self) -> bool:
@@ -57,7 +58,9 @@ def score_items(model, tokenizer, items: list[MCQItem], style: str, method: str 
     scores, rescored = score(model, encoded, batch_size, mode, margin, progress)
     rows = predictions(items, scores, rescored, encoded=encoded, method=method, mode=mode)
     bf16 = mode == "fast" and _fast_dtype(next(model.parameters()).device) is not None
-    for row, again in zip(rows, rescored):
+    for row, again, enc in zip(rows, rescored, encoded):
+        if enc.cut:
+            row["question_cut_chars"] = enc.cut
         row["precision"] = "bf16" if bf16 and not again else "fp32"  # what this row's log-probs were computed in
     return rows
 
@@ -66,12 +69,15 @@ def encode(items: list[MCQItem], style: str, tokenizer, method: str = "letter") 
     """lm-evaluation-harness's split of context and continuation tokens (no special tokens added). `letter` scores
     " A" (or the benchmark's own continuation, e.g. " yes"); `answer` scores the whole answer line the model is
     trained to write, " A. <option text>"."""
-    out = []
+    out, limit = [], context_limit(tokenizer)
     for item in items:
-        prompt = build_prompt(item, style, tokenizer)
+        # overlong items: the rule training uses (prompts.fit_prompt), with room left for the longest continuation
+        reserve = max(len(tokenizer(c, add_special_tokens=False).input_ids) for c in continuations(item, style, method))
+        item, prompt, cut = fit_prompt(item, style, tokenizer, limit - reserve)
         context = tokenizer(prompt, add_special_tokens=False).input_ids
         whole = [tokenizer(prompt + c, add_special_tokens=False).input_ids for c in continuations(item, style, method)]
-        out.append(Encoded(context, [w[len(context):] for w in whole], [len(c) for c in choices(item, style, method)]))
+        out.append(Encoded(context, [w[len(context):] for w in whole], [len(c) for c in choices(item, style, method)],
+                           cut))
     return out
 
 

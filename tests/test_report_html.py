@@ -1,0 +1,187 @@
+"""The HTML report and `medtune cost` on a real tiny run (tiny random model, demo data, two training steps): every
+embedded image decodes, nothing is loaded from the network, headless Chromium renders it, and the cost figures follow
+from cost.json by hand."""
+
+import base64
+import io
+import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from medtune.cli import app
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tiny_model_dir, tmp_path_factory) -> tuple[Path, str]:
+    """`medtune run` as the README shows it, on the tiny model: writes results, cost.json files and report.html."""
+    out = tmp_path_factory.mktemp("report") / "run"
+    result = CliRunner().invoke(app, [
+        "run", "--config", str(ROOT / "recipes" / "demo.yaml"), "--model", tiny_model_dir, "--out", str(out),
+        "--set", "train.max_steps=2", "--set", "train.dtype=float32", "--set", "data.limit=10", "--quiet"])
+    assert result.exit_code == 0, result.output
+    return out, result.output
+
+
+def _images(page: str) -> list[bytes]:
+    return [base64.b64decode(m) for m in re.findall(r'src="data:image/png;base64,([^"]+)"', page)]
+
+
+@pytest.mark.slow
+def test_run_writes_a_self_contained_report(tiny_run):
+    from PIL import Image
+
+    out, output = tiny_run
+    assert f"report: {out / 'report.html'}" in output
+    page = (out / "report.html").read_text()
+    images = _images(page)
+    assert len(images) == 7  # accuracy, subjects, training, reliability, risk-coverage, letters, cost
+    for data in images:
+        with Image.open(io.BytesIO(data)) as im:
+            im.verify()  # raises on a truncated or corrupt PNG
+        with Image.open(io.BytesIO(data)) as im:
+            lo, hi = im.convert("L").getextrema()
+            assert im.format == "PNG" and im.width > 200 and hi - lo > 100  # drawn, not blank
+    # nothing fetched from anywhere: every src/href is a data URI or a fragment, no script at all
+    assert all(v.startswith(("data:", "#")) for v in re.findall(r'(?:src|href)="([^"]*)"', page))
+    assert "<script" not in page and "@import" not in page and "url(" not in page
+    assert page.count("Research and education only") == 2
+    # the first ten eval items, each with its options, gold marked, and a generated explanation
+    preds = [json.loads(x) for x in (out / "tuned" / "predictions.jsonl").read_text().splitlines()]
+    assert page.count('<div class="example">') == 10
+    for row in preds:
+        assert f"<b>{row['id']}</b>" in page
+    assert "generated greedily for this report" in page and page.count("Explanation (generated") == 10
+    res = json.loads((out / "results.json").read_text())
+    acc = res["tuned"]["metrics"]["accuracy"]
+    assert f"{acc:.3f} [{res['tuned']['metrics']['ci95'][0]:.3f}" in page
+    assert res["config"]["model"] in page and res["data"]["eval"]["ids_sha256"] in page
+
+
+@pytest.mark.slow
+def test_report_renders_in_headless_chromium(tiny_run, tmp_path):
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    if browser is None:
+        pytest.skip("chromium is not installed (.ci/run installs it: apt-get install chromium)")
+    from PIL import Image
+
+    out, _ = tiny_run
+    shot = tmp_path / "report.png"
+    subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", "--no-first-run",
+                    f"--screenshot={shot}", "--window-size=1100,1600", (out / "report.html").as_uri()],
+                   check=True, capture_output=True, timeout=120)
+    with Image.open(shot) as im:
+        assert im.size == (1100, 1600)
+        colours = im.convert("RGB").getcolors(maxcolors=1 << 16)
+        assert colours is None or len(colours) > 50  # a rendered page with text and figures, not a blank one
+
+
+@pytest.mark.slow
+def test_report_command_and_explanations_not_generated(tiny_run, tmp_path):
+    out, _ = tiny_run
+    target = tmp_path / "r.html"
+    result = CliRunner().invoke(app, ["report", str(out), "--out", str(target), "--price-per-hour", "2.5"])
+    assert result.exit_code == 0, result.output
+    page = target.read_text()
+    assert "Explanations were not generated" in page and "Explanation (generated" not in page
+    assert "at 2.5 per device-hour" in page
+    bad = CliRunner().invoke(app, ["report", str(out / "base")])
+    assert bad.exit_code == 2 and "error:" in bad.output
+
+
+@pytest.mark.slow
+def test_cost_of_two_runs(tiny_run, tmp_path):
+    """Run A as recorded; run B is A's copy relabelled as another device, to price it from a YAML keyed by name."""
+    from medtune.cost import collect
+
+    a, _ = tiny_run
+    b = tmp_path / "b"
+    shutil.copytree(a, b)
+    for path in [b / "cost.json", *b.glob("*/cost.json")]:
+        rec = json.loads(path.read_text())
+        path.write_text(json.dumps({**rec, "device_name": "Other GPU", "device_count": 2}))
+    parts = [json.loads(p.read_text()) for p in [a / "cost.json", *a.glob("*/cost.json")]]
+    assert {p["kind"] for p in parts} == {"train", "eval"} and len(parts) == 3  # train, base, tuned
+    assert all(p["energy_source"] is None and "no energy counter" in p["energy_note"] for p in parts) or \
+        all(p["energy_j"] >= 0 for p in parts)
+    wall = sum(p["wall_s"] for p in parts)
+    train = next(p for p in parts if p["kind"] == "train")
+    assert train["train_tokens"] == json.loads((a / "results.json").read_text())["train"]["real_tokens"]
+
+    result = CliRunner().invoke(app, ["cost", str(a), str(b), "--price-per-hour", "2.5", "--json"])
+    assert result.exit_code == 0, result.output
+    ra, rb = json.loads(result.output)
+    assert ra["cost"] == pytest.approx(wall * 2.5 / 3600) and rb["cost"] == pytest.approx(2 * ra["cost"])
+    assert ra["cost_per_million_train_tokens"] == pytest.approx(train["wall_s"] * 2.5 / 3600 / train["train_tokens"]
+                                                                * 1e6)
+    assert ra["gain_kind"] == "debiased" and ra["gain_points"] == collect(a)["gain_points"]
+    if ra["gain_points"] > 0:
+        assert ra["cost_per_point"] == pytest.approx(ra["cost"] / ra["gain_points"])
+    else:
+        assert ra["cost_per_point"] is None
+
+    prices = tmp_path / "prices.yaml"
+    prices.write_text(f"{json.dumps(parts[0]['device_name'])}: 1.0\nOther GPU: 4.0\n")
+    table = CliRunner().invoke(app, ["cost", str(a), str(b), "--prices", str(prices)])
+    assert table.exit_code == 0, table.output
+    assert "2 x Other GPU" in table.output and "(debiased)" in table.output and "energy:" in table.output
+    missing = CliRunner().invoke(app, ["cost", str(a), "--prices", str(prices), "--price-per-hour", "1"])
+    assert missing.exit_code == 2 and "exactly one" in missing.output
+    prices.write_text("Other GPU: 4.0\n")
+    unknown = CliRunner().invoke(app, ["cost", str(a), "--prices", str(prices)])
+    assert unknown.exit_code == 2 and "no price for device" in unknown.output
+
+
+@pytest.mark.slow
+def test_readme_command_examples_run(tiny_run, tiny_model_dir, tmp_path, monkeypatch):
+    """Each per-verb example of the README that needs a model runs as written, on the tiny model and a copy of the
+    tiny run as runs/demo (the README's env and data examples are run by test_cli.py)."""
+    import shlex
+
+    text = (ROOT / "README.md").read_text()
+    blocks = re.findall(r"```bash\n(.*?)```", text.split("## Commands, one at a time")[1].split("## How it works")[0],
+                        re.DOTALL)
+    commands = [shlex.split(line) for b in blocks for line in b.splitlines() if line.startswith("medtune ")]
+    verbs = [c[1] for c in commands]
+    assert {"eval", "train", "run", "report", "cost", "compare", "export"} <= set(verbs)
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(tiny_run[0], tmp_path / "runs" / "demo")
+    (tmp_path / "recipes").symlink_to(ROOT / "recipes")
+    for argv in commands:
+        if argv[1] in ("env", "data", "run"):  # env/data: test_cli.py; run: the tiny_run fixture
+            continue
+        extra = {"eval": ["--model", tiny_model_dir, "--quiet"],
+                 "train": ["--set", f"model={tiny_model_dir}", "--set", "train.dtype=float32", "--quiet"]}
+        result = CliRunner().invoke(app, argv[1:] + extra.get(argv[1], []))
+        assert result.exit_code == 0, (argv, result.output)
+    assert (tmp_path / "runs" / "eval-demo" / "cost.json").is_file()
+    assert (tmp_path / "runs" / "try" / "adapter" / "adapter_model.safetensors").is_file()
+    assert (tmp_path / "runs" / "demo" / "merged" / "model.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_report_of_a_generate_run_without_probabilities(tiny_run, tmp_path):
+    """A run scored with `--method generate` has explanations but no probabilities, calibration or debiased accuracy:
+    the report uses the explanations, says there is nothing to calibrate and that the raw gain was used."""
+    run = tmp_path / "gen"
+    shutil.copytree(tiny_run[0], run)
+    rows = [json.loads(x) for x in (run / "tuned" / "predictions.jsonl").read_text().splitlines()]
+    (run / "tuned" / "predictions.jsonl").write_text("".join(json.dumps(
+        {k: r[k] for k in ("id", "gold", "pred", "correct", "subject")} | {"explanation": f"why {r['id']}"}) + "\n"
+        for r in rows))
+    res = json.loads((run / "results.json").read_text())
+    for part in ("base", "tuned"):
+        del res[part]["metrics"]["calibration"], res[part]["metrics"]["permute"]
+    del res["comparison"]["debiased"]
+    (run / "results.json").write_text(json.dumps(res))
+    page = (run / "report.html") if CliRunner().invoke(app, ["report", str(run)]).exit_code == 0 else None
+    assert page is not None
+    text = page.read_text()
+    assert all(f"why {r['id']}" in text for r in rows) and "from the run&#39;s greedy `generate` evaluation" in text
+    assert "This method gives no probabilities" in text and "raw used" in text and len(_images(text)) == 5
