@@ -46,7 +46,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--shared", default=str(HERE.parent.parent / "shared" / "data"), help="The shared data dir.")
     p.add_argument("--work", default="runs/lmeval-fixtures", help="Scratch dir for lm-eval's outputs.")
     p.add_argument("--lmeval-python", default=str(parity.DEFAULT_VENV / "bin/python"))
+    p.add_argument("--compare", action="store_true",
+                   help="Do not run lm-eval: score the fixtures' items with medtune exact mode and print the table.")
     args = p.parse_args(argv)
+    if args.compare:
+        print(compare(Path(args.shared).resolve()))
+        return 0
     shared, work = Path(args.shared).resolve(), Path(args.work).resolve()
     work.mkdir(parents=True, exist_ok=True)
     adapter = FIXTURES / "adapter"
@@ -79,6 +84,39 @@ def main(argv: list[str] | None = None) -> int:
         (FIXTURES / f"{b}.json").write_text(json.dumps(fixture, indent=1) + "\n")
         print(f"wrote {FIXTURES / f'{b}.json'} ({len(indices)} items)")
     return 0
+
+
+def compare(shared: Path) -> str:
+    """medtune exact mode (fp32, adapter merged as `medtune eval` does) on each fixture's items: the markdown table of
+    items, max |Δ log-likelihood| against lm-eval, prediction agreement and accuracies, base and adapter."""
+    import time
+
+    from medtune.data.formats import read_file
+    from medtune.models import load_model
+    from medtune.scoring import argmax, score_items
+
+    quiet = {"log": lambda *_: None}
+    models = {"base": load_model("embedded", **quiet)[:2],
+              "adapter": load_model("embedded", adapter=str(FIXTURES / "adapter"), merge=True, **quiet)[:2]}
+    lines = ["| benchmark | model | n | max abs diff | agreement | accuracy lm-eval | accuracy medtune | medtune s |",
+             "|---|---|---|---|---|---|---|---|"]
+    for b, (names, _) in SETS.items():
+        fixture = json.loads((FIXTURES / f"{b}.json").read_text())
+        items = [it for n in names for it in read_file(shared / n, cop_base=1 if b == "medmcqa" else None)]
+        items = [items[e["index"]] for e in fixture["items"]]
+        for label, (model, tok) in models.items():
+            start = time.perf_counter()
+            rows = score_items(model, tok, items, "harness", mode="exact", batch_size=8)
+            secs = time.perf_counter() - start
+            theirs = [e[label] for e in fixture["items"]]
+            ours = [list(r["logprobs"].values()) for r in rows]
+            diff = max(abs(x - y) for t, o in zip(theirs, ours) for x, y in zip(t, o))
+            agree = sum(argmax(t) == argmax(o) for t, o in zip(theirs, ours)) / len(rows)
+            acc_l = sum(argmax(t) == e["gold"] for t, e in zip(theirs, fixture["items"])) / len(rows)
+            acc_m = sum(r["correct"] for r in rows) / len(rows)
+            lines.append(f"| {b} | {label} | {len(rows)} | {diff:.2e} | {agree:.3f} | {acc_l:.3f} | {acc_m:.3f} | "
+                         f"{secs:.1f} |")
+    return "\n".join(lines)
 
 
 def prepare(shared: Path, work: Path) -> tuple[list[str], dict[str, tuple[list[int], list[str]]]]:
