@@ -91,6 +91,9 @@ def test_headline_comes_from_the_adapters_run(tmp_path):
     assert h["accuracy"] == 0.5 and h["ci95"] == [0.4, 0.6] and h["debiased_accuracy"] == 0.53
     assert h["method"] == "answer-logprob" and h["eval_set"] == "demo:eval"
     assert ask.find_headline("embedded", None) is None
+    (tmp_path / "merged").mkdir()  # an export at its default place names its run in medtune.json
+    (tmp_path / "merged" / "medtune.json").write_text(json.dumps({"export": {"run": tmp_path.name}}))
+    assert ask.find_headline(str(tmp_path / "merged"), None)["accuracy"] == 0.5
 
 
 def test_predict_streams_in_chunks_resumes_and_equals_eval(loaded_answer, items, tiny_model_dir, tmp_path,
