@@ -426,7 +426,8 @@ def test_hashed_overlap_equals_overlap_on_the_texts():
 
     from medtune.data.split import item_hashes, overlap, overlap_hashed
 
-    words = "a patient presents with fever cough and chest pain after travel abroad which test is best".split()
+    text = "a patient presents with fever cough and chest pain after travel abroad which test is best"
+    words = text.split()
     train = [MCQItem(id=f"t{k}", question=" ".join(words[k:] + words[:k]), options=("x", "y"), answer=0)
              for k in range(6)]
     evals = [replace(train[0], id="same"), replace(train[2], id="near", question=train[2].question + " now?",
