@@ -11,12 +11,13 @@ from types import SimpleNamespace
 
 import pytest
 
+from medtune import doctor as dr
 from medtune import hardware as hw
 from medtune.errors import MedtuneError
 
 ROOT = Path(__file__).resolve().parents[1]
 GIB = 1024**3
-NO_EXTRAS = {"flash_attn": None, "bitsandbytes": None, "bnb_backend": None}
+NO_EXTRAS = {"flash_attn": None, "bitsandbytes": None, "bnb_backend": None, "bnb_error": None}
 CUDA_ARCHS = ["sm_75", "sm_80", "sm_86", "sm_90", "sm_100", "sm_120"]
 ROCM_ARCHS = ["gfx900", "gfx906:xnack-", "gfx908", "gfx90a", "gfx942", "gfx950", "gfx1030", "gfx1100", "gfx1201"]
 
@@ -67,7 +68,7 @@ def run(monkeypatch, torch, h=None, extras=None, overrides=None, **doctor_kw):
     monkeypatch.setattr(hw, "_probe_extras", lambda kind: dict(NO_EXTRAS) | (extras or {}))
     info = hw.detect(torch, h or host())
     policy = hw.decide(info, overrides)
-    findings = hw.doctor(info, policy, **doctor_kw)
+    findings = dr.doctor(info, policy, **doctor_kw)
     rep = hw.report(info, policy, findings)
     assert json.loads(json.dumps(rep)) == json.loads(json.dumps(rep, default=str))  # plain JSON, nothing odd
     assert set(policy.reasons) == {"train_dtype", "eval_dtype", "loss_scaling", "attn_implementation",
@@ -131,7 +132,7 @@ def test_policy_per_device(monkeypatch, case):
     if kind == "rocm":
         assert info.gfx_arch == torch_kw["gpus"][0].gcnArchName.split(":")[0]
         assert "gfx906" in info.arch_list  # feature suffixes stripped from torch's compiled list too
-    if kind == "cpu":
+    if kind == "cpu":  # cpu-only: a faked CPU device (parametrized above), not this machine
         assert info.count == 0 and info.names == []
 
 
@@ -166,7 +167,8 @@ def test_user_set_hsa_override_is_kept(monkeypatch):
                                                                user_env={"HSA_OVERRIDE_GFX_VERSION": "10.3.0"}))
     assert info.gfx_arch == "gfx1031"
     assert policy.env == {} and "set by user: kept" in policy.reasons["env"]
-    assert hw.apply_env(policy) == {} and os.environ["HSA_OVERRIDE_GFX_VERSION"] == "10.3.0"
+    assert hw.prepare_env(torch, host(kfd_archs=["gfx1031"])) == {}
+    assert os.environ["HSA_OVERRIDE_GFX_VERSION"] == "10.3.0"
     assert rep["env"]["set_by_user"] == {"HSA_OVERRIDE_GFX_VERSION": "10.3.0"}
     assert findings == []  # the right value: nothing to say
 
@@ -186,16 +188,15 @@ def test_native_arch_never_gets_an_override(monkeypatch):
     assert any("not compiled for gfx1031" in f.message for f in findings)
 
 
-def test_apply_env_sets_only_missing(monkeypatch):
+def test_prepare_env_is_not_reported_as_the_users(monkeypatch):
     monkeypatch.setattr(hw, "_SET_BY_MEDTUNE", {})
     monkeypatch.delenv("HSA_OVERRIDE_GFX_VERSION", raising=False)
-    monkeypatch.setenv("MEDTUNE_TEST_KEEP", "user")
-    policy = hw.Policy("float16", "float16", True, "sdpa", False,
-                       {"HSA_OVERRIDE_GFX_VERSION": "10.3.0", "MEDTUNE_TEST_KEEP": "medtune"}, {})
-    assert hw.apply_env(policy) == {"HSA_OVERRIDE_GFX_VERSION": "10.3.0"}
-    assert os.environ["MEDTUNE_TEST_KEEP"] == "user"
+    rocm = fake_torch(hip="6.4", arch_list=ROCM_ARCHS)
+    assert hw.prepare_env(rocm, host(kfd_archs=["gfx1031"])) == {"HSA_OVERRIDE_GFX_VERSION": "10.3.0"}
     # what medtune set is not reported back as the user's choice
     assert "HSA_OVERRIDE_GFX_VERSION" not in hw.Host.read().user_env
+    torch = fake_torch(hip="6.4", gpus=[gpu("AMD Radeon RX 6700 XT", 12, gcn="gfx1030")], arch_list=ROCM_ARCHS)
+    _, policy, *_ = run(monkeypatch, torch, host(kfd_archs=["gfx1031"]))
     for name in hw.VISIBLE_ENV:  # visible-device variables are reported, never decided
         assert name not in policy.env
 
@@ -292,20 +293,45 @@ def test_flash_attention_forced_without_flash_attn(monkeypatch):
 @pytest.mark.parametrize(
     "torch_kw,backend,available,level",
     [
-        (rocm("MI300X", 192, "gfx942"), None, False, "warning"),
-        (rocm("MI300X", 192, "gfx942"), "CUDA", False, "warning"),
+        (rocm("MI300X", 192, "gfx942"), None, False, "warning"),  # installed, but its NF4 test failed on the GPU
         (rocm("MI300X", 192, "gfx942"), "ROCm", True, None),
         (cuda("A100", 80, (8, 0)), "CUDA", True, None),
-        ({"mps_bf16": True}, None, False, "info"),
+        ({}, "CPU", True, None),  # bitsandbytes >= 0.49 on an x86-64 CPU with AVX2
         ({}, None, False, "info"),
+        ({"mps_bf16": True}, None, False, "info"),
     ],
 )
 def test_bitsandbytes_backend(monkeypatch, torch_kw, backend, available, level):
-    extras = {"bitsandbytes": "0.48.1", "bnb_backend": backend}
+    extras = {"bitsandbytes": "0.50.2", "bnb_backend": backend, "bnb_error": None if backend else "RuntimeError: x"}
     _, policy, findings, _ = run(monkeypatch, fake_torch(**torch_kw), extras=extras)
     assert policy.qlora_available is available
     bnb = [f for f in findings if "bitsandbytes" in f.message]
     assert [f.level for f in bnb] == ([level] if level else [])
+    if not available and "mps_bf16" not in torch_kw:
+        assert "RuntimeError: x" in policy.reasons["qlora_available"]  # the probe's own error, not a guess
+
+
+def test_quantize_warnings_and_memory(monkeypatch):
+    t4 = fake_torch(cuda="12.8", gpus=[gpu("Tesla T4", 16, (7, 5))], arch_list=CUDA_ARCHS)
+    monkeypatch.setattr(hw, "_probe_extras", lambda kind: dict(NO_EXTRAS))
+    info = hw.detect(t4, host())
+    policy = hw.decide(info)
+    [f] = [f for f in dr.doctor(info, policy, quantize="4bit") if "bitsandbytes" in f.message]
+    assert f.level == "warning" and "medtune[qlora]" in f.fix
+    # 7B in fp16 doesn't fit a 16 GiB T4; in 4-bit it does
+    assert dr.doctor(info, policy, 7 * 10**9, 256)[-1].level == "warning"
+    assert dr.doctor(info, policy, 7 * 10**9, 256, quantize="4bit")[-1].level == "info"
+    assert dr.estimate_memory(10**9, 0, "bfloat16", "4bit") < dr.estimate_memory(10**9, 0, "bfloat16", "8bit") \
+        < dr.estimate_memory(10**9, 0, "bfloat16")
+
+
+def test_bnb_probe_on_this_machine():
+    """The probe `medtune env` trusts: a real NF4 round trip through bitsandbytes, or the exact error."""
+    pytest.importorskip("bitsandbytes")
+    info = hw.detect()
+    backend, error = hw._bnb_probe(hw.device_string(info))
+    assert (backend is None) is bool(error), (backend, error)  # a backend, or the reason there is none
+    assert hw.decide(info).qlora_available is (backend is not None) or info.kind not in ("cpu", "cuda", "rocm")
 
 
 def test_memory_estimate_and_what_fits(monkeypatch):
@@ -318,7 +344,7 @@ def test_memory_estimate_and_what_fits(monkeypatch):
     assert f.level == "warning" and "16.0 GiB on Tesla T4" in f.message
     fits = int(f.fix.split("~")[1].split()[0])
     assert 0 < fits < 8192
-    estimate = [hw.estimate_memory(3 * 10**9, tokens, "float16") for tokens in (fits, fits + 8)]
+    estimate = [dr.estimate_memory(3 * 10**9, tokens, "float16") for tokens in (fits, fits + 8)]
     assert estimate[0] <= 16 * GIB < estimate[1]
     _, _, findings, _ = run(monkeypatch, t4, model_params=70_000_000_000, batch_tokens=1024)
     assert "weights alone don't fit" in findings[0].fix and "fsdp.yaml" in findings[0].fix
@@ -326,9 +352,9 @@ def test_memory_estimate_and_what_fits(monkeypatch):
 
 def test_memory_formula():
     # 1B params in bf16, no tokens: 2 GB weights + 0.32 GB LoRA/optimizer, +10%, +1 GiB
-    assert hw.estimate_memory(10**9, 0, "bfloat16") == int((2e9 + 0.32e9) * 1.1 + GIB)
-    assert hw.estimate_memory(10**9, 1000, "float32") > hw.estimate_memory(10**9, 1000, "bfloat16")
-    per_token = hw.estimate_memory(10**9, 1001, "bfloat16") - hw.estimate_memory(10**9, 1000, "bfloat16")
+    assert dr.estimate_memory(10**9, 0, "bfloat16") == int((2e9 + 0.32e9) * 1.1 + GIB)
+    assert dr.estimate_memory(10**9, 1000, "float32") > dr.estimate_memory(10**9, 1000, "bfloat16")
+    per_token = dr.estimate_memory(10**9, 1001, "bfloat16") - dr.estimate_memory(10**9, 1000, "bfloat16")
     assert per_token == pytest.approx(128 * 10**4.5 * 1.1, rel=1e-3)
 
 
@@ -363,14 +389,31 @@ def test_cuda_arch_compatibility(monkeypatch, cap, arch_list, ok):
 # --- the real machine and the import cost ---
 
 
+def expected_kind() -> str:
+    """What this machine is, asked of torch directly (the suite runs on CPU hosts and on GPU hosts)."""
+    import torch
+
+    if torch.cuda.is_available():
+        return "rocm" if torch.version.hip else "cuda"
+    if torch.backends.mps.is_available():
+        return "mps"
+    return "xpu" if hasattr(torch, "xpu") and torch.xpu.is_available() else "cpu"
+
+
 def test_detect_on_this_machine():
     info = hw.detect()
-    assert info.kind == "cpu" and hw.device_string(info) == "cpu"
+    kind = expected_kind()
+    assert info.kind == kind and hw.device_string(info) == {"rocm": "cuda"}.get(kind, kind)
     assert info.cpu_count >= 1 and info.ram_bytes and info.ram_bytes > GIB
     assert info.torch_version.startswith("2.")
-    rep = hw.report(info, hw.decide(info), [])
-    assert rep["versions"]["transformers"] and rep["policy"]["eval_dtype"] == "float32"
-    assert rep["policy"]["train_dtype"] == ("bfloat16" if info.bf16 else "float32")
+    assert (info.count > 0) is (kind != "cpu") and len(info.names) == len(info.memory)
+    policy = hw.decide(info)
+    rep = hw.report(info, policy, [])
+    assert rep["versions"]["transformers"] and policy.train_dtype == hw._native_dtype(info)[0]
+    # the eval dtype: fp32 on a CPU (exact scores), the training dtype on an accelerator
+    assert policy.eval_dtype == ("float32" if kind == "cpu" else policy.train_dtype)  # cpu-only: branch on kind
+    if kind == "cpu":  # cpu-only: native bf16 decides the training dtype
+        assert policy.train_dtype == ("bfloat16" if info.bf16 else "float32")
     json.dumps(rep)
 
 

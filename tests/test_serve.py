@@ -33,7 +33,9 @@ def server(tiny_model_dir, tmp_path_factory):
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     with open(log, "w") as f:
         proc = subprocess.Popen([sys.executable, "-m", "medtune", "serve", "--model", tiny_model_dir, "--port",
-                                 str(port), "--max-new-tokens", "8", "--max-queue", str(MAX_QUEUE)],
+                                 str(port), "--max-new-tokens", "8", "--max-queue", str(MAX_QUEUE),
+                                 # docs/serve.png: MEDTUNE_SERVE_ARGS="--model embedded --max-new-tokens 96"
+                                 *os.environ.get("MEDTUNE_SERVE_ARGS", "").split()],
                                 stdout=f, stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{port}/"
     deadline = time.time() + 90
@@ -101,7 +103,7 @@ def test_browser_page_answers_shows_disclaimer_and_stays_local(server, tmp_path)
         page.locator("#question textarea").fill("Which vitamin deficiency causes scurvy?")
         page.locator("#options textarea").fill("Vitamin A\nVitamin B12\nVitamin C\nVitamin D")
         page.locator("#ask").click()
-        page.locator("#answer").get_by_text("Answer:").wait_for(timeout=60_000)
+        page.locator("#answer").get_by_text("Answer:").wait_for(timeout=120_000)
         page.locator("#explanation textarea").wait_for()
         answer = page.locator("#answer").inner_text()
         probs = page.locator("#probs").inner_text()

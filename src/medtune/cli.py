@@ -80,10 +80,11 @@ def _config(config: Path | None, sets: list[str] | None, **flags):
 def env(json_out: Json = False) -> None:
     """Device, dtype and attention policy, library versions, and warnings with fixes for known setup traps."""
     from medtune import hardware
+    from medtune.doctor import doctor
 
     info = hardware.detect()
     policy = hardware.decide(info)
-    rep = hardware.report(info, policy, hardware.doctor(info, policy))
+    rep = hardware.report(info, policy, doctor(info, policy))
     typer.echo(json.dumps(rep, indent=1) if json_out else hardware.render(rep))
 
 
@@ -186,12 +187,14 @@ def export(run_dir: Path, out: Annotated[Path | None, typer.Option(help="Default
            merge: Annotated[bool, typer.Option(help="Merge the adapter into the base weights.")] = True,
            include_training_data: Annotated[bool, typer.Option(
                help="Also ship the training items (RUN/train_items.jsonl); by default only ids and hashes.")] = False,
+           gguf: Annotated[str | None, typer.Option(help="Also write model.<type>.gguf (f16 or q8_0) for llama.cpp "
+                                                          "and Ollama, with a Modelfile, verified.")] = None,
            overwrite: Overwrite = False) -> None:
     """Write a merged safetensors model (or the adapter) with a model card: base, data, recipe, results, limits."""
     from medtune.export import export as export_fn
 
     path = export_fn(run_dir, out, merge=merge, log=_log(), overwrite=overwrite,
-                     include_training_data=include_training_data)
+                     include_training_data=include_training_data, gguf=gguf)
     typer.echo(f"exported: {path}")
 
 

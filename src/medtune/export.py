@@ -27,15 +27,18 @@ TAGS = ["medical", "multiple-choice", "lora", "medtune"]
 
 
 def export(run_dir: Path, out: Path | None = None, merge: bool = True, log=print, overwrite: bool = False,
-           include_training_data: bool = False) -> Path:
+           include_training_data: bool = False, gguf: str | None = None) -> Path:
     """Write RUN's adapter, merged into its base model (default, to RUN/merged) or as-is (to RUN/export), with a model
     card and medtune.json; return the export directory. No training text and no path of this machine goes in, unless
-    `include_training_data` ships RUN/train_items.jsonl (an explicit opt-in)."""
+    `include_training_data` ships RUN/train_items.jsonl (an explicit opt-in). `gguf` (f16, q8_0) adds a verified GGUF
+    and an Ollama Modelfile."""
     run_dir = Path(run_dir)
     adapter = run_dir / "adapter"
     meta = _adapter_meta(adapter)
     out = Path(out) if out is not None else run_dir / ("merged" if merge else "export")
     _check_target(out, run_dir, adapter, overwrite)
+    if gguf:  # refused before the merge: a wrong type or architecture costs a second, and nothing is written
+        _check_gguf(gguf, merge, meta["base_model"])
     items_file = _training_items(run_dir, meta) if include_training_data else None
     with io.atomic_dir(out) as tmp:  # a crash or Ctrl-C leaves no half-written export behind
         if merge:
@@ -54,6 +57,12 @@ def export(run_dir: Path, out: Path | None = None, merge: bool = True, log=print
         io.write_json(tmp / "medtune.json", public)
         results = run_dir / "results.json"
         card = model_card(meta, adapter, json.loads(results.read_text()) if results.is_file() else None, merge)
+        if gguf:
+            from medtune import export_gguf
+
+            public["gguf"] = export_gguf.export_gguf(tmp, gguf, meta["prompt_style"], log=log)
+            io.write_json(tmp / "medtune.json", public)
+            card += "\n" + export_gguf.card_section(public["gguf"])
         io.write_text(tmp / "README.md", card)
         check_no_local_paths(tmp, [run_dir, adapter, Path(meta["base_model"])])
     log(f"exported {'merged model' if merge else 'adapter'} with model card to {out}")
@@ -75,6 +84,18 @@ def _adapter_meta(adapter: Path) -> dict:
     if missing:
         raise MedtuneError(f"{adapter / 'medtune.json'}: missing {', '.join(missing)}")
     return meta
+
+
+def _check_gguf(gguf: str, merge: bool, base_model: str) -> None:
+    from transformers import AutoConfig
+
+    from medtune.export_gguf import check_architecture, check_type
+    from medtune.models import resolve
+
+    check_type(gguf)
+    if not merge:
+        raise MedtuneError("--gguf needs the merged model; drop --no-merge")
+    check_architecture(AutoConfig.from_pretrained(resolve(base_model, log=lambda *_: None)).to_dict())
 
 
 def _check_target(out: Path, run_dir: Path, adapter: Path, overwrite: bool) -> None:

@@ -24,6 +24,10 @@ def cache_dir() -> Path:
 def resolve(name: str, log=print) -> str:
     """A path or Hub id `from_pretrained` can load. `embedded` converts the packaged GGUF once into the cache."""
     if name != EMBEDDED:
+        if Path(name).suffix == ".gguf":  # a single GGUF file: transformers' GGUF reader loads it (see _pretrained)
+            if not Path(name).is_file():
+                raise MedtuneError(f"{name}: no such GGUF file")
+            return name
         if Path(name).exists() and not (Path(name) / "config.json").is_file():
             raise MedtuneError(f"{name}: not a model directory (no config.json)")
         return name
@@ -32,13 +36,24 @@ def resolve(name: str, log=print) -> str:
         log(f"note: the embedded model package is not installed ({EMBEDDED_PIP}); trying the Hub's {EMBEDDED_HUB}")
         return EMBEDDED_HUB
     out = cache_dir() / "smollm2-135m-instruct"
-    stamp = out / "medtune-source.json"
     expected = {"gguf": gguf.name, "size": gguf.stat().st_size}
-    if stamp.is_file() and json.loads(stamp.read_text()) == expected and (out / "model.safetensors").is_file():
+    if _converted(out, expected):
         return str(out)
-    log(f"converting the embedded model once: {gguf.name} -> {out}")
-    _convert_gguf(gguf, out, expected)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    from filelock import FileLock
+
+    # several processes (accelerate launch ranks, parallel jobs) may start on an empty cache: one converts, the
+    # others wait here and then find the finished directory
+    with FileLock(str(out) + ".lock"):
+        if not _converted(out, expected):
+            log(f"converting the embedded model once: {gguf.name} -> {out}")
+            _convert_gguf(gguf, out, expected)
     return str(out)
+
+
+def _converted(out: Path, expected: dict) -> bool:
+    stamp = out / "medtune-source.json"
+    return stamp.is_file() and json.loads(stamp.read_text()) == expected and (out / "model.safetensors").is_file()
 
 
 def embedded_gguf() -> Path | None:
@@ -67,10 +82,39 @@ def _convert_gguf(gguf: Path, out: Path, stamp: dict) -> None:
         io.write_json(tmp / "medtune-source.json", stamp, indent=None)
 
 
+QUANTIZE = ("none", "8bit", "4bit")
+
+
+def quantization_config(quantize: str, compute_dtype: str):
+    """transformers' BitsAndBytesConfig for `lora.quantize` (None for none). 4bit is QLoRA's NF4 with double
+    quantization; matmuls run in `compute_dtype` (the device policy's training dtype)."""
+    if quantize == "none":
+        return None
+    if quantize not in QUANTIZE:
+        raise MedtuneError(f"lora.quantize {quantize!r}: choose {', '.join(QUANTIZE)}")
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise MedtuneError(f"lora.quantize={quantize} needs bitsandbytes: pip install 'medtune[qlora]'")
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    if quantize == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=getattr(torch, compute_dtype))
+
+
+def _pretrained(path: str) -> tuple[str, dict]:
+    """from_pretrained arguments: a `.gguf` file is read as `from_pretrained(its dir, gguf_file=its name)`."""
+    if Path(path).suffix == ".gguf":
+        return str(Path(path).parent), {"gguf_file": Path(path).name}
+    return path, {}
+
+
 def load_tokenizer(path: str, padding_side: str = "left"):
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    where, kwargs = _pretrained(path)
+    tokenizer = AutoTokenizer.from_pretrained(where, **kwargs)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = padding_side
@@ -86,10 +130,13 @@ def load_model(name: str, adapter: str | None = None, dtype: str = "float32", de
     if adapter:
         check_adapter(adapter)  # before the model loads: a bad adapter is refused in a second, not after a minute
     path = resolve(name, log=log)
+    where, kwargs = _pretrained(path)
     try:
         # safetensors only: a pickled checkpoint (.bin) can run code when loaded. No remote code unless asked for.
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype), use_safetensors=True,
-                                                     attn_implementation=attn_implementation, trust_remote_code=False)
+        # A `.gguf` file is read by transformers' own GGUF loader (no pickle either).
+        model = AutoModelForCausalLM.from_pretrained(where, dtype=getattr(torch, dtype), trust_remote_code=False,
+                                                     attn_implementation=attn_implementation,
+                                                     **(kwargs or {"use_safetensors": True}))
     except (OSError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise MedtuneError(f"{name}: could not load the model ({first}). medtune loads safetensors weights only; "

@@ -35,8 +35,9 @@ class Example:
 
 
 def train(cfg: Config, items: list[MCQItem], out_dir: Path, resume: bool = False, quiet: bool = False,
-          log=print, extra_meta: dict | None = None) -> dict:
+          log=print, extra_meta: dict | None = None, base_model=None) -> dict:
     """Train a LoRA adapter on `items`; write it to out_dir/adapter with everything needed to trace it.
+    `base_model`: the fp32 base already in memory (run.py), trained in place instead of loading it again.
 
     Checkpoints (checkpoint.py) every `save_every` steps, or every DEFAULT_SAVE_MINUTES when it is 0, and at the end;
     SIGTERM/SIGINT write one and exit (TrainingInterrupted). Without `resume` an earlier run's checkpoints and metrics
@@ -50,6 +51,7 @@ def train(cfg: Config, items: list[MCQItem], out_dir: Path, resume: bool = False
 
     t = cfg.train
     out_dir = Path(out_dir)
+    from medtune.doctor import preflight
     from medtune.hardware import decide, detect, device_string, prepare_env
 
     prepare_env()  # before anything initializes the GPU runtime (ROCm reads HSA_OVERRIDE_GFX_VERSION once)
@@ -64,7 +66,8 @@ def train(cfg: Config, items: list[MCQItem], out_dir: Path, resume: bool = False
                               cpu=cfg.device == "cpu" or device_string(info) == "cpu",
                               log_with=t.report_to or None, project_dir=str(out_dir))
     set_seed(t.seed, deterministic=False)
-    model, tokenizer = _lora_model(cfg, accelerator, log, _attention(cfg, info, policy))
+    preflight(cfg, log if accelerator.is_main_process else (lambda *_: None), info)  # warnings before weights load
+    model, tokenizer = _lora_model(cfg, accelerator, log, _attention(cfg, info, policy), base_model)
     world = accelerator.num_processes
     plan = batch_plan(items, cfg, tokenizer, world)
     steps = len(plan) if t.max_steps is None else min(t.max_steps, len(plan))
@@ -72,6 +75,7 @@ def train(cfg: Config, items: list[MCQItem], out_dir: Path, resume: bool = False
     optimizer = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
     scheduler = get_scheduler(t.scheduler, optimizer, num_warmup_steps=math.ceil(t.warmup * steps),
                               num_training_steps=steps)
+    _fill_deepspeed(accelerator, t.batch_size)
     model, optimizer = accelerator.prepare(model, optimizer)
     if t.report_to:
         accelerator.init_trackers("medtune", config=_flat(cfg.to_dict()))
@@ -105,6 +109,19 @@ def train(cfg: Config, items: list[MCQItem], out_dir: Path, resume: bool = False
     if t.report_to:
         accelerator.end_training()
     return summary
+
+
+def _fill_deepspeed(accelerator, batch_size: int) -> None:
+    """Under DeepSpeed, accelerate fills an `auto` micro-batch size only from a DataLoader, which this loop doesn't
+    use (prepare() raises without it), and an `auto` gradient_clipping with 1.0, where medtune clips nowhere else."""
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    if plugin is None:
+        return
+    ds = plugin.deepspeed_config
+    if ds.get("train_micro_batch_size_per_gpu", "auto") == "auto":
+        ds["train_micro_batch_size_per_gpu"] = batch_size
+    if ds.get("gradient_clipping", "auto") == "auto":
+        ds["gradient_clipping"] = 0.0  # DeepSpeed's "off"
 
 
 def _checkpoint_to_resume(out_dir: Path, cfg: Config, log) -> Path | None:
@@ -297,22 +314,44 @@ def _attention(cfg: Config, info, policy) -> str:
     return "eager" if info.kind == "cpu" or cfg.device == "cpu" else policy.attn_implementation
 
 
-def _lora_model(cfg: Config, accelerator, log, attn_implementation: str | None = None):
+def _base_dtype(accelerator) -> str:
+    """bf16 frozen base weights when training autocasts to bf16: LoRA trains none of them, so an fp32 copy costs
+    memory plus a bf16 cast of every weight in every forward. The LoRA weights and AdamW state stay fp32 (PEFT keeps
+    adapters fp32). FSDP and DeepSpeed keep fp32: FSDP flattens one dtype per unit, DeepSpeed casts by its config."""
+    from accelerate.utils import DistributedType
+
+    sharded = accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+    return "bfloat16" if accelerator.mixed_precision == "bf16" and not sharded else "float32"
+
+
+def _lora_model(cfg: Config, accelerator, log, attn_implementation: str | None = None, base=None):
     import torch
-    from peft import LoraConfig, get_peft_model
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM
 
-    from medtune.models import load_tokenizer, resolve
+    from medtune.models import load_tokenizer, quantization_config, resolve
 
     path = resolve(cfg.model, log=log if accelerator.is_main_process else (lambda *_: None))
     tokenizer = load_tokenizer(path, padding_side="right")
-    try:  # safetensors only (a pickled .bin can run code when loaded); no remote code
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation=attn_implementation,
-                                                     use_safetensors=True, trust_remote_code=False)
-    except (OSError, ValueError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise MedtuneError(f"{cfg.model}: could not load the model ({first}); medtune loads safetensors only") from None
-    if cfg.train.gradient_checkpointing:
+    compute = {"bf16": "bfloat16", "fp16": "float16"}.get(accelerator.mixed_precision, "float32")
+    quant = quantization_config(cfg.lora.quantize, compute)
+    dtype = compute if quant else _base_dtype(accelerator)
+    if base is not None and not quant:  # run.py's base, already in memory: no second read from disk
+        model = base.to(getattr(torch, dtype))
+        model.set_attn_implementation(attn_implementation or "sdpa")
+    else:
+        try:  # safetensors only (a pickled .bin can run code when loaded); no remote code
+            model = AutoModelForCausalLM.from_pretrained(  # a quantized base is placed at load; accelerate can't move it
+                path, dtype=getattr(torch, dtype), attn_implementation=attn_implementation, quantization_config=quant,
+                device_map={"": accelerator.device} if quant else None, use_safetensors=True, trust_remote_code=False)
+        except (OSError, ValueError) as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise MedtuneError(f"{cfg.model}: could not load the model ({first}); medtune loads safetensors only") \
+                from None
+    if quant:  # QLoRA: norms and embeddings to fp32, input grads on, checkpointing as configured
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.train.gradient_checkpointing,
+                                                gradient_checkpointing_kwargs={"use_reentrant": False})
+    elif cfg.train.gradient_checkpointing:
         enable = getattr(model, "activation_checkpointing_enable", None)  # transformers >= 5.x name
         if enable is not None:
             enable(activation_checkpointing_kwargs={"use_reentrant": False})
