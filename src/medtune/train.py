@@ -282,13 +282,13 @@ def _train_step(run: _Run, batches, tokenizer, step: int) -> tuple[float, int]:
 
 
 def _oom_message(run: _Run, batches) -> str:
-    from medtune.hardware import estimate_memory
+    from medtune.doctor import estimate_memory
 
     t = run.cfg.train
     params = sum(p.numel() for p in run.acc.unwrap_model(run.model).parameters())
     batch_tokens = max(sum(len(ex.input_ids) for ex in b) for b in batches)
     dtype = {"bf16": "bfloat16", "fp16": "float16"}.get(run.acc.mixed_precision, "float32")
-    need = estimate_memory(params, batch_tokens, dtype) / 2**30
+    need = estimate_memory(params, batch_tokens, dtype, run.cfg.lora.quantize) / 2**30
     return (f"out of memory at step {run.step + 1} (estimated need {need:.1f} GiB for {params / 1e6:.0f}M parameters "
             f"and {batch_tokens} tokens per micro-batch). Lower train.batch_size (now {t.batch_size}; raise "
             f"train.grad_accum to keep the effective batch), train.max_length (now {t.max_length}), turn on "
