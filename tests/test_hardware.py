@@ -491,7 +491,8 @@ def test_every_device_command_prepares_env_before_the_runtime_starts(monkeypatch
     monkeypatch.setattr(torch.cuda, "is_available", touch("torch.cuda"))
     run_dir = tmp_path / "run"
     (run_dir / "adapter").mkdir(parents=True)
-    (run_dir / "adapter" / "adapter_config.json").write_text("{}")
+    (run_dir / "adapter" / "adapter_config.json").write_text('{"peft_type": "LORA"}')  # passes models.check_adapter
+    (run_dir / "adapter" / "adapter_model.safetensors").write_bytes(b"")
     (run_dir / "adapter" / "medtune.json").write_text(json.dumps({"base_model": tiny_model_dir,
                                                                   "prompt_style": "harness"}))
     sets = ["--set", f"model={tiny_model_dir}", "--out", str(tmp_path / "out")]
