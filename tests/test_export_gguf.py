@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 from medtune.cli import app
 from medtune.errors import MedtuneError
-from medtune.export_gguf import TOLERANCE, check_architecture, modelfile, write_gguf
+from medtune.export_gguf import WRITER_TOLERANCE, check_architecture, modelfile, write_gguf
 
 QUIET = {"log": lambda *_: None}
 
@@ -168,15 +168,17 @@ def test_embedded_run_exports_q8_0_and_eval_reproduces_the_merged_model(tokenize
     assert gguf_file.is_file() and (merged / "Modelfile").read_text().splitlines()[2] == "FROM ./model.q8_0.gguf"
     info = json.loads((merged / "medtune.json").read_text())["gguf"]
     v = info["verification"]
-    assert v["passed"] and v["n"] == 64 and v["max_abs_logprob_diff"] <= TOLERANCE["q8_0"] and v["agreement"] >= 0.98
+    writer, effect = v["writer_check"], v["vs_fp32_merged"]
+    assert v["passed"] and v["n"] == 64 and writer["max_abs_logprob_diff"] <= WRITER_TOLERANCE
+    assert writer["agreement"] >= 0.98
     card = (merged / "README.md").read_text()
-    assert f"sha256 `{info['sha256']}`" in card and "type Q8_0" in card and f"{v['agreement']:.1%}" in card
+    assert f"sha256 `{info['sha256']}`" in card and "type Q8_0" in card and f"{effect['agreement']:.1%}" in card
 
     out = tmp_path / "eval"
     result = CliRunner().invoke(app, ["eval", "--model", str(gguf_file), "--data", "demo", "--method", "letter",
                                       "--mode", "exact", "--permute", "none", "--out", str(out), "--json", "-q"])
     assert result.exit_code == 0, result.output
-    accuracy = json.loads(result.output.split("\n", 1)[-1] if not result.output.startswith("{") else result.output)
-    accuracy = accuracy["eval"]["metrics"]["accuracy"]
+    accuracy = json.loads(result.stdout)["eval"]["metrics"]["accuracy"]
     assert accuracy == pytest.approx(v["accuracy_gguf"])  # the CLI scores the GGUF as the export's check did
-    assert abs(accuracy - v["accuracy_merged"]) <= 1 - v["min_agreement"] + 1e-9
+    # Accuracy can move only through the questions whose prediction changed.
+    assert abs(accuracy - v["accuracy_merged"]) <= 1 - effect["agreement"] + 1e-9
