@@ -6,7 +6,7 @@
 For each benchmark a fixed sample of items (every k-th item of the published file, `sample_indices`) is written to a
 small local file, and lm-eval (`hf` model, fp32, CPU, batch size 1, samples logged) scores them through the tasks in
 benchmarks/lmeval_task/ twice: on the embedded model and with the LoRA adapter in tests/fixtures/lmeval/adapter (made
-by `make_adapter`: seeded random LoRA weights, r=2 on q_proj and v_proj, scaled so that its predictions vary; it is a
+by `make_adapter`: seeded random LoRA weights, r=2 on o_proj and down_proj, scaled so that its predictions vary; it is a
 parity fixture, not a model anyone should use). The fixtures hold ids, indices into the published file and numbers
 only: no question text. tests/test_lmeval_fixtures.py scores the same items with medtune's exact mode.
 """
@@ -33,7 +33,7 @@ SETS = {
     "mmlu": ([f"mmlu/{s}_test.csv" for s in ("clinical_knowledge", "college_biology", "college_medicine",
                                              "professional_medicine")], 28),
 }
-ADAPTER_SEED, ADAPTER_STD, TARGETS = 0, 0.02, ["q_proj", "v_proj"]
+ADAPTER_SEED, ADAPTER_STD, TARGETS = 0, 0.3, ["o_proj", "down_proj"]
 
 
 def sample_indices(n_items: int, k: int) -> list[int]:
@@ -46,7 +46,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--shared", default=str(HERE.parent.parent / "shared" / "data"), help="The shared data dir.")
     p.add_argument("--work", default="runs/lmeval-fixtures", help="Scratch dir for lm-eval's outputs.")
     p.add_argument("--lmeval-python", default=str(parity.DEFAULT_VENV / "bin/python"))
+    p.add_argument("--compare", action="store_true",
+                   help="Do not run lm-eval: score the fixtures' items with medtune exact mode and print the table.")
     args = p.parse_args(argv)
+    if args.compare:
+        print(compare(Path(args.shared).resolve()))
+        return 0
     shared, work = Path(args.shared).resolve(), Path(args.work).resolve()
     work.mkdir(parents=True, exist_ok=True)
     adapter = FIXTURES / "adapter"
@@ -81,6 +86,39 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def compare(shared: Path) -> str:
+    """medtune exact mode (fp32, adapter merged as `medtune eval` does) on each fixture's items: the markdown table of
+    items, max |Δ log-likelihood| against lm-eval, prediction agreement and accuracies, base and adapter."""
+    import time
+
+    from medtune.data.formats import read_file
+    from medtune.models import load_model
+    from medtune.scoring import argmax, score_items
+
+    quiet = {"log": lambda *_: None}
+    models = {"base": load_model("embedded", **quiet)[:2],
+              "adapter": load_model("embedded", adapter=str(FIXTURES / "adapter"), merge=True, **quiet)[:2]}
+    lines = ["| benchmark | model | n | max abs diff | agreement | accuracy lm-eval | accuracy medtune | medtune s |",
+             "|---|---|---|---|---|---|---|---|"]
+    for b, (names, _) in SETS.items():
+        fixture = json.loads((FIXTURES / f"{b}.json").read_text())
+        items = [it for n in names for it in read_file(shared / n, cop_base=1 if b == "medmcqa" else None)]
+        items = [items[e["index"]] for e in fixture["items"]]
+        for label, (model, tok) in models.items():
+            start = time.perf_counter()
+            rows = score_items(model, tok, items, "harness", mode="exact", batch_size=8)
+            secs = time.perf_counter() - start
+            theirs = [e[label] for e in fixture["items"]]
+            ours = [list(r["logprobs"].values()) for r in rows]
+            diff = max(abs(x - y) for t, o in zip(theirs, ours) for x, y in zip(t, o))
+            agree = sum(argmax(t) == argmax(o) for t, o in zip(theirs, ours)) / len(rows)
+            acc_l = sum(argmax(t) == e["gold"] for t, e in zip(theirs, fixture["items"])) / len(rows)
+            acc_m = sum(r["correct"] for r in rows) / len(rows)
+            lines.append(f"| {b} | {label} | {len(rows)} | {diff:.2e} | {agree:.3f} | {acc_l:.3f} | {acc_m:.3f} | "
+                         f"{secs:.1f} |")
+    return "\n".join(lines)
+
+
 def prepare(shared: Path, work: Path) -> tuple[list[str], dict[str, tuple[list[int], list[str]]]]:
     """The sampled items of each benchmark as a local file lm-eval reads (doc_id k = the k-th sampled item), the task
     YAMLs, and per benchmark the sampled indices into the published file(s) and medtune's ids for them."""
@@ -105,7 +143,7 @@ def prepare(shared: Path, work: Path) -> tuple[list[str], dict[str, tuple[list[i
 
 
 def make_adapter(out: Path) -> None:
-    """A small PEFT LoRA adapter with seeded random weights (r=2, q_proj and v_proj), saved as safetensors."""
+    """A small PEFT LoRA adapter with seeded random weights (r=2, o_proj and down_proj), saved as safetensors."""
     import torch
     from peft import LoraConfig, get_peft_model
 
@@ -120,6 +158,7 @@ def make_adapter(out: Path) -> None:
             if "lora_" in name:
                 param.copy_(torch.randn(param.shape, generator=gen) * ADAPTER_STD)
     peft_model.save_pretrained(out)
+    (out / "README.md").unlink(missing_ok=True)  # PEFT's model-card template: not needed for a test fixture
 
 
 if __name__ == "__main__":
