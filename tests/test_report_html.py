@@ -89,8 +89,14 @@ def test_report_command_and_explanations_not_generated(tiny_run, tmp_path):
     result = CliRunner().invoke(app, ["report", str(out), "--out", str(target), "--price-per-hour", "2.5"])
     assert result.exit_code == 0, result.output
     page = target.read_text()
-    assert "Explanations were not generated" in page and "Explanation (generated" not in page
+    assert "explanations.jsonl" in page and page.count("Explanation (generated") == 10  # kept from the run
     assert "at 2.5 per device-hour" in page
+    bare = tmp_path / "bare"
+    shutil.copytree(out, bare)
+    (bare / "explanations.jsonl").unlink()
+    assert CliRunner().invoke(app, ["report", str(bare)]).exit_code == 0
+    page = (bare / "report.html").read_text()
+    assert "Explanations were not generated" in page and "Explanation (generated" not in page
     bad = CliRunner().invoke(app, ["report", str(out / "base")])
     assert bad.exit_code == 2 and "error:" in bad.output
 

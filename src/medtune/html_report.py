@@ -211,12 +211,17 @@ def _examples(run_dir: Path, results: dict, items: dict, tuned_rows: list[dict],
     """The first EXAMPLES eval items with the tuned model's scored answer, its probabilities and an explanation."""
     rows = tuned_rows[:EXAMPLES]
     generated = {r["id"]: r for r in (rows if rows and "explanation" in rows[0] else _rows(run_dir / "tuned-generate"))}
+    saved = run_dir / "explanations.jsonl"  # written the first time they are generated, so a re-render keeps them
     if generated:
         note = "Explanations: from the run's greedy `generate` evaluation of the tuned model."
-    elif explain and rows and all(r["id"] in items for r in rows):
-        generated = {r["id"]: r for r in explain_items(run_dir, results, [items[r["id"]] for r in rows], log)}
+    elif saved.is_file() or (explain and rows and all(r["id"] in items for r in rows)):
+        if explain or not saved.is_file():
+            from medtune.report import write_jsonl
+
+            write_jsonl(saved, explain_items(run_dir, results, [items[r["id"]] for r in rows], log))
+        generated = {r["id"]: r for r in _jsonl(saved)}
         note = (f"Explanations: generated greedily for this report by the tuned model (base + adapter), at most "
-                f"{EXPLAIN_TOKENS} new tokens, with the run's prompt style.")
+                f"{EXPLAIN_TOKENS} new tokens, with the run's prompt style (saved in explanations.jsonl).")
     else:
         why = "the question text is unavailable" if rows and not all(r["id"] in items for r in rows) else \
             "the run has no `generate` evaluation"
