@@ -12,6 +12,8 @@ of optimizer steps:
             EOS, length-grouped batches, its prompt style), plus gradient checkpointing: without it medtune's peak
             RSS is ~1.5x the baseline's (measured: 3.6-3.7 GB vs 2.4 GB), with it ~2.0-2.2 GB, inside the baseline's.
   medtune-nogc  the same with medtune's shipped default, gradient_checkpointing=false (speed vs memory trade-off).
+  medtune-fp32base  medtune-nogc with the frozen base weights kept in fp32 under bf16 autocast (before issue 10).
+  medtune-4bit  medtune-nogc with lora.quantize=4bit (NF4 + double quantization, bitsandbytes' CPU backend).
 
 Each variant runs in its own subprocess (clean peak RSS and threads); the parent alternates them over --repeats and
 reports seconds per optimizer step, real (attention_mask == 1) tokens per second and peak RSS, plus the medtune /
@@ -26,6 +28,7 @@ is not measured.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -41,8 +44,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "medmcqa" / "dev.jsonl"
 MARK = "TRAIN_SPEED_RESULT "  # prefix of the child's result line on stdout (Trainer prints its own dicts there)
-VARIANTS = ("baseline", "medtune", "medtune-nogc")
-GRADIENT_CHECKPOINTING = {"medtune": True, "medtune-nogc": False}  # medtune's own default is False
+VARIANTS = ("baseline", "medtune", "medtune-nogc", "medtune-fp32base", "medtune-4bit")
+GRADIENT_CHECKPOINTING = {"medtune": True, "medtune-nogc": False,  # medtune's own default is False
+                          "medtune-fp32base": False, "medtune-4bit": False}
+VARIANT_SETS = {"medtune-4bit": ["lora.quantize=4bit"]}  # QLoRA: NF4 base through bitsandbytes (medtune[qlora])
 TRAIN_SIZE, SPLIT_SEED = 2000, 42
 LORA = {"r": 8, "alpha": 16, "dropout": 0.05, "target_modules": ["q_proj", "v_proj"]}
 MAX_LENGTH, BATCH, ACCUM, LR = 256, 4, 4, 2e-4
@@ -68,8 +73,8 @@ def parse_args(argv):
     p.add_argument("--tiny", action="store_true", help="a tiny random Llama (hidden 32, 2 layers) instead of the "
                                                        "embedded model: checks the script, measures nothing")
     p.add_argument("--data", type=Path, default=DATA, help=f"MedMCQA published-format JSONL (default {DATA})")
-    p.add_argument("--variants", default=",".join(VARIANTS),
-                   help=f"comma-separated, baseline first (default {','.join(VARIANTS)})")
+    p.add_argument("--variants", default=",".join(VARIANTS[:3]),
+                   help=f"comma-separated, baseline first, from {', '.join(VARIANTS)} (default {','.join(VARIANTS[:3])})")
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                    help="extra config override for the medtune variants (wins over theirs), e.g. prompt_style=seed")
     p.add_argument("--show-example", action="store_true", help="print one baseline example, its label mask and "
@@ -318,16 +323,22 @@ def medtune_overrides(model: str, steps: int, sets: list[str], n_items: int = TR
 
 
 def run_medtune(variant: str, model_dir: str, items, steps: int, tmp: Path, sets: list[str]) -> dict:
+    from unittest import mock
+
     import torch
     from safetensors.torch import load_file
 
+    from medtune import train as train_mod
     from medtune.config import load_config
     from medtune.hardware import decide, detect
     from medtune.train import _attention, _mixed_precision, train
 
-    sets = [f"train.gradient_checkpointing={str(GRADIENT_CHECKPOINTING[variant]).lower()}", *sets]  # --set wins
+    sets = [f"train.gradient_checkpointing={str(GRADIENT_CHECKPOINTING[variant]).lower()}",
+            *VARIANT_SETS.get(variant, []), *sets]  # --set wins
     cfg = load_config(None, medtune_overrides(model_dir, steps, sets, len(items)))
-    train(cfg, items, tmp, quiet=True, log=lambda m: print(m, file=sys.stderr))
+    fp32 = mock.patch.object(train_mod, "_base_dtype", lambda accelerator: "float32")
+    with fp32 if variant == "medtune-fp32base" else contextlib.nullcontext():
+        train(cfg, items, tmp, quiet=True, log=lambda m: print(m, file=sys.stderr))
     rows = [json.loads(line) for line in (tmp / "metrics.jsonl").read_text().splitlines() if line.strip()]
     info = detect()
     policy = decide(info)
@@ -336,7 +347,9 @@ def run_medtune(variant: str, model_dir: str, items, steps: int, tmp: Path, sets
     extra = {"losses": [round(r["loss"], 4) for r in rows],
              "lora_b_updated": updated([t for n, t in adapter.items() if "lora_B" in n]),
              "torch_threads": torch.get_num_threads(),
-             "dtype": "float32" if mixed == "no" else f"{mixed} autocast over fp32 weights",
+             "dtype": "float32" if mixed == "no" else f"{mixed} autocast, frozen base in " + (
+                 "fp32" if variant == "medtune-fp32base" else cfg.lora.quantize if cfg.lora.quantize != "none"
+                 else f"{mixed} (LoRA weights and AdamW state fp32)"),
              "attention": _attention(cfg, info, policy), "gradient_checkpointing": cfg.train.gradient_checkpointing,
              "loss_on": f"target ({cfg.train.target}) + EOS", "prompt_style": cfg.prompt_style, "sets": sets}
     # elapsed_s and tokens are cumulative from train()'s t0 (just before step 1); begin = 0 on that clock

@@ -57,7 +57,7 @@ def test_pubmedqa_original_and_hub(tmp_path):
     path.write_text(json.dumps(ori))
     (item,) = read_file(path)
     assert item.id == "12345" and item.options == ("yes", "no", "maybe") and item.answer == 2
-    assert "Ctx one. Ctx two." in item.question and item.question.endswith("Question: Does X help?")
+    assert item.question == "Abstract: Ctx one.\nCtx two.\nQuestion: Does X help?"  # lm-eval's pubmedqa text
     hub = {"pubid": 7, "question": "Q?", "context": {"contexts": ["C."], "labels": [], "meshes": []},
            "long_answer": "L.", "final_decision": "yes"}
     (item,) = read_file(write_jsonl(tmp_path / "hub.jsonl", [hub]))

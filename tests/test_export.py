@@ -64,18 +64,18 @@ def test_merged_model_scores_like_base_plus_adapter(run_dir, tiny_model_dir):
     assert not torch.allclose(torch.tensor(base), torch.tensor(want), atol=1e-3)  # so the comparison means something
 
     meta = json.loads((merged / "medtune.json").read_text())
-    assert meta["export"]["merged"] is True and meta["export"]["run_dir"] == str(run_dir.resolve())
-    assert meta["export"]["base_model"] == tiny_model_dir and meta["prompt_style"] == "harness"
-    assert len(meta["train_items"]) == 12  # evaluate.py's contamination check works on the export too
+    assert meta["export"]["merged"] is True and meta["export"]["run"] == run_dir.name  # no local paths
+    assert meta["export"]["base_model"] == Path(tiny_model_dir).name and meta["prompt_style"] == "harness"
+    assert len(meta["train_ids"]) == 12 and "train_items" not in meta  # ids, not the training texts
 
 
 def test_card_front_matter_sections_and_disclaimer(run_dir, tiny_model_dir):
-    card = (export(run_dir, log=lambda *_: None) / "README.md").read_text()
+    card = (export(run_dir, log=lambda *_: None, overwrite=True) / "README.md").read_text()
     assert card.startswith("---\n")
     front = yaml.safe_load(card.split("---\n")[1])
     assert front["library_name"] == "transformers" and front["tags"] == ["medical", "multiple-choice", "lora", "medtune"]
     assert "license" not in front and "base_model" not in front  # a local base dir is not a Hub id
-    assert f"local directory {tiny_model_dir}" in card
+    assert f"local directory {Path(tiny_model_dir).name}" in card and tiny_model_dir not in card
     for heading in ("## Model", "## Training data", "## Recipe", "## Evaluation", "## Intended use", "## Limitations"):
         assert heading in card
     assert DISCLAIMER in card
@@ -133,6 +133,60 @@ def test_missing_adapter_and_unsafe_targets_are_refused(run_dir, tmp_path):
     stranger = tmp_path / "mine"
     stranger.mkdir()
     (stranger / "notes.txt").write_text("keep me")
-    with pytest.raises(MedtuneError, match="not a medtune export"):
+    with pytest.raises(MedtuneError, match="already exists and is not empty"):
         export(run_dir, stranger, merge=False, log=lambda *_: None)
     assert (stranger / "notes.txt").read_text() == "keep me"
+
+
+def test_export_carries_no_training_text_and_no_local_paths(run_dir, tiny_model_dir, tmp_path):
+    """Grep every file of both export kinds for the training texts and for this machine's directories."""
+    texts = [t for it in items(12) for t in (it.question, it.explanation)]
+    local = [str(run_dir.resolve()), str(Path(tiny_model_dir).resolve()), str(Path.home()), str(tmp_path.parent)]
+    for merge in (True, False):
+        out = export(run_dir, tmp_path / f"export-{merge}", merge=merge, log=lambda *_: None)
+        for f in out.rglob("*"):
+            data = f.read_bytes()
+            assert not [t for t in texts if t.encode() in data], f
+            assert not [p for p in local if p.encode() in data], f
+        card = (out / "README.md").read_text()
+        assert f'from_pretrained("{Path(tiny_model_dir).name}")' in card or merge  # the base by name, not by path
+        peft_cfg = out / "adapter_config.json"
+        if peft_cfg.is_file():
+            assert json.loads(peft_cfg.read_text())["base_model_name_or_path"] == Path(tiny_model_dir).name
+
+
+def test_contamination_check_works_from_hashes_on_adapter_and_export(run_dir, tmp_path):
+    from dataclasses import replace
+
+    from medtune.data.split import overlap
+    from medtune.evaluate import contamination_check
+
+    train = items(12)
+    near = replace(train[1], id="near", question=train[1].question + " Think.", options=("a", "b", "c", "d"))
+    fresh = items(3, seed=7)
+    probe = [train[0], near, *[replace(f, id=f"new{k}", question=f"Name a shade for case {k}.")
+                               for k, f in enumerate(fresh)]]
+    out = export(run_dir, tmp_path / "exp", merge=False, log=lambda *_: None)
+    for where in (run_dir / "adapter", out):
+        found = contamination_check(probe, str(where), lambda *_: None)
+        assert [x["eval_id"] for x in found["exact"]] == [train[0].id] and found["exact"][0]["train_ids"] == ["x0-0"]
+        assert found == overlap(train, probe)  # what the training texts themselves would give
+
+
+def test_training_items_ship_only_on_request(run_dir, tmp_path):
+    plain = export(run_dir, tmp_path / "plain", merge=False, log=lambda *_: None)
+    assert not (plain / "train_items.jsonl").exists()
+    shipped = export(run_dir, tmp_path / "shipped", merge=False, log=lambda *_: None, include_training_data=True)
+    rows = [json.loads(x) for x in (shipped / "train_items.jsonl").read_text().splitlines()]
+    assert [r["question"] for r in rows] == [i.question for i in items(12)]
+    assert json.loads((shipped / "medtune.json").read_text())["export"]["train_items_file"] == "train_items.jsonl"
+
+
+def test_merged_export_refused_on_a_full_disk(run_dir, tmp_path, monkeypatch):
+    import shutil
+
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage._replace(free=1 << 20))
+    with pytest.raises(MedtuneError, match=r"not enough disk space for the merged model .*needs about .*1\.0 MiB free"):
+        export(run_dir, tmp_path / "merged", log=lambda *_: None)
+    assert not list(tmp_path.iterdir())  # nothing half-written

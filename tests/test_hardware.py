@@ -11,12 +11,13 @@ from types import SimpleNamespace
 
 import pytest
 
+from medtune import doctor as dr
 from medtune import hardware as hw
 from medtune.errors import MedtuneError
 
 ROOT = Path(__file__).resolve().parents[1]
 GIB = 1024**3
-NO_EXTRAS = {"flash_attn": None, "bitsandbytes": None, "bnb_backend": None}
+NO_EXTRAS = {"flash_attn": None, "bitsandbytes": None, "bnb_backend": None, "bnb_error": None}
 CUDA_ARCHS = ["sm_75", "sm_80", "sm_86", "sm_90", "sm_100", "sm_120"]
 ROCM_ARCHS = ["gfx900", "gfx906:xnack-", "gfx908", "gfx90a", "gfx942", "gfx950", "gfx1030", "gfx1100", "gfx1201"]
 
@@ -67,7 +68,7 @@ def run(monkeypatch, torch, h=None, extras=None, overrides=None, **doctor_kw):
     monkeypatch.setattr(hw, "_probe_extras", lambda kind: dict(NO_EXTRAS) | (extras or {}))
     info = hw.detect(torch, h or host())
     policy = hw.decide(info, overrides)
-    findings = hw.doctor(info, policy, **doctor_kw)
+    findings = dr.doctor(info, policy, **doctor_kw)
     rep = hw.report(info, policy, findings)
     assert json.loads(json.dumps(rep)) == json.loads(json.dumps(rep, default=str))  # plain JSON, nothing odd
     assert set(policy.reasons) == {"train_dtype", "eval_dtype", "loss_scaling", "attn_implementation",
@@ -131,7 +132,7 @@ def test_policy_per_device(monkeypatch, case):
     if kind == "rocm":
         assert info.gfx_arch == torch_kw["gpus"][0].gcnArchName.split(":")[0]
         assert "gfx906" in info.arch_list  # feature suffixes stripped from torch's compiled list too
-    if kind == "cpu":
+    if kind == "cpu":  # cpu-only: a faked CPU device (parametrized above), not this machine
         assert info.count == 0 and info.names == []
 
 
@@ -166,7 +167,8 @@ def test_user_set_hsa_override_is_kept(monkeypatch):
                                                                user_env={"HSA_OVERRIDE_GFX_VERSION": "10.3.0"}))
     assert info.gfx_arch == "gfx1031"
     assert policy.env == {} and "set by user: kept" in policy.reasons["env"]
-    assert hw.apply_env(policy) == {} and os.environ["HSA_OVERRIDE_GFX_VERSION"] == "10.3.0"
+    assert hw.prepare_env(torch, host(kfd_archs=["gfx1031"])) == {}
+    assert os.environ["HSA_OVERRIDE_GFX_VERSION"] == "10.3.0"
     assert rep["env"]["set_by_user"] == {"HSA_OVERRIDE_GFX_VERSION": "10.3.0"}
     assert findings == []  # the right value: nothing to say
 
@@ -186,16 +188,15 @@ def test_native_arch_never_gets_an_override(monkeypatch):
     assert any("not compiled for gfx1031" in f.message for f in findings)
 
 
-def test_apply_env_sets_only_missing(monkeypatch):
+def test_prepare_env_is_not_reported_as_the_users(monkeypatch):
     monkeypatch.setattr(hw, "_SET_BY_MEDTUNE", {})
     monkeypatch.delenv("HSA_OVERRIDE_GFX_VERSION", raising=False)
-    monkeypatch.setenv("MEDTUNE_TEST_KEEP", "user")
-    policy = hw.Policy("float16", "float16", True, "sdpa", False,
-                       {"HSA_OVERRIDE_GFX_VERSION": "10.3.0", "MEDTUNE_TEST_KEEP": "medtune"}, {})
-    assert hw.apply_env(policy) == {"HSA_OVERRIDE_GFX_VERSION": "10.3.0"}
-    assert os.environ["MEDTUNE_TEST_KEEP"] == "user"
+    rocm = fake_torch(hip="6.4", arch_list=ROCM_ARCHS)
+    assert hw.prepare_env(rocm, host(kfd_archs=["gfx1031"])) == {"HSA_OVERRIDE_GFX_VERSION": "10.3.0"}
     # what medtune set is not reported back as the user's choice
     assert "HSA_OVERRIDE_GFX_VERSION" not in hw.Host.read().user_env
+    torch = fake_torch(hip="6.4", gpus=[gpu("AMD Radeon RX 6700 XT", 12, gcn="gfx1030")], arch_list=ROCM_ARCHS)
+    _, policy, *_ = run(monkeypatch, torch, host(kfd_archs=["gfx1031"]))
     for name in hw.VISIBLE_ENV:  # visible-device variables are reported, never decided
         assert name not in policy.env
 
@@ -292,20 +293,45 @@ def test_flash_attention_forced_without_flash_attn(monkeypatch):
 @pytest.mark.parametrize(
     "torch_kw,backend,available,level",
     [
-        (rocm("MI300X", 192, "gfx942"), None, False, "warning"),
-        (rocm("MI300X", 192, "gfx942"), "CUDA", False, "warning"),
+        (rocm("MI300X", 192, "gfx942"), None, False, "warning"),  # installed, but its NF4 test failed on the GPU
         (rocm("MI300X", 192, "gfx942"), "ROCm", True, None),
         (cuda("A100", 80, (8, 0)), "CUDA", True, None),
-        ({"mps_bf16": True}, None, False, "info"),
+        ({}, "CPU", True, None),  # bitsandbytes >= 0.49 on an x86-64 CPU with AVX2
         ({}, None, False, "info"),
+        ({"mps_bf16": True}, None, False, "info"),
     ],
 )
 def test_bitsandbytes_backend(monkeypatch, torch_kw, backend, available, level):
-    extras = {"bitsandbytes": "0.48.1", "bnb_backend": backend}
+    extras = {"bitsandbytes": "0.50.2", "bnb_backend": backend, "bnb_error": None if backend else "RuntimeError: x"}
     _, policy, findings, _ = run(monkeypatch, fake_torch(**torch_kw), extras=extras)
     assert policy.qlora_available is available
     bnb = [f for f in findings if "bitsandbytes" in f.message]
     assert [f.level for f in bnb] == ([level] if level else [])
+    if not available and "mps_bf16" not in torch_kw:
+        assert "RuntimeError: x" in policy.reasons["qlora_available"]  # the probe's own error, not a guess
+
+
+def test_quantize_warnings_and_memory(monkeypatch):
+    t4 = fake_torch(cuda="12.8", gpus=[gpu("Tesla T4", 16, (7, 5))], arch_list=CUDA_ARCHS)
+    monkeypatch.setattr(hw, "_probe_extras", lambda kind: dict(NO_EXTRAS))
+    info = hw.detect(t4, host())
+    policy = hw.decide(info)
+    [f] = [f for f in dr.doctor(info, policy, quantize="4bit") if "bitsandbytes" in f.message]
+    assert f.level == "warning" and "medtune[qlora]" in f.fix
+    # 7B in fp16 doesn't fit a 16 GiB T4; in 4-bit it does
+    assert dr.doctor(info, policy, 7 * 10**9, 256)[-1].level == "warning"
+    assert dr.doctor(info, policy, 7 * 10**9, 256, quantize="4bit")[-1].level == "info"
+    assert dr.estimate_memory(10**9, 0, "bfloat16", "4bit") < dr.estimate_memory(10**9, 0, "bfloat16", "8bit") \
+        < dr.estimate_memory(10**9, 0, "bfloat16")
+
+
+def test_bnb_probe_on_this_machine():
+    """The probe `medtune env` trusts: a real NF4 round trip through bitsandbytes, or the exact error."""
+    pytest.importorskip("bitsandbytes")
+    info = hw.detect()
+    backend, error = hw._bnb_probe(hw.device_string(info))
+    assert (backend is None) is bool(error), (backend, error)  # a backend, or the reason there is none
+    assert hw.decide(info).qlora_available is (backend is not None) or info.kind not in ("cpu", "cuda", "rocm")
 
 
 def test_memory_estimate_and_what_fits(monkeypatch):
@@ -318,7 +344,7 @@ def test_memory_estimate_and_what_fits(monkeypatch):
     assert f.level == "warning" and "16.0 GiB on Tesla T4" in f.message
     fits = int(f.fix.split("~")[1].split()[0])
     assert 0 < fits < 8192
-    estimate = [hw.estimate_memory(3 * 10**9, tokens, "float16") for tokens in (fits, fits + 8)]
+    estimate = [dr.estimate_memory(3 * 10**9, tokens, "float16") for tokens in (fits, fits + 8)]
     assert estimate[0] <= 16 * GIB < estimate[1]
     _, _, findings, _ = run(monkeypatch, t4, model_params=70_000_000_000, batch_tokens=1024)
     assert "weights alone don't fit" in findings[0].fix and "fsdp.yaml" in findings[0].fix
@@ -326,9 +352,9 @@ def test_memory_estimate_and_what_fits(monkeypatch):
 
 def test_memory_formula():
     # 1B params in bf16, no tokens: 2 GB weights + 0.32 GB LoRA/optimizer, +10%, +1 GiB
-    assert hw.estimate_memory(10**9, 0, "bfloat16") == int((2e9 + 0.32e9) * 1.1 + GIB)
-    assert hw.estimate_memory(10**9, 1000, "float32") > hw.estimate_memory(10**9, 1000, "bfloat16")
-    per_token = hw.estimate_memory(10**9, 1001, "bfloat16") - hw.estimate_memory(10**9, 1000, "bfloat16")
+    assert dr.estimate_memory(10**9, 0, "bfloat16") == int((2e9 + 0.32e9) * 1.1 + GIB)
+    assert dr.estimate_memory(10**9, 1000, "float32") > dr.estimate_memory(10**9, 1000, "bfloat16")
+    per_token = dr.estimate_memory(10**9, 1001, "bfloat16") - dr.estimate_memory(10**9, 1000, "bfloat16")
     assert per_token == pytest.approx(128 * 10**4.5 * 1.1, rel=1e-3)
 
 
@@ -363,14 +389,31 @@ def test_cuda_arch_compatibility(monkeypatch, cap, arch_list, ok):
 # --- the real machine and the import cost ---
 
 
+def expected_kind() -> str:
+    """What this machine is, asked of torch directly (the suite runs on CPU hosts and on GPU hosts)."""
+    import torch
+
+    if torch.cuda.is_available():
+        return "rocm" if torch.version.hip else "cuda"
+    if torch.backends.mps.is_available():
+        return "mps"
+    return "xpu" if hasattr(torch, "xpu") and torch.xpu.is_available() else "cpu"
+
+
 def test_detect_on_this_machine():
     info = hw.detect()
-    assert info.kind == "cpu" and hw.device_string(info) == "cpu"
+    kind = expected_kind()
+    assert info.kind == kind and hw.device_string(info) == {"rocm": "cuda"}.get(kind, kind)
     assert info.cpu_count >= 1 and info.ram_bytes and info.ram_bytes > GIB
     assert info.torch_version.startswith("2.")
-    rep = hw.report(info, hw.decide(info), [])
-    assert rep["versions"]["transformers"] and rep["policy"]["eval_dtype"] == "float32"
-    assert rep["policy"]["train_dtype"] == ("bfloat16" if info.bf16 else "float32")
+    assert (info.count > 0) is (kind != "cpu") and len(info.names) == len(info.memory)
+    policy = hw.decide(info)
+    rep = hw.report(info, policy, [])
+    assert rep["versions"]["transformers"] and policy.train_dtype == hw._native_dtype(info)[0]
+    # the eval dtype: fp32 on a CPU (exact scores), the training dtype on an accelerator
+    assert policy.eval_dtype == ("float32" if kind == "cpu" else policy.train_dtype)  # cpu-only: branch on kind
+    if kind == "cpu":  # cpu-only: native bf16 decides the training dtype
+        assert policy.train_dtype == ("bfloat16" if info.bf16 else "float32")
     json.dumps(rep)
 
 
@@ -409,3 +452,96 @@ def test_accelerate_recipe_loads(path):
         assert config.deepspeed_config["zero_stage"] == int(path.stem[-1])
     if path.name == "fsdp.yaml":
         assert config.distributed_type == DistributedType.FSDP and config.fsdp_config["fsdp_version"] == 2
+
+
+# --- one entry point prepares the environment before any command can start a GPU runtime ---
+
+
+class _DeviceTouched(Exception):
+    pass
+
+
+COMMAND_ARGS = {  # enough arguments for each command to reach its first device contact
+    "env": ["env"], "eval": ["eval", "--data", "demo", "--limit", "2", "--set", "model={model}", "--out", "{out}"],
+    "train": ["train", "--set", "model={model}", "--out", "{out}"],
+    "run": ["run", "--set", "model={model}", "--out", "{out}"], "export": ["export", "{run}", "--out", "{out}"],
+    "ask": ["ask", "--question", "Which?", "-o", "a", "-o", "b", "--model", "{model}"],
+    "predict": ["predict", "demo", "--model", "{model}", "--out", "{out}.jsonl"],
+    "serve": ["serve", "--model", "{model}"],
+}
+SOMETIMES_DEVICE = {"cost", "report"}  # prepared too; they reach a device only on some paths (detect, --explain)
+
+
+def test_every_command_is_prepared_or_exempt():
+    """A new command gets the environment preparation by default; this keeps the order test below complete."""
+    import typer.main
+
+    from medtune import cli
+
+    commands = set(typer.main.get_group(cli.app).commands)
+    assert commands - cli.NO_DEVICE - SOMETIMES_DEVICE == set(COMMAND_ARGS), "add the new command to COMMAND_ARGS"
+
+
+@pytest.mark.parametrize("command", sorted(COMMAND_ARGS))
+def test_every_device_command_prepares_env_before_the_runtime_starts(monkeypatch, tmp_path, tiny_model_dir, command):
+    """A fake ROCm torch on an RX 6700 XT (gfx1031, needs HSA_OVERRIDE_GFX_VERSION=10.3.0): the variable must be set
+    when the command first reaches anything that starts HIP (detect, torch.cuda, a model load)."""
+    import torch
+    from typer.testing import CliRunner
+
+    from medtune import cli, models
+
+    run_dir = tmp_path / "run"
+    if command == "export":  # a real (untrained) adapter, so export's own checks pass and it goes on to load the base
+        from peft import LoraConfig, get_peft_model
+        from transformers import AutoModelForCausalLM
+
+        lora = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir), LoraConfig(r=2))
+        lora.save_pretrained(run_dir / "adapter")
+        (run_dir / "adapter" / "medtune.json").write_text(json.dumps({"base_model": tiny_model_dir,
+                                                                      "prompt_style": "harness"}))
+    monkeypatch.setattr(hw, "_SET_BY_MEDTUNE", {})
+    monkeypatch.delenv("HSA_OVERRIDE_GFX_VERSION", raising=False)
+    events: list = []
+    real_prepare = hw.prepare_env
+
+    def prepare(torch=None, host_=None):
+        events.append("prepare")
+        return real_prepare(fake_torch(hip="6.4", arch_list=ROCM_ARCHS), host(kfd_archs=["gfx1031"]))
+
+    def touch(what):
+        def fn(*a, **k):
+            events.append((what, os.environ.get("HSA_OVERRIDE_GFX_VERSION")))
+            raise _DeviceTouched(what)
+        return fn
+
+    monkeypatch.setattr(hw, "prepare_env", prepare)
+    monkeypatch.setattr(hw, "detect", touch("detect"))
+    monkeypatch.setattr(models, "resolve", touch("model load"))
+    monkeypatch.setattr(torch.cuda, "is_available", touch("torch.cuda"))
+    args = [a.format(model=tiny_model_dir, out=tmp_path / "out", run=run_dir) for a in COMMAND_ARGS[command]]
+    result = CliRunner().invoke(cli.app, args)
+    assert isinstance(result.exception, _DeviceTouched), (result.output, result.exception)
+    assert events[0] == "prepare", events
+    touched = [e for e in events if e != "prepare"]
+    assert touched and touched[0][1] == "10.3.0", events  # the override was in place at the first device contact
+
+
+def test_preflight_passes_the_training_dtype_and_model_size(monkeypatch, tiny_model_dir):
+    """The two warnings `env` alone can't give: fp16 asked for where bf16 exists, and a model too large for memory."""
+    from medtune.config import load_config
+
+    monkeypatch.setattr(hw, "_probe_extras", lambda kind: dict(NO_EXTRAS))
+    monkeypatch.setattr(dr, "_SHOWN", set())
+    a100 = hw.detect(fake_torch(cuda="12.8", gpus=[gpu("A100", 1, (8, 0))], arch_list=CUDA_ARCHS), host())
+    cfg = load_config(None, [f"model={tiny_model_dir}", "train.dtype=float16", "train.batch_size=64",
+                             "train.max_length=512"])
+    assert dr.model_params(tiny_model_dir) == sum(
+        p.numel() for p in __import__("transformers").AutoModelForCausalLM.from_pretrained(tiny_model_dir).parameters())
+    lines: list[str] = []
+    findings = dr.preflight(cfg, lines.append, a100)
+    assert any("train_dtype float16 on a device with bf16" in m for m in lines), lines
+    assert any("needed but 1.0 GiB on A100" in m for m in lines), lines  # 1 GiB card: the memory check fires
+    assert [f.level for f in findings].count("warning") == len(lines) == 2
+    dr.preflight(cfg, lines.append, a100)
+    assert len(lines) == 2  # `run` calls it before its base evaluation and again in train: printed once

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from medtune.data.items import MCQItem
-from medtune.evaluate import Encoded, encode, permuted_scores, predictions, rotations, score, score_reference
 from medtune.models import load_model
+from medtune.scoring import Encoded, encode, permuted_scores, predictions, rotations, score, score_reference
 
 
 def _items(n=12):

@@ -126,26 +126,37 @@ def test_same_seed_gives_bitwise_identical_adapter(tiny_model_dir, tmp_path):
 
 
 def test_resume_reaches_the_uninterrupted_adapter(tiny_model_dir, tmp_path, monkeypatch):
+    from medtune import checkpoint
+
     sets = {"train.max_steps": 6, "train.save_every": 2, "lora.dropout": 0.1}
     full = train_mod.train(cfg_for(tiny_model_dir, tmp_path / "full", **sets), items(), tmp_path / "full", quiet=True)
-    real_save = train_mod.save_checkpoint
+    real_save = checkpoint.save
 
-    def crash_after_step_4(accelerator, out_dir, step):
-        real_save(accelerator, out_dir, step)
+    def crash_after_step_4(out_dir, step, *args, **kwargs):
+        path = real_save(out_dir, step, *args, **kwargs)
         if step == 4:
-            (out_dir / "checkpoints" / ".tmp-step-0000006").mkdir()  # a half-written checkpoint left by a crash
+            (out_dir / "checkpoints" / ".step-0000006.tmp-1").mkdir()  # a half-written checkpoint left by a crash
+            with (out_dir / "metrics.jsonl").open("a") as f:
+                f.write('{"step": 5, "loss": 1.0}\n{"step": 6, "lo')  # rows after the checkpoint, one torn
             raise KeyboardInterrupt
+        return path
 
-    monkeypatch.setattr(train_mod, "save_checkpoint", crash_after_step_4)
+    monkeypatch.setattr(checkpoint, "save", crash_after_step_4)
     cfg = cfg_for(tiny_model_dir, tmp_path / "cut", **sets)
     with pytest.raises(KeyboardInterrupt):
         train_mod.train(cfg, items(), tmp_path / "cut", quiet=True)
-    monkeypatch.setattr(train_mod, "save_checkpoint", real_save)
+    monkeypatch.setattr(checkpoint, "save", real_save)
     assert not (tmp_path / "cut" / "adapter").exists()
     resumed = train_mod.train(cfg, items(), tmp_path / "cut", resume=True, quiet=True)
     assert resumed["resumed_from_step"] == 4 and resumed["final_loss"] == full["final_loss"]
     ta, tb = adapter_tensors(tmp_path / "full"), adapter_tensors(tmp_path / "cut")
     assert all(torch.equal(ta[k], tb[k]) for k in ta)
+    rows = [json.loads(x) for x in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
+    want = [json.loads(x) for x in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]  # cut back to the checkpoint, no repeats
+    assert [r["tokens"] for r in rows] == [r["tokens"] for r in want]  # the token counter continues
+    assert [r["loss"] for r in rows] == [r["loss"] for r in want]
+    assert resumed["real_tokens"] == full["real_tokens"]
 
 
 def _letter_shares(model_dir, adapter, data):

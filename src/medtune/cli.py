@@ -11,7 +11,8 @@ from typing import Annotated
 
 import typer
 
-from medtune.errors import DataError, MedtuneError
+from medtune.errors import DataError, MedtuneError, TrainingInterrupted
+from medtune.io import check_out_dir, claim_out_dir
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Fine-tune (LoRA) and evaluate small language models on medical multiple-choice exams.")
@@ -24,6 +25,21 @@ Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
 Json = Annotated[bool, typer.Option("--json", help="Print the result as JSON.")]
 CopBase = Annotated[int | None, typer.Option("--cop-base", help="MedMCQA `cop` base (0 Hub, 1 published).")]
 Map = Annotated[str | None, typer.Option("--map", help="Column mapping: question=q,options=a|b|c|d,answer=label")]
+Overwrite = Annotated[bool, typer.Option("--overwrite", help="Write into a non-empty output dir (replaces what "
+                                                            "medtune writes there).")]
+
+
+NO_DEVICE = {"compare", "data"}  # never touch a GPU; every other command, present or future, is prepared
+
+
+@app.callback()
+def _prepare(ctx: typer.Context) -> None:
+    # Runs before any command's own code: ROCm reads HSA_OVERRIDE_GFX_VERSION once, when HIP starts, and
+    # detect(), accelerate or a model load would start it. Reads only the kernel driver and torch's arch list.
+    if ctx.invoked_subcommand not in NO_DEVICE:
+        from medtune.hardware import prepare_env
+
+        prepare_env()
 
 
 def user_errors(fn):
@@ -33,8 +49,14 @@ def user_errors(fn):
         try:
             return fn(*args, **kwargs)
         except DataError as e:
-            typer.echo(f"error: {len(e.problems)} problem(s) in the data; nothing was written:\n{e}", err=True)
+            if len(e.problems) == 1:  # one line: file:line: field: what is wrong
+                typer.echo(f"error: {e.problems[0]} (nothing was written)", err=True)
+            else:
+                typer.echo(f"error: {len(e.problems)} problem(s) in the data; nothing was written:\n{e}", err=True)
             raise typer.Exit(2) from None
+        except TrainingInterrupted as e:  # checkpoint written; 128 + signal number, as a shell reports it
+            typer.echo(f"error: {e}", err=True)
+            raise typer.Exit(e.exit_code) from None
         except MedtuneError as e:
             typer.echo(f"error: {e}", err=True)
             raise typer.Exit(2) from None
@@ -58,10 +80,11 @@ def _config(config: Path | None, sets: list[str] | None, **flags):
 def env(json_out: Json = False) -> None:
     """Device, dtype and attention policy, library versions, and warnings with fixes for known setup traps."""
     from medtune import hardware
+    from medtune.doctor import doctor
 
     info = hardware.detect()
     policy = hardware.decide(info)
-    rep = hardware.report(info, policy, hardware.doctor(info, policy))
+    rep = hardware.report(info, policy, doctor(info, policy))
     typer.echo(json.dumps(rep, indent=1) if json_out else hardware.render(rep))
 
 
@@ -80,27 +103,40 @@ def eval_(
     prompt_style: Annotated[str | None, typer.Option(help="harness or chat.")] = None,
     batch_size: Annotated[int | None, typer.Option(help="Questions per forward pass.")] = None,
     cop_base: CopBase = None, mapping: Map = None, config: Config_ = None, sets: Set_ = None, quiet: Quiet = False,
-    json_out: Json = False,
+    json_out: Json = False, overwrite: Overwrite = False,
 ) -> None:
     """Score a model (optionally with an adapter) on MCQ items: accuracy with CI, letter baselines, calibration."""
     from medtune.data import sources
     from medtune.data.formats import parse_mapping
-    from medtune.evaluate import run_eval
     from medtune.prompts import check_style
 
     cfg = _config(config, sets, model=model, prompt_style=prompt_style, **{
         "data.source": data, "data.limit": limit, "eval.mode": mode, "eval.permute": permute,
         "eval.batch_size": batch_size, "eval.method": method})
     check_style(cfg.prompt_style)
+    if adapter:
+        from medtune.models import check_adapter
+
+        check_adapter(adapter)  # before any data or model is loaded
     if cfg.data.source in sources.SUITES:
         from medtune.evaluate import run_suite
 
         out = out or Path("runs") / f"eval-{cfg.data.source}"
-        _print_results({"suite": run_suite(cfg, out, adapter, quiet, _log(quiet))}, json_out, out)
+        with claim_out_dir(out, overwrite):
+            _print_results({"suite": run_suite(cfg, out, adapter, quiet, _log(quiet))}, json_out, out)
         return
+    out = out or Path("runs") / f"eval-{Path(cfg.data.source).stem}"
+    check_out_dir(out, overwrite)
     items = sources.load(cfg.data.source, "eval", cop_base=cop_base, mapping=parse_mapping(mapping) if mapping else None)
     items = items[: cfg.data.limit] if cfg.data.limit else items
-    out = out or Path("runs") / f"eval-{Path(cfg.data.source).stem}"
+    with claim_out_dir(out, overwrite):
+        _eval_items(items, cfg, out, adapter, quiet, json_out)
+
+
+def _eval_items(items, cfg, out: Path, adapter: str | None, quiet: bool, json_out: bool) -> None:
+    from medtune.data import sources
+    from medtune.evaluate import run_eval
+
     split_name = "eval" if cfg.data.source in sources.PRESETS or cfg.data.source == sources.DEMO else "file"
     results, _ = run_eval(items, cfg, out, adapter=adapter, fingerprint=sources.fingerprint(
         items, cfg.data.source, split_name), quiet=quiet, log=_log(quiet), label=Path(cfg.data.source).stem)
@@ -112,15 +148,17 @@ def eval_(
 def train(config: Config_ = None, sets: Set_ = None,
           out: Annotated[Path | None, typer.Option(help="Run dir (adapter, checkpoints, metrics).")] = None,
           resume: Annotated[bool, typer.Option(help="Continue from the last complete checkpoint in --out.")] = False,
-          quiet: Quiet = False) -> None:
+          quiet: Quiet = False, overwrite: Overwrite = False) -> None:
     """LoRA fine-tune on the training part of the data; writes RUN/adapter and RUN/metrics.jsonl."""
     from medtune.run import prepare_data
     from medtune.train import train as train_fn
 
     cfg = _config(config, sets, out_dir=str(out) if out else None)
     log = _log(quiet)
+    check_out_dir(Path(cfg.out_dir), overwrite, allow_existing=resume)
     train_items, _, data = prepare_data(cfg, log)
-    train_fn(cfg, train_items, Path(cfg.out_dir), resume=resume, quiet=quiet, log=log, extra_meta={"data": data})
+    with claim_out_dir(Path(cfg.out_dir), overwrite, allow_existing=resume):
+        train_fn(cfg, train_items, Path(cfg.out_dir), resume=resume, quiet=quiet, log=log, extra_meta={"data": data})
 
 
 @app.command()
@@ -130,13 +168,14 @@ def run(config: Config_ = None, sets: Set_ = None,
         data: Annotated[str | None, typer.Option(help="demo, a preset (medmcqa, medqa) or a file.")] = None,
         train_size: Annotated[int | None, typer.Option(help="Training items.")] = None,
         out: Annotated[Path | None, typer.Option(help="Run dir.")] = None,
-        quiet: Quiet = False, json_out: Json = False) -> None:
+        quiet: Quiet = False, json_out: Json = False, overwrite: Overwrite = False) -> None:
     """The main job: evaluate the base model, fine-tune, evaluate again on the same items, compare."""
     from medtune.run import run as run_fn
 
     cfg = _config(config, sets, model=model, out_dir=str(out) if out else None,
                   **{"data.source": data, "data.train_size": train_size})
-    results = run_fn(cfg, quiet=quiet, log=_log(quiet))
+    with claim_out_dir(Path(cfg.out_dir), overwrite):
+        results = run_fn(cfg, quiet=quiet, log=_log(quiet))
     _print_results(results, json_out, Path(cfg.out_dir))
     if not json_out:
         typer.echo(f"report: {results['report']}")
@@ -145,11 +184,18 @@ def run(config: Config_ = None, sets: Set_ = None,
 @app.command()
 @user_errors
 def export(run_dir: Path, out: Annotated[Path | None, typer.Option(help="Default RUN/merged.")] = None,
-           merge: Annotated[bool, typer.Option(help="Merge the adapter into the base weights.")] = True) -> None:
+           merge: Annotated[bool, typer.Option(help="Merge the adapter into the base weights.")] = True,
+           include_training_data: Annotated[bool, typer.Option(
+               help="Also ship the training items (RUN/train_items.jsonl); by default only ids and hashes.")] = False,
+           gguf: Annotated[str | None, typer.Option(help="Also write model.<type>.gguf (f16 or q8_0) for llama.cpp "
+                                                          "and Ollama, with a Modelfile, verified.")] = None,
+           overwrite: Overwrite = False) -> None:
     """Write a merged safetensors model (or the adapter) with a model card: base, data, recipe, results, limits."""
     from medtune.export import export as export_fn
 
-    typer.echo(f"exported: {export_fn(run_dir, out, merge=merge, log=_log())}")
+    path = export_fn(run_dir, out, merge=merge, log=_log(), overwrite=overwrite,
+                     include_training_data=include_training_data, gguf=gguf)
+    typer.echo(f"exported: {path}")
 
 
 @app.command()
@@ -194,11 +240,16 @@ def report(run_dir: Path, out: Annotated[Path | None, typer.Option(help="Default
 
 @data_app.command("validate")
 @user_errors
-def data_validate(source: str, cop_base: CopBase = None, mapping: Map = None) -> None:
-    """Read every row; report each bad one as file:line: field: problem (exit 2), or the count of valid items."""
+def data_validate(source: str, cop_base: CopBase = None, mapping: Map = None,
+                  model: Annotated[str | None, typer.Option(help="Count tokens with this model's tokenizer to warn "
+                                                                 "about overlong items (default: an estimate).")] = None,
+                  max_length: Annotated[int, typer.Option(help="Token limit to warn above (train.max_length).")] = 512
+                  ) -> None:
+    """Read every row; report each bad one as file:line: field: problem (exit 2), or the count of valid items, with a
+    warning for items longer than the token limit (they are cut from the left of the question; docs/reliability.md)."""
     from medtune.data.inspect import validate
 
-    typer.echo(validate(source, cop_base, mapping))
+    typer.echo(validate(source, cop_base, mapping, model=model, max_length=max_length))
 
 
 @data_app.command("show")
@@ -214,11 +265,92 @@ def data_show(source: str, cop_base: CopBase = None, mapping: Map = None, json_o
 @user_errors
 def data_split(source: str, train_size: Annotated[int, typer.Option(help="Items in the training part.")],
                out: Annotated[Path, typer.Option(help="Writes OUT/train.jsonl and OUT/eval.jsonl.")],
-               seed: int = 42, cop_base: CopBase = None) -> None:
+               seed: int = 42, cop_base: CopBase = None, overwrite: Overwrite = False) -> None:
     """Seeded, subject-stratified train/eval partition; reports exact duplicates between the parts."""
     from medtune.data.inspect import split_to_files
 
-    typer.echo(split_to_files(source, train_size, out, seed, cop_base))
+    typer.echo(split_to_files(source, train_size, out, seed, cop_base, overwrite=overwrite))
+
+
+ModelOpt = Annotated[str, typer.Option(help="embedded, a Hub id, a local model dir or a merged export (RUN/merged).")]
+AdapterOpt = Annotated[str | None, typer.Option(help="A PEFT adapter dir, or a run dir holding adapter/.")]
+MethodOpt = Annotated[str | None, typer.Option(help="letter or answer (default: the one its results.json used).")]
+ModeOpt = Annotated[str, typer.Option(help="exact (fp32) or fast (bf16 + fp32 re-score of close calls).")]
+StyleOpt = Annotated[str | None, typer.Option(help="harness, chat or seed (an adapter's saved style wins).")]
+
+
+@app.command()
+@user_errors
+def ask(question: Annotated[str | None, typer.Option(help="The question (or a JSON item on stdin).")] = None,
+        option: Annotated[list[str] | None, typer.Option("--option", "-o", help="An option; repeat 2-10 times.")]
+        = None,
+        model: ModelOpt = "embedded", adapter: AdapterOpt = None, method: MethodOpt = None, mode: ModeOpt = "exact",
+        prompt_style: StyleOpt = None,
+        max_new_tokens: Annotated[int, typer.Option(help="Explanation length cap (tokens); 0: no explanation.")] = 96,
+        json_out: Json = False) -> None:
+    """Ask one question: the scored answer, every option's probability (eval's scoring) and a greedy explanation."""
+    from medtune import ask as ask_mod
+
+    if question is None:
+        if sys.stdin.isatty():
+            raise MedtuneError("give --question and --option (2-10 times), or a JSON item on stdin")
+        item = ask_mod.item_from_json(sys.stdin.read())
+    else:
+        item = ask_mod.make_item(question, option or [])
+    if max_new_tokens < 0:
+        raise MedtuneError("--max-new-tokens must be 0 or more")
+    loaded = ask_mod.load(model, adapter, method, mode, prompt_style, log=_log(json_out))
+    result = ask_mod.answer(loaded, item, max_new_tokens, explain=max_new_tokens > 0)
+    typer.echo(json.dumps(result, indent=1) if json_out else ask_mod.render(result))
+
+
+@app.command()
+@user_errors
+def predict(source: Annotated[str, typer.Argument(help="A file, `demo`, `demo:train`, or a preset (medqa, ...).")],
+            out: Annotated[Path, typer.Option(help="The .jsonl to write; a rerun resumes it.")]
+            = Path("predictions.jsonl"),
+            model: ModelOpt = "embedded", adapter: AdapterOpt = None, method: MethodOpt = None, mode: ModeOpt = "exact",
+            prompt_style: StyleOpt = None,
+            csv_out: Annotated[bool, typer.Option("--csv", help="Also write the same rows as OUT.csv.")] = False,
+            chunk: Annotated[int, typer.Option(help="Items scored and appended at a time (bounds memory).")] = 64,
+            limit: Annotated[int | None, typer.Option(help="The first N items only.")] = None,
+            cop_base: CopBase = None, mapping: Map = None, quiet: Quiet = False, json_out: Json = False) -> None:
+    """Score every item of a source into predictions.jsonl (letter, probabilities), streamed and resumable."""
+    from medtune import ask as ask_mod
+    from medtune.data import sources
+    from medtune.data.formats import parse_mapping
+    from medtune.predict import predict as predict_fn
+
+    if limit is not None and limit < 1:
+        raise MedtuneError("--limit must be 1 or more")
+    items = sources.load(source, "eval", cop_base=cop_base, mapping=parse_mapping(mapping) if mapping else None)
+    items = items[:limit] if limit else items
+    loaded = ask_mod.load(model, adapter, method, mode, prompt_style, log=_log(quiet))
+    summary = predict_fn(loaded, items, out, source, chunk, csv_out, quiet, _log(quiet))
+    typer.echo(json.dumps(summary, indent=1) if json_out else
+               f"{summary['new']} new, {summary['skipped']} already written: {summary['out']}"
+               + (f" and {summary['csv']}" if csv_out else ""))
+
+
+@app.command()
+@user_errors
+def serve(model: ModelOpt = "embedded", adapter: AdapterOpt = None, method: MethodOpt = None, mode: ModeOpt = "exact",
+          prompt_style: StyleOpt = None,
+          host: Annotated[str, typer.Option(help="Interface to bind; the default is this machine only.")]
+          = "127.0.0.1",
+          port: int = 7860,
+          share: Annotated[bool, typer.Option(help="Also open a public Gradio share link (prints a warning).")] = False,
+          concurrency: Annotated[int, typer.Option(help="Questions answered at once.")] = 1,
+          max_queue: Annotated[int, typer.Option(help="Waiting questions beyond this get 'busy'.")] = 16,
+          max_new_tokens: Annotated[int, typer.Option(help="Explanation length cap (tokens).")] = 96) -> None:
+    """A local web page to ask the model questions (Gradio), with probabilities, explanation and disclaimer."""
+    from medtune import ask as ask_mod
+    from medtune.serve import serve as serve_fn
+
+    if max_new_tokens < 1:
+        raise MedtuneError("--max-new-tokens must be 1 or more")
+    loaded = ask_mod.load(model, adapter, method, mode, prompt_style, log=_log())
+    serve_fn(loaded, host, port, share, concurrency, max_queue, max_new_tokens, log=_log())
 
 
 def _print_results(results: dict, json_out: bool, out: Path) -> None:

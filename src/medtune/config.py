@@ -33,6 +33,7 @@ class LoraConfig:
     alpha: int = 32
     dropout: float = 0.0  # 0: dropout's random masks cost ~20% of a CPU training step (profiled); set it if needed
     target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
+    quantize: str = "none"  # none, 8bit or 4bit: load the frozen base weights quantized (QLoRA; needs bitsandbytes)
 
 
 @dataclass
@@ -94,9 +95,13 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if not path.is_file():
             raise MedtuneError(f"{path}: config file not found")
         try:
-            raw = yaml.safe_load(path.read_text()) or {}
+            raw = yaml.safe_load(path.read_text(encoding="utf-8-sig")) or {}  # a BOM is fine
+        except UnicodeDecodeError as e:
+            raise MedtuneError(f"{path}: not a text file (invalid UTF-8 at byte {e.start}); a recipe is YAML") from None
         except yaml.YAMLError as e:
-            raise MedtuneError(f"{path}: not valid YAML: {e}") from None
+            mark = getattr(e, "problem_mark", None)
+            where = f"{path}:{mark.line + 1}" if mark else str(path)
+            raise MedtuneError(f"{where}: not valid YAML: {getattr(e, 'problem', None) or e}") from None
         if not isinstance(raw, dict):
             raise MedtuneError(f"{path}: top level must be a mapping of config keys")
     for item in overrides or []:
@@ -110,7 +115,83 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             if not isinstance(node, dict):
                 raise MedtuneError(f"--set {item!r}: {p} is not a section")
         node[leaf] = yaml.safe_load(value) if value.strip() else None
-    return _build(Config, raw, where=str(path) if path else "config")
+    cfg = _build(Config, raw, where=str(path) if path else "config")
+    validate(cfg, where=str(path) if path else "config")
+    return cfg
+
+
+# Every key with a fixed set of values, checked when the config loads (before any model is loaded). Kept here, not
+# imported from the modules that use them, so that loading a config imports no torch; tests/test_config.py checks
+# each list against its source (prompts.STYLES, transformers' SchedulerType, accelerate's LoggerType, ...).
+SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
+              "inverse_sqrt")  # transformers' SchedulerType names that need no extra arguments
+CHOICES: dict[str, tuple[str, ...]] = {
+    "prompt_style": ("harness", "chat", "seed"),
+    "device": ("auto", "cpu", "cuda", "mps", "xpu", "cuda:N"),
+    "data.select": ("random", "first"),
+    "lora.quantize": ("none", "8bit", "4bit"),
+    "train.scheduler": SCHEDULERS,
+    "train.target": ("answer+explanation", "answer"),
+    "train.loss_on": ("completion", "all"),
+    "train.dtype": ("auto", "bfloat16", "float16", "float32"),
+    "train.attn_implementation": ("auto", "sdpa", "eager", "flash_attention_2"),
+    "train.report_to": ("all", "aim", "tensorboard", "wandb", "trackio", "comet_ml", "mlflow", "clearml", "dvclive",
+                        "swanlab"),
+    "eval.method": ("letter", "answer", "generate"),
+    "eval.mode": ("fast", "exact"),
+    "eval.permute": ("none", "cyclic"),
+    "eval.extra_methods": ("letter", "answer", "generate"),
+}
+# Numeric ranges: (test, what the error says). None (unset) is always allowed for optional keys.
+RANGES: dict[str, tuple] = {
+    "data.train_size": (lambda v: v >= 1, ">= 1"),
+    "data.eval_size": (lambda v: v >= 1, ">= 1"),
+    "data.limit": (lambda v: v >= 1, ">= 1"),
+    "data.cop_base": (lambda v: v in (0, 1), "0 or 1"),
+    "data.holdout": (lambda v: 0 < v < 1, "between 0 and 1 (exclusive)"),
+    "lora.r": (lambda v: v >= 1, ">= 1"),
+    "lora.alpha": (lambda v: v > 0, "> 0"),
+    "lora.dropout": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "train.epochs": (lambda v: v > 0, "> 0"),
+    "train.max_steps": (lambda v: v >= 1, ">= 1"),
+    "train.batch_size": (lambda v: v >= 1, ">= 1"),
+    "train.grad_accum": (lambda v: v >= 1, ">= 1"),
+    "train.lr": (lambda v: v > 0, "> 0"),
+    "train.warmup": (lambda v: 0 <= v < 1, "in [0, 1) (a share of the total steps)"),
+    "train.weight_decay": (lambda v: v >= 0, ">= 0"),
+    "train.max_length": (lambda v: v >= 16, ">= 16"),
+    "train.save_every": (lambda v: v >= 0, ">= 0 (0: only at the end)"),
+    "train.log_every": (lambda v: v >= 1, ">= 1"),
+    "eval.batch_size": (lambda v: v >= 1, ">= 1"),
+    "eval.margin": (lambda v: v >= 0, ">= 0"),
+    "eval.max_new_tokens": (lambda v: v >= 1, ">= 1"),
+}
+
+
+def validate(cfg: Config, where: str = "config") -> None:
+    """Every enum-valued and numeric key against its valid values: one error naming the key and what is allowed."""
+    for key, valid in CHOICES.items():
+        value = _get(cfg, key)
+        for v in value if isinstance(value, list) else [value]:
+            if not _choice_ok(key, v, valid):
+                raise MedtuneError(f"{where}: {key} {v!r} is not valid; choose one of: {', '.join(valid)}")
+    for key, (ok, text) in RANGES.items():
+        value = _get(cfg, key)
+        if value is not None and not ok(value):
+            raise MedtuneError(f"{where}: {key} {value!r} is out of range; must be {text}")
+
+
+def _get(cfg: Config, key: str):
+    node = cfg
+    for part in key.split("."):
+        node = getattr(node, part)
+    return node
+
+
+def _choice_ok(key: str, value: str, valid: tuple[str, ...]) -> bool:
+    if key == "device" and value.startswith("cuda:"):
+        return value[5:].isdigit()
+    return value in valid
 
 
 def _build(cls, raw: dict, where: str):
@@ -165,4 +246,6 @@ def _coerce(value, hint, where: str):
 
 
 def save_config(cfg: Config, path: Path) -> None:
-    path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    from medtune import io
+
+    io.write_text(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))

@@ -15,3 +15,11 @@ class DataError(MedtuneError):
         shown = problems[:limit]
         more = f"\n... and {len(problems) - limit} more problems" if len(problems) > limit else ""
         super().__init__("\n".join(shown) + more)
+
+
+class TrainingInterrupted(MedtuneError):
+    """SIGTERM/SIGINT during training: a checkpoint was written; the CLI exits with 128 + the signal number."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code

@@ -4,6 +4,10 @@ as the PEFT adapter itself, either way with a Hugging Face model card (README.md
 The card says what was trained, on what (the data fingerprint), with which recipe and prompt style, how it scored
 (from RUN/results.json when `medtune run` wrote one) and what the numbers do not mean. The export is written to a
 temporary directory beside the target and renamed into place, so a crash never leaves half a model.
+
+Privacy: an export carries the training item ids, counts and hashes (train-hashes.safetensors), never the training
+texts (only `--include-training-data` ships RUN/train_items.jsonl), and no path of this machine: the base model is named
+by its Hub id (or its directory's name), data sources by their file names. `check_no_local_paths` guards the result.
 """
 
 from __future__ import annotations
@@ -16,42 +20,51 @@ from pathlib import Path
 
 import yaml
 
+from medtune import io
 from medtune.errors import MedtuneError
 
 TAGS = ["medical", "multiple-choice", "lora", "medtune"]
 
 
-def export(run_dir: Path, out: Path | None = None, merge: bool = True, log=print) -> Path:
+def export(run_dir: Path, out: Path | None = None, merge: bool = True, log=print, overwrite: bool = False,
+           include_training_data: bool = False, gguf: str | None = None) -> Path:
     """Write RUN's adapter, merged into its base model (default, to RUN/merged) or as-is (to RUN/export), with a model
-    card and medtune.json; return the export directory."""
+    card and medtune.json; return the export directory. No training text and no path of this machine goes in, unless
+    `include_training_data` ships RUN/train_items.jsonl (an explicit opt-in). `gguf` (f16, q8_0) adds a verified GGUF
+    and an Ollama Modelfile."""
     run_dir = Path(run_dir)
     adapter = run_dir / "adapter"
     meta = _adapter_meta(adapter)
     out = Path(out) if out is not None else run_dir / ("merged" if merge else "export")
-    _check_target(out, run_dir, adapter)
-    tmp = out.with_name(f".{out.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    try:
+    _check_target(out, run_dir, adapter, overwrite)
+    if gguf:  # refused before the merge: a wrong type or architecture costs a second, and nothing is written
+        _check_gguf(gguf, merge, meta["base_model"])
+    items_file = _training_items(run_dir, meta) if include_training_data else None
+    with io.atomic_dir(out) as tmp:  # a crash or Ctrl-C leaves no half-written export behind
         if merge:
-            base_path = _save_merged(meta["base_model"], adapter, tmp, log)
+            _save_merged(meta["base_model"], adapter, tmp, log)
         else:
-            shutil.copytree(adapter, tmp)
-            base_path = meta["base_model"]
-        provenance = {"run_dir": str(run_dir.resolve()), "adapter": str(adapter.resolve()), "merged": merge,
-                      "base_model": meta["base_model"], "base_model_path": str(base_path),
-                      "prompt_style": meta["prompt_style"], "medtune_version": _version(),
-                      "exported_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-        # The adapter's own record travels too (train_items, fingerprint), so evaluate.py's prompt-style and
+            for f in adapter.iterdir():  # the adapter's own files; nothing else from the run dir
+                if f.is_file() and f.name not in ("medtune.json", "README.md"):
+                    shutil.copy2(f, tmp / f.name)
+        public = public_meta(meta, run_dir, merge)
+        if items_file is not None:
+            shutil.copy2(items_file, tmp / "train_items.jsonl")
+            public["export"]["train_items_file"] = "train_items.jsonl"
+        _scrub_files(tmp, meta)
+        # The training ids, counts and item hashes travel (not the texts), so evaluate.py's prompt-style and
         # contamination checks work on the export exactly as on the adapter.
-        (tmp / "medtune.json").write_text(json.dumps({**meta, "export": provenance}, indent=1))
+        io.write_json(tmp / "medtune.json", public)
         results = run_dir / "results.json"
         card = model_card(meta, adapter, json.loads(results.read_text()) if results.is_file() else None, merge)
-        (tmp / "README.md").write_text(card)
-    except BaseException:  # leave no half-written export behind (Ctrl-C included), then re-raise
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    _replace(tmp, out)
+        if gguf:
+            from medtune import export_gguf
+
+            public["gguf"] = export_gguf.export_gguf(tmp, gguf, meta["prompt_style"], log=log)
+            io.write_json(tmp / "medtune.json", public)
+            card += "\n" + export_gguf.card_section(public["gguf"])
+        io.write_text(tmp / "README.md", card)
+        check_no_local_paths(tmp, [run_dir, adapter, Path(meta["base_model"])])
     log(f"exported {'merged model' if merge else 'adapter'} with model card to {out}")
     return out
 
@@ -63,24 +76,102 @@ def _adapter_meta(adapter: Path) -> dict:
     if not (adapter / "medtune.json").is_file():
         raise MedtuneError(f"{adapter}: no medtune.json, so the base model and prompt style are unknown; export "
                            "needs an adapter written by medtune")
-    meta = json.loads((adapter / "medtune.json").read_text())
+    try:
+        meta = json.loads((adapter / "medtune.json").read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise MedtuneError(f"{adapter / 'medtune.json'}: corrupt ({e})") from None
     missing = [k for k in ("base_model", "prompt_style") if not meta.get(k)]
     if missing:
         raise MedtuneError(f"{adapter / 'medtune.json'}: missing {', '.join(missing)}")
     return meta
 
 
-def _check_target(out: Path, run_dir: Path, adapter: Path) -> None:
-    """Never overwrite the run, the adapter, or a directory that is not an earlier export."""
+def _check_gguf(gguf: str, merge: bool, base_model: str) -> None:
+    from transformers import AutoConfig
+
+    from medtune.export_gguf import check_architecture, check_type
+    from medtune.models import resolve
+
+    check_type(gguf)
+    if not merge:
+        raise MedtuneError("--gguf needs the merged model; drop --no-merge")
+    check_architecture(AutoConfig.from_pretrained(resolve(base_model, log=lambda *_: None)).to_dict())
+
+
+def _check_target(out: Path, run_dir: Path, adapter: Path, overwrite: bool) -> None:
+    """Never overwrite the run or the adapter; an existing non-empty --out only with --overwrite."""
     target = out.resolve()
     for keep in (run_dir.resolve(), adapter.resolve()):
         if target == keep or target in keep.parents:
             raise MedtuneError(f"--out {out}: would overwrite {keep}; choose a new directory")
-    if not out.exists() or (out.is_dir() and not any(out.iterdir())):
-        return
-    previous = out / "medtune.json"
-    if not (previous.is_file() and "export" in json.loads(previous.read_text())):
-        raise MedtuneError(f"--out {out}: exists and is not a medtune export; choose a new directory or remove it")
+    io.check_out_dir(out, overwrite)
+
+
+def _training_items(run_dir: Path, meta: dict) -> Path:
+    path = run_dir / "train_items.jsonl"
+    if not path.is_file():
+        raise MedtuneError(f"--include-training-data: {path} not found (the run dir keeps the training items there); "
+                           "export without the flag to ship ids and hashes only")
+    return path
+
+
+def public_meta(meta: dict, run_dir: Path, merged: bool) -> dict:
+    """medtune.json for an export: the adapter's record with training text dropped and every local path reduced to
+    its last component; the base model named by its Hub id when it has one."""
+    keep = {k: v for k, v in meta.items() if k not in ("train_items",)}
+    public = _scrub(keep)
+    public["base_model"] = public_base(meta["base_model"])
+    public["export"] = {"run": run_dir.resolve().name, "merged": merged, "base_model": public["base_model"],
+                        "prompt_style": meta["prompt_style"], "medtune_version": _version(),
+                        "exported_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                        "train_items_file": None}
+    return public
+
+
+def public_base(base_model: str) -> str:
+    """The base model as a recipient can name it: its Hub id, else the local directory's name."""
+    return _hub_id(base_model) or Path(base_model).name
+
+
+def _scrub(value):
+    """Absolute paths (and ~ paths) reduced to their last component, recursively."""
+    if isinstance(value, dict):
+        return {k: _scrub(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_scrub(v) for v in value]
+    if isinstance(value, str) and (value.startswith(("/", "~")) or (len(value) > 2 and value[1:3] in (":\\", ":/"))):
+        return Path(value).name
+    return value
+
+
+def _scrub_files(tmp: Path, meta: dict) -> None:
+    """The PEFT and medtune configs copied into the export name the base by Hub id and hold no local paths."""
+    peft_cfg = tmp / "adapter_config.json"
+    if peft_cfg.is_file():
+        cfg = json.loads(peft_cfg.read_text())
+        cfg["base_model_name_or_path"] = public_base(meta["base_model"])
+        io.write_json(peft_cfg, _scrub(cfg), indent=2)
+    recipe = tmp / "medtune-config.yaml"
+    if recipe.is_file():
+        cfg = yaml.safe_load(recipe.read_text()) or {}
+        if cfg.get("model"):
+            cfg["model"] = public_base(cfg["model"])
+        io.write_text(recipe, yaml.safe_dump(_scrub(cfg), sort_keys=False))
+
+
+def check_no_local_paths(directory: Path, extra: list[Path]) -> None:
+    """A last guard: the files medtune writes into an export must not name this machine's directories."""
+    import tempfile
+
+    needles = {str(p) for p in (Path.home(), Path.cwd(), Path(tempfile.gettempdir())) if len(str(p)) > 1}
+    needles |= {str(p.resolve()) for p in extra if p.is_absolute() or p.exists()}
+    for name in ("medtune.json", "README.md", "adapter_config.json", "medtune-config.yaml", "config.json"):
+        f = directory / name
+        if f.is_file():
+            text = f.read_text(encoding="utf-8", errors="replace")
+            found = sorted(n for n in needles if n in text)
+            if found:
+                raise RuntimeError(f"export bug: {name} names a local path ({found[0]}); nothing was exported")
 
 
 def _save_merged(base_model: str, adapter: Path, tmp: Path, log) -> str:
@@ -92,21 +183,13 @@ def _save_merged(base_model: str, adapter: Path, tmp: Path, log) -> str:
     model, tokenizer, path = load_model(base_model, adapter=str(adapter), dtype="float32", device="cpu", log=log)
     log(f"merging {adapter} into {path}")
     merged = model.merge_and_unload()
+    size = sum(p.numel() * p.element_size() for p in merged.state_dict().values())
+    io.check_free_space(tmp, size, "the merged model")
     merged.save_pretrained(tmp)  # transformers 5 always writes safetensors (safe_serialization is gone)
     tokenizer.save_pretrained(tmp)  # left padding, pad token set: ready for batched generation
     if not any(tmp.glob("model*.safetensors")):
         raise MedtuneError(f"{tmp}: save_pretrained wrote no safetensors file")
     return path
-
-
-def _replace(tmp: Path, out: Path) -> None:
-    """Move the old export aside, rename the new one into place, then delete the old one."""
-    old = out.with_name(f".{out.name}.old")
-    shutil.rmtree(old, ignore_errors=True)
-    if out.exists():
-        out.rename(old)
-    tmp.rename(out)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def model_card(meta: dict, adapter: Path, results: dict | None, merged: bool) -> str:
@@ -127,7 +210,7 @@ def _front_matter(base_model: str, merged: bool) -> str:
         fields = {"base_model": hub_id, **fields}
     text = yaml.safe_dump(fields, sort_keys=False)
     # No license line: the export inherits the base model's licence and the training data's terms (check both).
-    note = "" if hub_id else f"# base_model: local directory {base_model} (not a Hub id)\n"
+    note = "" if hub_id else f"# base_model: local directory {Path(base_model).name} (not a Hub id)\n"
     return f"---\n{note}{text}---\n"
 
 
@@ -162,7 +245,7 @@ def _model_section(meta: dict, adapter: Path, merged: bool) -> str:
     form = ("the adapter merged into the base weights (fp32), loadable with transformers alone" if merged
             else "the PEFT adapter; load it on top of the base model with peft")
     lines = ["## Model", "",
-             f"- Base model: `{hub_id or base}`{origin}",
+             f"- Base model: `{public_base(base)}`{origin}",
              (f"- Trained: a LoRA adapter, r = {lora.get('r', peft_cfg.get('r'))}, alpha = "
              f"{lora.get('alpha', peft_cfg.get('lora_alpha'))}, dropout = "
              f"{lora.get('dropout', peft_cfg.get('lora_dropout'))}, on {targets} (configured: {configured})"),
@@ -183,7 +266,7 @@ def _objective(meta: dict, cfg: dict) -> str:
 
 def _data_section(meta: dict) -> str:
     ids = meta.get("train_ids") or []
-    data = meta.get("data") or {}
+    data = _scrub(meta.get("data") or {})
     train = data.get("train") or {"source": "not recorded", "split": "train", "n": len(ids),
                                   "ids_sha256": hashlib.sha256("\n".join(ids).encode()).hexdigest()}
     lines = ["## Training data", "", f"- Training items: {len(ids)}",
@@ -199,7 +282,10 @@ def _data_section(meta: dict) -> str:
     if s:
         lines.append(f"- Training: {s.get('steps')} optimizer steps, final loss {s.get('final_loss', float('nan')):.4f}, "
                      f"{s.get('wall_s')} s")
-    lines.append("- The item ids and texts are listed in `medtune.json` (`train_ids`, `train_items`).")
+    lines.append("- The item ids are listed in `medtune.json` (`train_ids`); the texts are not shipped (unless "
+                 "exported with `--include-training-data`). `train-hashes.safetensors` holds 64-bit hashes of each "
+                 "normalized item and of its question's word 8-grams, so `medtune eval` can still check an eval set "
+                 "for contamination.")
     return "\n".join(lines) + "\n"
 
 
@@ -216,6 +302,7 @@ def _recipe_section(meta: dict, adapter: Path) -> str:
     except MedtuneError as e:
         prompt = f"(could not render: {e})"
     target = build_target(example, style, meta.get("target", "answer+explanation"))
+    cfg = _scrub({**cfg, "model": public_base(cfg["model"])} if cfg.get("model") else cfg)
     config_text = yaml.safe_dump(cfg, sort_keys=False).rstrip() if cfg else "(medtune-config.yaml not found)"
     return "\n".join([
         "## Recipe", "", "The resolved medtune config:", "", "```yaml", config_text, "```", "",
@@ -231,7 +318,7 @@ def _eval_section(results: dict | None) -> str:
     if not results or "base" not in results or "tuned" not in results:
         return "## Evaluation\n\nNot evaluated: this run has no results.json from `medtune run`.\n"
     base, tuned = results["base"], results["tuned"]
-    e = (results.get("data") or {}).get("eval") or {}
+    e = _scrub((results.get("data") or {}).get("eval") or {})
     rows = ["| model | n | accuracy [95% CI] | majority-letter baseline | debiased accuracy [95% CI] |",
             "|---|---|---|---|---|"]
     for label, r in (("base", base), ("tuned", tuned)):
@@ -267,11 +354,11 @@ def _usage_section(meta: dict, adapter: Path, merged: bool) -> str:
         cli = "medtune eval --model PATH"
     else:
         # The base the adapter was trained on, as PEFT recorded it (the resolved path or Hub id).
-        trained_on = json.loads((adapter / "adapter_config.json").read_text()).get("base_model_name_or_path") or base
+        trained_on = public_base(base)  # its Hub id, or the local directory's name: the recipient's copy of it
         code = ('from peft import PeftModel\nfrom transformers import AutoModelForCausalLM, AutoTokenizer\n\n'
                 f'base = AutoModelForCausalLM.from_pretrained("{trained_on}")\n'
                 'model = PeftModel.from_pretrained(base, "PATH")\ntokenizer = AutoTokenizer.from_pretrained("PATH")')
-        cli = f"medtune eval --model {base} --adapter PATH"
+        cli = f"medtune eval --model {base if base == EMBEDDED else public_base(base)} --adapter PATH"
     note = ("\nThe base is medtune's embedded model (`medtune eval --model embedded` builds it); the Hub's "
             "original SmolLM2 weights differ from it by the GGUF quantization error.\n") if base == EMBEDDED else ""
     return "\n".join(["## How to use", "", "```python", code, "```", "",

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from medtune.data.items import MCQItem
 from medtune.parse import contradiction, parse_answer
-from medtune.prompts import build_prompt, clean_explanation
+from medtune.prompts import clean_explanation, context_limit, fit_prompt
 
 
 def generate_rows(model, tokenizer, items: list[MCQItem], style: str, max_new_tokens: int = 256,
@@ -18,7 +18,8 @@ def generate_rows(model, tokenizer, items: list[MCQItem], style: str, max_new_to
     import torch
 
     device = next(model.parameters()).device
-    prompts = [build_prompt(item, style, tokenizer) for item in items]
+    limit = context_limit(tokenizer) - max_new_tokens  # overlong items: the same rule as training and scoring
+    prompts = [fit_prompt(item, style, tokenizer, limit)[1] for item in items]
     texts: list[str | None] = [None] * len(items)
     capped = [False] * len(items)
     order = sorted(range(len(items)), key=lambda i: -len(prompts[i]))

@@ -1,4 +1,4 @@
-"""One device policy: what this machine has (detect), what medtune does with it (decide), what is wrong (doctor).
+"""One device policy: what this machine has (detect), what medtune does with it (decide); doctor.py says what is wrong.
 
 torch is imported only inside functions, so `medtune --help` and `medtune env` start instantly. The rules are the
 plain tables below; `docs/hardware.md` explains each row.
@@ -61,7 +61,7 @@ DTYPES = ("bfloat16", "float16", "float32")
 ATTENTION = ("flash_attention_2", "sdpa", "eager")
 DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
 GIB = 1024**3
-_SET_BY_MEDTUNE: dict[str, str] = {}  # env vars apply_env set in this process, so detect() doesn't call them "user"
+_SET_BY_MEDTUNE: dict[str, str] = {}  # env vars prepare_env set in this process, so detect() doesn't call them "user"
 
 
 @dataclass
@@ -103,7 +103,8 @@ class DeviceInfo:
     gpu_hints: list[str]  # signs of a GPU outside torch, to catch a torch build that can't use it
     flash_attn: str | None = None  # version, when it imports
     bitsandbytes: str | None = None  # version, when installed
-    bnb_backend: str | None = None  # "CUDA" / "ROCm" when bitsandbytes' native library loaded for this device
+    bnb_backend: str | None = None  # "CUDA" / "ROCm" / "CPU" when bitsandbytes ran its NF4 test on this device
+    bnb_error: str | None = None  # why that test failed
 
 
 @dataclass
@@ -117,15 +118,8 @@ class Policy:
     reasons: dict[str, str]  # one line per decision
 
 
-@dataclass
-class Finding:
-    level: str  # "warning" | "info"
-    message: str
-    fix: str
-
-
 def detect(torch: Any = None, host: Host | None = None) -> DeviceInfo:
-    """Describe this machine. Initializes CUDA/HIP: on ROCm call prepare_env() before this (see apply_env)."""
+    """Describe this machine. Initializes CUDA/HIP: on ROCm call prepare_env() before this (the CLI does)."""
     if torch is None:
         import torch
     host = host if host is not None else Host.read()
@@ -204,46 +198,13 @@ def prepare_env(torch: Any = None, host: Host | None = None) -> dict[str, str]:
     return _set_env({HSA: value} if value else {})
 
 
-def apply_env(policy: Policy) -> dict[str, str]:
-    """Set the policy's env vars the user hasn't set; returns what it set.
-
-    Must run before the first CUDA/HIP initialization to affect this process: the ROCm runtime reads
-    HSA_OVERRIDE_GFX_VERSION once, at start-up, and detect() has already started it. Child processes (accelerate
-    launch workers, data loader workers) inherit the variables either way. On ROCm use prepare_env() before detect().
-    """
-    return _set_env(policy.env)
-
-
 def device_string(info: DeviceInfo) -> str:
     """The torch device for this kind: ROCm is driven through torch's "cuda" device."""
     return {"rocm": "cuda"}.get(info.kind, info.kind)
 
 
-def estimate_memory(params: int, batch_tokens: int, dtype: str) -> int:
-    """Conservative bytes for LoRA training on one device.
-
-    weights = params x dtype bytes; LoRA adapters + grads + AdamW states = 2% of params x 16 bytes;
-    activations = batch_tokens x 128 x sqrt(params) x dtype bytes / 2 (no gradient checkpointing, logits included:
-    checked against SmolLM2-135M, Qwen3-1.7B and Llama-2-7B layer sizes); then +10% allocator slack and 1 GiB runtime.
-    """
-    size = DTYPE_BYTES[dtype]
-    weights, lora = params * size, 0.02 * params * 16
-    activations = batch_tokens * 128 * params**0.5 * size / 2
-    return int((weights + lora + activations) * 1.1 + GIB)
-
-
-def doctor(
-    info: DeviceInfo, policy: Policy, model_params: int | None = None, batch_tokens: int | None = None
-) -> list[Finding]:
-    """Known traps on this machine, each with a fix. Pass the model size and tokens per step for a memory check."""
-    findings = _check_torch_build(info) + _check_arch(info) + _check_policy(info, policy)
-    if model_params:
-        findings += _check_memory(info, policy, model_params, batch_tokens or 0)
-    return findings
-
-
-def report(info: DeviceInfo, policy: Policy, findings: list[Finding]) -> dict:
-    """JSON-able record of the machine, the policy with its reasons, versions, env and findings."""
+def report(info: DeviceInfo, policy: Policy, findings: list) -> dict:
+    """JSON-able record of the machine, the policy with its reasons, versions, env and doctor.Findings."""
     versions = {"python": platform.python_version(), "platform": platform.platform()}
     for name in PACKAGES:  # metadata only: importing these would cost seconds
         try:
@@ -325,27 +286,41 @@ def _mps_bf16(torch: Any) -> bool:
 
 
 def _probe_extras(kind: str) -> dict[str, str | None]:
-    """flash-attn and bitsandbytes: versions, and whether they load for this GPU (imports them only on a GPU)."""
-    out: dict[str, str | None] = {"flash_attn": None, "bitsandbytes": None, "bnb_backend": None}
+    """flash-attn (imported on a GPU only) and bitsandbytes: versions, and whether they work on this device."""
+    out: dict[str, str | None] = {"flash_attn": None, "bitsandbytes": None, "bnb_backend": None, "bnb_error": None}
     for name in ("flash_attn", "bitsandbytes"):
         try:
             out[name] = importlib.metadata.version(name)
         except importlib.metadata.PackageNotFoundError:
             pass
-    if kind not in ("cuda", "rocm"):
-        return out
-    try:  # a flash-attn wheel built against another torch fails here with an undefined symbol
-        import flash_attn  # noqa: F401
-    except (ImportError, OSError):
-        out["flash_attn"] = None
-    try:  # bitsandbytes picks its backend from torch and loads a native library; a missing one is a mock object
-        from bitsandbytes import cextension
-    except (ImportError, OSError, RuntimeError):
-        return out
-    lib = getattr(cextension, "lib", None)
-    if lib is not None and not type(lib).__name__.startswith("ErrorHandlerMock"):
-        out["bnb_backend"] = getattr(cextension, "BNB_BACKEND", "CUDA")  # releases before 0.44 were CUDA-only
+    if kind in ("cuda", "rocm"):
+        try:  # a flash-attn wheel built against another torch fails here with an undefined symbol
+            import flash_attn  # noqa: F401
+        except (ImportError, OSError):
+            out["flash_attn"] = None
+    if out["bitsandbytes"] and kind in ("cuda", "rocm", "cpu"):
+        out["bnb_backend"], out["bnb_error"] = _bnb_probe({"rocm": "cuda"}.get(kind, kind))
     return out
+
+
+def _bnb_probe(device: str) -> tuple[str | None, str | None]:
+    """(backend, None) when bitsandbytes round-trips an NF4 tensor on `device`, else (None, why): the real test."""
+    import logging
+
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # its CPU backend warns about optional Hub kernels
+    try:
+        import torch
+        from bitsandbytes import cextension
+        from bitsandbytes import functional as bnbf
+
+        w = torch.linspace(-1, 1, 4096, device=device).reshape(64, 64)
+        q, state = bnbf.quantize_4bit(w, quant_type="nf4", compress_statistics=True)
+        err = float((bnbf.dequantize_4bit(q, state) - w).abs().max())
+    except Exception as e:  # noqa: BLE001 -- any failure (no native library, no AVX2, no kernel) means no QLoRA
+        return None, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
+    if not err < 0.2:
+        return None, f"NF4 round trip error {err:.3f} on {device}"
+    return getattr(cextension, "BNB_BACKEND", device.upper()), None
 
 
 # --- policy helpers ---
@@ -383,8 +358,8 @@ def _native_dtype(info: DeviceInfo) -> tuple[str, str]:
             return "bfloat16", f"{info.kind} supports bf16"
         return "float32", f"{info.kind} without bf16: fp32 (medtune uses fp16 loss scaling only on CUDA/ROCm)"
     if info.bf16:
-        return "bfloat16", ("CPU with native bf16 matmul (AVX512-BF16/AMX): bf16 autocast over fp32 weights, ~3.7x the "
-                            "fp32 matmul rate measured here; set train.dtype=float32 for bit-exact runs")
+        return "bfloat16", ("CPU with native bf16 matmul (AVX512-BF16/AMX): bf16 autocast, frozen LoRA base held in "
+                            "bf16, ~3.7x the fp32 matmul rate measured here; train.dtype=float32 for bit-exact runs")
     return "float32", "CPU without native bf16: fp32"
 
 
@@ -408,14 +383,13 @@ def _attention(info: DeviceInfo, train: str, evald: str) -> tuple[str, str]:
 
 def _qlora(info: DeviceInfo) -> tuple[bool, str]:
     if not info.bitsandbytes:
-        return False, "bitsandbytes is not installed: QLoRA (4-bit base) off; plain LoRA works everywhere"
-    if info.kind == "cuda" and info.bnb_backend:
-        return True, f"bitsandbytes {info.bitsandbytes} loaded its CUDA library"
-    if info.kind == "rocm" and info.bnb_backend == "ROCm":
-        return True, f"bitsandbytes {info.bitsandbytes} loaded its ROCm library"
-    if info.kind in ("cuda", "rocm"):
-        return False, f"bitsandbytes {info.bitsandbytes} has no working {info.kind} backend here"
-    return False, f"medtune uses bitsandbytes 4-bit only on CUDA/ROCm; its {info.kind} support is partial or preview"
+        return False, "bitsandbytes is not installed (pip install 'medtune[qlora]'): QLoRA off; plain LoRA works"
+    if info.bnb_backend:
+        return True, (f"bitsandbytes {info.bitsandbytes} ({info.bnb_backend} backend) quantized and dequantized an "
+                      f"NF4 test tensor on this {info.kind}: lora.quantize=4bit/8bit work")
+    if info.kind in ("cuda", "rocm", "cpu"):
+        return False, f"bitsandbytes {info.bitsandbytes} failed its NF4 test on this {info.kind}: {info.bnb_error}"
+    return False, f"medtune uses bitsandbytes only on CUDA, ROCm and x86-64 CPUs, not on {info.kind}"
 
 
 def _hsa_override(gfx: str | None, arch_list: list[str]) -> tuple[str | None, str]:
@@ -443,112 +417,3 @@ def _set_env(env: dict[str, str]) -> dict[str, str]:
     os.environ.update(done)
     _SET_BY_MEDTUNE.update(done)
     return done
-
-
-# --- doctor checks ---
-
-
-def _pip(index: str, info: DeviceInfo) -> str:
-    version = info.torch_version.split("+")[0]
-    return f"pip uninstall -y torch && pip install torch=={version} --index-url {index}"
-
-
-def _check_torch_build(info: DeviceInfo) -> list[Finding]:
-    if info.kind != "cpu":
-        return []
-    amd = "/dev/kfd" in info.gpu_hints
-    nvidia = any(h in info.gpu_hints for h in ("/proc/driver/nvidia", "nvidia-smi"))
-    build = f"a ROCm build (HIP {info.hip_version})" if info.hip_version else (
-        f"a CUDA build (CUDA {info.cuda_version})" if info.cuda_version else "a CPU-only build"
-    )
-    out = []
-    if amd and not info.hip_version:
-        out.append(Finding("warning", f"torch {info.torch_version} is {build} but this machine has an AMD GPU "
-                           "(/dev/kfd): training runs on the CPU", _pip(ROCM_INDEX, info)))
-    if nvidia and not info.cuda_version:
-        out.append(Finding("warning", f"torch {info.torch_version} is {build} but this machine has an NVIDIA "
-                           "driver: training runs on the CPU", _pip(CUDA_INDEX, info)))
-    if (amd and info.hip_version) or (nvidia and info.cuda_version):
-        hidden = {k: v for k, v in info.user_env.items() if k in VISIBLE_ENV}
-        out.append(Finding("warning", f"torch is {build} and a GPU driver is present, but torch sees no GPU"
-                           + (f" (visible-device variables: {hidden})" if hidden else ""),
-                           "check `nvidia-smi` / `rocm-smi`, that the driver is new enough for this build, that you "
-                           "are in the video/render groups (ROCm), and unset empty *_VISIBLE_DEVICES"))
-    return out
-
-
-def _cuda_arch_ok(cap: tuple[int, int], arch_list: list[str]) -> bool:
-    for arch in arch_list:
-        kind, _, num = arch.partition("_")
-        digits = num.rstrip("af")  # sm_90a / sm_100f: arch-specific cubins
-        if not digits.isdigit():
-            continue
-        have = (int(digits[:-1]), int(digits[-1]))
-        if kind == "sm" and have[0] == cap[0] and have[1] <= cap[1] and (digits == num or have == cap):
-            return True  # a cubin runs on its own major arch, same or newer minor
-        if kind == "compute" and have <= cap:
-            return True  # PTX is compiled forward by the driver
-    return not arch_list
-
-
-def _check_arch(info: DeviceInfo) -> list[Finding]:
-    out = []
-    if info.kind == "cuda" and info.capability and not _cuda_arch_ok(info.capability, info.arch_list):
-        sm = f"sm_{info.capability[0]}{info.capability[1]}"
-        out.append(Finding("warning", f"torch {info.torch_version} is compiled for {info.arch_list}, not your {sm}: "
-                           "kernels fail with 'no kernel image is available'",
-                           f"install a torch build whose torch.cuda.get_arch_list() covers {sm}"))
-    user = info.user_env.get(HSA)
-    if info.kind != "rocm" or not info.gfx_arch or not info.arch_list:
-        return out
-    gfx, value = info.gfx_arch, _hsa_override(info.gfx_arch, info.arch_list)[0]
-    if user and gfx in info.arch_list:
-        out.append(Finding("warning", f"{HSA}={user} is set, but {gfx} is compiled into this torch: the override "
-                           "makes ROCm run another arch's kernels", f"unset {HSA}"))
-    elif user and value and user != value:
-        out.append(Finding("warning", f"{HSA}={user} is set; for {gfx} with this torch the compatible value is {value}",
-                           f"export {HSA}={value}"))
-    elif not user and gfx not in info.arch_list and not value:
-        out.append(Finding("warning", f"torch {info.torch_version} is not compiled for {gfx} (it has "
-                           f"{', '.join(info.arch_list)}) and no compatible arch is known",
-                           "install a torch/ROCm build that lists your arch (pip index for a newer ROCm, or AMD's "
-                           "rocm/pytorch image)"))
-    return out
-
-
-def _check_policy(info: DeviceInfo, policy: Policy) -> list[Finding]:
-    out = []
-    half = [k for k in ("train_dtype", "eval_dtype") if getattr(policy, k) == "float16"]
-    if half and _native_dtype(info)[0] == "bfloat16":
-        out.append(Finding("warning", f"{' and '.join(half)} float16 on a device with bf16: fp16 overflows past "
-                           "65504 and needs loss scaling; bf16 has fp32's range at the same speed",
-                           "drop the dtype override (medtune picks bfloat16 here)"))
-    if policy.attn_implementation == "flash_attention_2" and not (info.flash_attn and _flash_ok(info)):
-        out.append(Finding("warning", "attn_implementation flash_attention_2 is set but flash_attn doesn't import or "
-                           f"doesn't support this {info.kind} device: loading the model will fail",
-                           "drop the override (medtune picks sdpa) or install flash-attn for this device"))
-    if info.bitsandbytes and not policy.qlora_available:
-        level = "warning" if info.kind in ("cuda", "rocm") else "info"
-        out.append(Finding(level, f"bitsandbytes {info.bitsandbytes} is installed but QLoRA is off: "
-                           f"{policy.reasons['qlora_available']}",
-                           "train plain LoRA (the default), or install a bitsandbytes build for this device: "
-                           "https://huggingface.co/docs/bitsandbytes/main/en/installation"))
-    return out
-
-
-def _check_memory(info: DeviceInfo, policy: Policy, params: int, batch_tokens: int) -> list[Finding]:
-    available = min(info.memory) if info.memory else info.ram_bytes
-    if not available:
-        return [Finding("info", "device memory is unknown: memory check skipped", "-")]
-    need = estimate_memory(params, batch_tokens, policy.train_dtype)
-    where = f"{available / GIB:.1f} GiB on {info.names[0] if info.names else 'this machine (RAM)'}"
-    if need <= available:
-        return [Finding("info", f"estimated {need / GIB:.1f} GiB of {where} for {params / 1e9:.2f}B parameters "
-                        f"and {batch_tokens} tokens per step", "-")]
-    per_token = estimate_memory(params, 1, policy.train_dtype) - estimate_memory(params, 0, policy.train_dtype)
-    fits = int((available - estimate_memory(params, 0, policy.train_dtype)) / max(per_token, 1))
-    fix = (f"use at most ~{fits} tokens per step (smaller batch, more gradient accumulation) or enable gradient "
-           "checkpointing" if fits > 0 else "the weights alone don't fit: use a smaller model, QLoRA where available, "
-           "or shard with recipes/accelerate/fsdp.yaml or deepspeed-zero3.yaml")
-    return [Finding("warning", f"estimated {need / GIB:.1f} GiB needed but {where} ({params / 1e9:.2f}B parameters "
-                    f"in {policy.train_dtype}, {batch_tokens} tokens per step)", fix)]

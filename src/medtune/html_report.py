@@ -32,9 +32,9 @@ def write_report(run_dir: Path | str, out: Path | str | None = None, price_per_h
     run_dir = Path(run_dir)
     out = Path(out) if out else run_dir / "report.html"
     page = render(build(run_dir, price_per_hour, explain, log))
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(page, encoding="utf-8")
-    tmp.replace(out)
+    from medtune import io
+
+    io.write_text(out, page)
     return out
 
 

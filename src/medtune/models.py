@@ -5,7 +5,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import shutil
 from pathlib import Path
 
 from medtune.errors import MedtuneError
@@ -25,6 +24,10 @@ def cache_dir() -> Path:
 def resolve(name: str, log=print) -> str:
     """A path or Hub id `from_pretrained` can load. `embedded` converts the packaged GGUF once into the cache."""
     if name != EMBEDDED:
+        if Path(name).suffix == ".gguf":  # a single GGUF file: transformers' GGUF reader loads it (see _pretrained)
+            if not Path(name).is_file():
+                raise MedtuneError(f"{name}: no such GGUF file")
+            return name
         if Path(name).exists() and not (Path(name) / "config.json").is_file():
             raise MedtuneError(f"{name}: not a model directory (no config.json)")
         return name
@@ -33,13 +36,24 @@ def resolve(name: str, log=print) -> str:
         log(f"note: the embedded model package is not installed ({EMBEDDED_PIP}); trying the Hub's {EMBEDDED_HUB}")
         return EMBEDDED_HUB
     out = cache_dir() / "smollm2-135m-instruct"
-    stamp = out / "medtune-source.json"
     expected = {"gguf": gguf.name, "size": gguf.stat().st_size}
-    if stamp.is_file() and json.loads(stamp.read_text()) == expected and (out / "model.safetensors").is_file():
+    if _converted(out, expected):
         return str(out)
-    log(f"converting the embedded model once: {gguf.name} -> {out}")
-    _convert_gguf(gguf, out, expected)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    from filelock import FileLock
+
+    # several processes (accelerate launch ranks, parallel jobs) may start on an empty cache: one converts, the
+    # others wait here and then find the finished directory
+    with FileLock(str(out) + ".lock"):
+        if not _converted(out, expected):
+            log(f"converting the embedded model once: {gguf.name} -> {out}")
+            _convert_gguf(gguf, out, expected)
     return str(out)
+
+
+def _converted(out: Path, expected: dict) -> bool:
+    stamp = out / "medtune-source.json"
+    return stamp.is_file() and json.loads(stamp.read_text()) == expected and (out / "model.safetensors").is_file()
 
 
 def embedded_gguf() -> Path | None:
@@ -55,24 +69,52 @@ def _convert_gguf(gguf: Path, out: Path, stamp: dict) -> None:
     """Dequantize the GGUF into an fp32 safetensors dir, written beside the target and renamed into place."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
+    from medtune import io
+
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
     if getattr(model, "hf_quantizer", None) is not None:  # save_pretrained refuses a GGUF-loaded model otherwise
         model.hf_quantizer.remove_quantization_config(model)
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    AutoModelForCausalLM.from_pretrained(tmp)  # verify: the saved directory loads
-    (tmp / "medtune-source.json").write_text(json.dumps(stamp))
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
+    with io.atomic_dir(out) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        AutoModelForCausalLM.from_pretrained(tmp)  # verify: the saved directory loads
+        io.write_json(tmp / "medtune-source.json", stamp, indent=None)
+
+
+QUANTIZE = ("none", "8bit", "4bit")
+
+
+def quantization_config(quantize: str, compute_dtype: str):
+    """transformers' BitsAndBytesConfig for `lora.quantize` (None for none). 4bit is QLoRA's NF4 with double
+    quantization; matmuls run in `compute_dtype` (the device policy's training dtype)."""
+    if quantize == "none":
+        return None
+    if quantize not in QUANTIZE:
+        raise MedtuneError(f"lora.quantize {quantize!r}: choose {', '.join(QUANTIZE)}")
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise MedtuneError(f"lora.quantize={quantize} needs bitsandbytes: pip install 'medtune[qlora]'")
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    if quantize == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=getattr(torch, compute_dtype))
+
+
+def _pretrained(path: str) -> tuple[str, dict]:
+    """from_pretrained arguments: a `.gguf` file is read as `from_pretrained(its dir, gguf_file=its name)`."""
+    if Path(path).suffix == ".gguf":
+        return str(Path(path).parent), {"gguf_file": Path(path).name}
+    return path, {}
 
 
 def load_tokenizer(path: str, padding_side: str = "left"):
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    where, kwargs = _pretrained(path)
+    tokenizer = AutoTokenizer.from_pretrained(where, **kwargs)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = padding_side
@@ -85,23 +127,97 @@ def load_model(name: str, adapter: str | None = None, dtype: str = "float32", de
     import torch
     from transformers import AutoModelForCausalLM
 
+    if adapter:
+        check_adapter(adapter)  # before the model loads: a bad adapter is refused in a second, not after a minute
     path = resolve(name, log=log)
+    where, kwargs = _pretrained(path)
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype),
-                                                     attn_implementation=attn_implementation)
-    except OSError as e:
-        raise MedtuneError(f"{name}: could not load the model ({e}). Offline, use `embedded` or a local dir.") from None
+        # safetensors only: a pickled checkpoint (.bin) can run code when loaded. No remote code unless asked for.
+        # A `.gguf` file is read by transformers' own GGUF loader (no pickle either).
+        model = AutoModelForCausalLM.from_pretrained(where, dtype=getattr(torch, dtype), trust_remote_code=False,
+                                                     attn_implementation=attn_implementation,
+                                                     **(kwargs or {"use_safetensors": True}))
+    except (OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise MedtuneError(f"{name}: could not load the model ({first}). medtune loads safetensors weights only; "
+                           "offline, use `embedded` or a local dir.") from None
     tokenizer = load_tokenizer(adapter if adapter and (Path(adapter) / "tokenizer_config.json").is_file() else path)
     if adapter:
-        model = attach_adapter(model, adapter)
+        model = attach_adapter(model, adapter, base=(name, path), log=log)
         if merge:  # same function, plain linear layers: evaluation runs at the base model's speed
             model = model.merge_and_unload()
     return model.to(device).eval(), tokenizer, path
 
 
-def attach_adapter(model, adapter: str):
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
+
+
+def check_adapter(adapter: str | Path) -> dict:
+    """The adapter's PEFT config, after refusing what could run code or fail later with a traceback: no directory,
+    a missing or corrupt adapter_config.json, or weights that are not safetensors (a pickle can run code on load)."""
+    adapter = Path(adapter)
+    config = adapter / "adapter_config.json"
+    if not config.is_file():
+        raise MedtuneError(f"{adapter}: not a PEFT adapter directory (no adapter_config.json)")
+    try:
+        cfg = json.loads(config.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise MedtuneError(f"{config}: corrupt adapter config ({e}); re-export the adapter") from None
+    if not isinstance(cfg, dict) or not cfg.get("peft_type"):
+        raise MedtuneError(f"{config}: not a PEFT adapter config (no peft_type)")
+    if not (adapter / "adapter_model.safetensors").is_file():
+        pickles = sorted(p.name for p in adapter.iterdir() if p.suffix.lower() in PICKLE_SUFFIXES)
+        why = (f"has {', '.join(pickles)} (pickle: loading it can run arbitrary code) and no adapter_model.safetensors;"
+               " medtune loads adapters from safetensors only. Convert it where you trust its source "
+               "(peft: model.save_pretrained(dir) writes safetensors)") if pickles else "no adapter_model.safetensors"
+        raise MedtuneError(f"{adapter}: {why}")
+    return cfg
+
+
+def attach_adapter(model, adapter: str, base: tuple[str, str] | None = None, log=print):
+    """PEFT-wrap `model` with a safetensors adapter. `base` = (name asked for, resolved path): an adapter recorded
+    for another base model is refused when the architectures differ and warned about when only the names differ."""
     from peft import PeftModel
 
-    if not (Path(adapter) / "adapter_config.json").is_file():
-        raise MedtuneError(f"{adapter}: not a PEFT adapter directory (no adapter_config.json)")
-    return PeftModel.from_pretrained(model, adapter)
+    cfg = check_adapter(adapter)
+    if base is not None:
+        _check_base(model, adapter, cfg, base, log)
+    import warnings
+
+    try:
+        with warnings.catch_warnings():  # peft 0.21 reads `is_gradient_checkpointing`, deprecated in transformers 5
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+            return PeftModel.from_pretrained(model, adapter)
+    except (RuntimeError, ValueError, KeyError) as e:  # shape mismatch, unknown target modules
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise MedtuneError(f"{adapter}: does not fit this base model ({first[:300]}); load it on the base model it "
+                           "was trained on") from None
+
+
+def base_signature(config) -> dict:
+    """What an adapter depends on in its base: architecture and the shapes LoRA attaches to."""
+    keys = ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+            "num_key_value_heads", "vocab_size")
+    return {k: getattr(config, k, None) for k in keys}
+
+
+def _check_base(model, adapter: str, cfg: dict, base: tuple[str, str], log) -> None:
+    meta_path = Path(adapter) / "medtune.json"
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8")) if meta_path.is_file() else {}
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise MedtuneError(f"{meta_path}: corrupt ({e})") from None
+    trained = {str(x) for x in (meta.get("base_model"), cfg.get("base_model_name_or_path")) if x}
+    name, path = base
+    same = {name, str(path)} | ({str(Path(path).resolve())} if Path(path).exists() else set())
+    if not trained or trained & same or {str(Path(x).resolve()) for x in trained if Path(x).exists()} & same:
+        return
+    trained_name = min(trained)
+    recorded = meta.get("base_signature")
+    if recorded and recorded != base_signature(model.config):
+        diff = ", ".join(f"{k} {recorded.get(k)} vs {v}" for k, v in base_signature(model.config).items()
+                         if recorded.get(k) != v)
+        raise MedtuneError(f"{adapter}: trained for base model {trained_name}, not {name} ({diff}); pass "
+                           f"--model {meta.get('base_model') or trained_name}")
+    log(f"warning: {adapter} was trained for base model {trained_name}, loading it on {name} (same "
+        "architecture); scores are only meaningful on the base it was trained on")

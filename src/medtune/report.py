@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import platform
@@ -16,7 +15,7 @@ from medtune.data.items import LETTERS, MCQItem
 
 DISCLAIMER = ("Research and education only: not medical advice. A model's answers to exam questions say nothing about "
               "its safety for patient care.")
-PACKAGES = ("medtune", "torch", "transformers", "peft", "trl", "accelerate", "datasets", "safetensors")
+PACKAGES = ("medtune", "torch", "transformers", "peft", "accelerate", "datasets", "safetensors")
 
 
 def environment() -> dict:
@@ -53,6 +52,9 @@ def metrics(items: list[MCQItem], rows: list[dict], debiased: list[list[float]] 
         out["calibration"] = {"ece": stats.ece(conf, correct), "brier": stats.brier(probs, golds),
                               "reliability": stats.reliability_table(conf, correct)}
         out["selective"] = stats.selective_summary(conf, correct)
+    if rows and "correct_norm" in rows[0]:  # choices of different lengths: lm-eval's acc_norm beside acc
+        kn = sum(bool(r["correct_norm"]) for r in rows)
+        out["accuracy_norm"], out["ci95_norm"] = kn / n, list(stats.wilson_ci(kn, n))
     out["per_subject"] = per_subject(items, correct)
     if debiased is not None:
         out["permute"] = permute_metrics(items, debiased, details)
@@ -78,18 +80,16 @@ def permute_metrics(items: list[MCQItem], debiased: list[list[float]], details: 
 
 
 def write_json(path: Path, data: dict) -> None:
-    """Written beside and renamed into place: a reader never sees half a file."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1, default=str))
-    tmp.replace(path)
+    """Written beside and renamed into place: a reader never sees half a file (medtune.io)."""
+    from medtune import io
+
+    io.write_json(path, data)
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    tmp.replace(path)
+    from medtune import io
+
+    io.write_jsonl(path, rows)
 
 
 def summary_line(label: str, m: dict) -> dict:
@@ -102,6 +102,8 @@ def summary_line(label: str, m: dict) -> dict:
            "predicted letters": " ".join(f"{k}{v:.0%}" for k, v in letters["pred_distribution"].items()),
            "mean log p(gold)": "-" if letters["mean_gold_logprob"] is None else
            f"{letters['mean_gold_logprob']:.2f} (uniform {letters['uniform_logprob']:.2f})"}
+    if "accuracy_norm" in m:
+        row["acc_norm (per char)"] = f"{m['accuracy_norm']:.3f}"
     if "permute" in m:
         p = m["permute"]
         row["debiased accuracy"] = f"{p['debiased_accuracy']:.3f} [{p['debiased_ci95'][0]:.3f}, " \

@@ -20,27 +20,38 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from medtune import io
 from medtune.config import Config, save_config
 from medtune.data.items import MCQItem
-from medtune.prompts import build_prompt, build_target
+from medtune.errors import MedtuneError, TrainingInterrupted
+from medtune.prompts import build_prompt, build_target, fit_prompt
 
 
 @dataclass
 class Example:
     input_ids: list[int]
     prompt_len: int  # labels start here
+    cut: int = 0  # characters cut from the question's start to fit train.max_length
 
 
 def train(cfg: Config, items: list[MCQItem], out_dir: Path, resume: bool = False, quiet: bool = False,
-          log=print, extra_meta: dict | None = None) -> dict:
-    """Train a LoRA adapter on `items`; write it to out_dir/adapter with everything needed to trace it."""
+          log=print, extra_meta: dict | None = None, base_model=None) -> dict:
+    """Train a LoRA adapter on `items`; write it to out_dir/adapter with everything needed to trace it.
+    `base_model`: the fp32 base already in memory (run.py), trained in place instead of loading it again.
+
+    Checkpoints (checkpoint.py) every `save_every` steps, or every DEFAULT_SAVE_MINUTES when it is 0, and at the end;
+    SIGTERM/SIGINT write one and exit (TrainingInterrupted). Without `resume` an earlier run's checkpoints and metrics
+    in out_dir are replaced (the CLI refuses a non-empty out_dir unless --overwrite)."""
     import torch
     from accelerate import Accelerator
     from accelerate.utils import set_seed
     from transformers import get_scheduler
 
+    from medtune import checkpoint
+
     t = cfg.train
     out_dir = Path(out_dir)
+    from medtune.doctor import preflight
     from medtune.hardware import decide, detect, device_string, prepare_env
 
     prepare_env()  # before anything initializes the GPU runtime (ROCm reads HSA_OVERRIDE_GFX_VERSION once)
@@ -49,78 +60,239 @@ def train(cfg: Config, items: list[MCQItem], out_dir: Path, resume: bool = False
 
     recorder = Recorder("train")  # wall time, device, energy -> out_dir/cost.json
     policy = decide(info)
+    ckpt = _checkpoint_to_resume(out_dir, cfg, log) if resume else None  # refused before the model loads
     accelerator = Accelerator(mixed_precision=_mixed_precision(t.dtype, policy.train_dtype),
+                              gradient_accumulation_steps=t.grad_accum,
                               cpu=cfg.device == "cpu" or device_string(info) == "cpu",
                               log_with=t.report_to or None, project_dir=str(out_dir))
     set_seed(t.seed, deterministic=False)
-    model, tokenizer = _lora_model(cfg, accelerator, log, _attention(cfg, info, policy))
-    world, rank = accelerator.num_processes, accelerator.process_index
+    preflight(cfg, log if accelerator.is_main_process else (lambda *_: None), info)  # warnings before weights load
+    model, tokenizer = _lora_model(cfg, accelerator, log, _attention(cfg, info, policy), base_model)
+    world = accelerator.num_processes
     plan = batch_plan(items, cfg, tokenizer, world)
     steps = len(plan) if t.max_steps is None else min(t.max_steps, len(plan))
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
     scheduler = get_scheduler(t.scheduler, optimizer, num_warmup_steps=math.ceil(t.warmup * steps),
                               num_training_steps=steps)
+    _fill_deepspeed(accelerator, t.batch_size)
     model, optimizer = accelerator.prepare(model, optimizer)
-    accelerator.register_for_checkpointing(scheduler)
     if t.report_to:
         accelerator.init_trackers("medtune", config=_flat(cfg.to_dict()))
-
-    start = _resume(accelerator, out_dir) if resume else 0
-    metrics_path = out_dir / "metrics.jsonl"
-    if accelerator.is_main_process:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        if not resume:
-            metrics_path.write_text("")
-    progress = _progress(steps, start, quiet or not accelerator.is_main_process)
+    run = _Run(accelerator, model, optimizer, scheduler, cfg, out_dir, steps, log)
+    run.begin(ckpt, items)
+    progress = _progress(steps, run.step, quiet or not accelerator.is_main_process)
     model.train()
-    t0, tokens_seen, loss = time.time(), 0, float("nan")
-    for step in range(start, steps):
-        micro = [b[rank::world] for b in plan[step]]  # each rank takes its share of every global micro-batch
-        total = sum(len(ex.input_ids) - max(ex.prompt_len, 1) for b in plan[step] for ex in b)  # global targets
-        loss_sum, real = torch.zeros((), device=accelerator.device), 0
-        for k, batch in enumerate(micro):
-            ids, mask, labels = collate(batch, tokenizer.pad_token_id, accelerator.device)
-            with accelerator.autocast():
-                part = _loss_sum(model, ids, mask, labels, _first_target(batch)) * world / total
-            if k < len(micro) - 1:
-                with accelerator.no_sync(model):
-                    accelerator.backward(part)
-            else:
-                accelerator.backward(part)
-            loss_sum += part.detach() / world  # stays on the device: one sync per step, not per micro-batch
-            real += sum(len(ex.input_ids) for ex in batch)
-        lr = scheduler.get_last_lr()[0]  # the rate this step ran at
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        loss = accelerator.reduce(loss_sum, "sum").item()
-        tokens_seen += int(accelerator.reduce(torch.tensor(real, device=accelerator.device), "sum").item())
-        elapsed = time.time() - t0
-        row = {"step": step + 1, "epoch": round((step + 1) / steps * t.epochs, 4) if t.max_steps is None else None,
-               "loss": loss, "lr": lr, "tokens": tokens_seen,
-               "tokens_per_s": tokens_seen / elapsed if elapsed else 0.0, "elapsed_s": round(elapsed, 3)}
-        if accelerator.is_main_process:
-            with metrics_path.open("a") as f:
-                f.write(json.dumps(row) + "\n")
-            progress.set_postfix(loss=f"{loss:.4f}", tok_s=f"{row['tokens_per_s']:.0f}")
-            progress.update(1)
-        if t.report_to:
-            accelerator.log({"loss": loss, "lr": row["lr"]}, step=step + 1)
-        if t.save_every and (step + 1) % t.save_every == 0 and step + 1 < steps:
-            save_checkpoint(accelerator, out_dir, step + 1)
+    loss = run.loss  # the checkpoint's, when a finished run is resumed
+    with checkpoint.Signals() as signals:
+        for step in range(run.step, steps):
+            loss, real = _guarded_step(run, plan[step], tokenizer, step, len(items))
+            run.finish_step(step + 1, loss, real, progress)
+            if signals.received is not None:
+                run.interrupt(signals.received)
+            if run.due(step + 1):
+                run.save(step + 1)
     progress.close()
-    summary = {"steps": steps, "final_loss": loss, "wall_s": round(time.time() - t0, 2), "real_tokens": tokens_seen,
-               "tokens_per_s": round(tokens_seen / max(time.time() - t0, 1e-9), 1), "resumed_from_step": start}
+    if run.last_saved != steps and steps > run.start:
+        run.save(steps)  # the end of training is a checkpoint too: `--resume` of a finished run is a no-op
+    wall = time.time() - run.t0
+    summary = {"steps": steps, "final_loss": loss, "wall_s": round(wall, 2), "real_tokens": run.tokens,
+               "tokens_per_s": round(run.tokens / max(wall, 1e-9), 1), "resumed_from_step": run.start,
+               "question_cut": sum(1 for b in plan[0] for ex in b if ex.cut) if plan else 0}
+    state = accelerator.get_state_dict(model)  # every rank: FSDP / ZeRO-3 gather the sharded weights whole
     if accelerator.is_main_process:
-        _save_adapter(accelerator.unwrap_model(model), tokenizer, cfg, items, out_dir, summary, extra_meta)
-        recorder.stop(out_dir, train_tokens=tokens_seen, steps=steps - start, device_count=max(world, 1))
+        _save_adapter(accelerator.unwrap_model(model), state, tokenizer, cfg, items, out_dir, summary, extra_meta)
+        recorder.stop(out_dir, train_tokens=run.tokens, steps=steps - run.start, device_count=max(world, 1))
         log(f"trained {steps} steps in {summary['wall_s']} s, {summary['tokens_per_s']} real tokens/s, "
             f"final loss {loss:.4f}")
     accelerator.wait_for_everyone()
     if t.report_to:
         accelerator.end_training()
     return summary
+
+
+def _fill_deepspeed(accelerator, batch_size: int) -> None:
+    """Under DeepSpeed, accelerate fills an `auto` micro-batch size only from a DataLoader, which this loop doesn't
+    use (prepare() raises without it), and an `auto` gradient_clipping with 1.0, where medtune clips nowhere else."""
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    if plugin is None:
+        return
+    ds = plugin.deepspeed_config
+    if ds.get("train_micro_batch_size_per_gpu", "auto") == "auto":
+        ds["train_micro_batch_size_per_gpu"] = batch_size
+    if ds.get("gradient_clipping", "auto") == "auto":
+        ds["gradient_clipping"] = 0.0  # DeepSpeed's "off"
+
+
+def _checkpoint_to_resume(out_dir: Path, cfg: Config, log) -> Path | None:
+    """The checkpoint to resume from, checked; None (start at step 0, said so) when a run was stopped before its first
+    checkpoint was complete."""
+    from medtune import checkpoint
+
+    ckpt = checkpoint.latest(out_dir)
+    if ckpt is None:
+        log(f"note: --resume: no complete checkpoint under {out_dir / 'checkpoints'}; starting from step 0")
+        return None
+    checkpoint.check(ckpt, cfg.to_dict())
+    return ckpt
+
+
+class _Run:
+    """The state a resume must continue: step, token counter, elapsed time, checkpoints and metrics.jsonl."""
+
+    def __init__(self, accelerator, model, optimizer, scheduler, cfg: Config, out_dir: Path, steps: int, log):
+        self.acc, self.model, self.optimizer, self.scheduler = accelerator, model, optimizer, scheduler
+        self.cfg, self.out_dir, self.steps, self.log = cfg, out_dir, steps, log
+        self.metrics = out_dir / "metrics.jsonl"
+        self.step = self.start = self.tokens = 0
+        self.loss = float("nan")
+        self.t0 = self.last_time = time.time()
+        self.last_saved: int | None = None
+        self._step_lr = float("nan")  # the rate the last step ran at (set by _train_step before the update)
+        self.sharded = accelerator.distributed_type.name in ("FSDP", "DEEPSPEED", "MEGATRON_LM")
+
+    def begin(self, ckpt: Path | None, items: list[MCQItem]) -> None:
+        from medtune import checkpoint
+
+        if self.acc.is_main_process:
+            checkpoint.remove_stale(self.out_dir)  # temp dirs of saves a kill interrupted
+        if ckpt is not None:
+            state = checkpoint.load(ckpt, self.acc.unwrap_model(self.model), self.optimizer, self.scheduler,
+                                    self.acc.scaler, self.acc.process_index)
+            self.step = self.start = self.last_saved = state["step"]
+            self.tokens, self.loss = state.get("tokens", 0), state.get("loss", float("nan"))
+            self.t0 = time.time() - state.get("elapsed_s", 0.0)  # throughput continues across the interruption
+            self.log(f"resumed from {ckpt} (step {self.step})")
+        if self.acc.is_main_process:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            if ckpt is not None:
+                checkpoint.cut_metrics(self.metrics, self.step)  # no repeated steps after the resume
+            else:  # a fresh run: an earlier run's checkpoints must never be resumed into this one
+                shutil.rmtree(self.out_dir / "checkpoints", ignore_errors=True)
+                io.write_text(self.metrics, "")
+                # The training text stays here, in the run dir; the adapter and exports carry ids and hashes only.
+                io.write_jsonl(self.out_dir / "train_items.jsonl", [i.to_dict() for i in items])
+
+    def finish_step(self, step: int, loss: float, real: int, progress) -> None:
+        t = self.cfg.train
+        self.step, self.tokens, self.loss = step, self.tokens + real, loss
+        elapsed = time.time() - self.t0
+        row = {"step": step, "epoch": round(step / self.steps * t.epochs, 4) if t.max_steps is None else None,
+               "loss": loss, "lr": self._step_lr, "tokens": self.tokens,
+               "tokens_per_s": self.tokens / elapsed if elapsed else 0.0, "elapsed_s": round(elapsed, 3)}
+        if self.acc.is_main_process:
+            with self.metrics.open("a") as f:
+                f.write(json.dumps(row) + "\n")
+            progress.set_postfix(loss=f"{loss:.4f}", tok_s=f"{row['tokens_per_s']:.0f}")
+            progress.update(1)
+        if t.report_to:
+            self.acc.log({"loss": loss, "lr": row["lr"]}, step=step)
+
+    def due(self, step: int) -> bool:
+        from medtune import checkpoint
+
+        every = self.cfg.train.save_every
+        if step >= self.steps:
+            return False  # the end-of-training checkpoint is written after the loop
+        if every:
+            return step % every == 0
+        due = time.time() - self.last_time >= checkpoint.DEFAULT_SAVE_MINUTES * 60
+        if self.acc.num_processes > 1:  # every rank must agree on a time-based decision
+            import torch
+
+            due = bool(self.acc.reduce(torch.tensor(int(due), device=self.acc.device), "max").item())
+        return due
+
+    def save(self, step: int) -> Path | None:
+        from medtune import checkpoint
+
+        if self.sharded:
+            if self.last_saved is None:
+                self.log("note: checkpoints are not written under FSDP/DeepSpeed (sharded optimizer state); "
+                         "an interrupted run starts again")
+            self.last_saved = step
+            return None
+        path = None
+        if self.acc.is_main_process:
+            state = {"tokens": self.tokens, "elapsed_s": time.time() - self.t0, "loss": self.loss,
+                     "config": checkpoint.shaping_config(self.cfg.to_dict())}
+            path = checkpoint.save(self.out_dir, step, self.acc.unwrap_model(self.model), self.optimizer,
+                                   self.scheduler, state, self.acc.scaler, self.acc.process_index,
+                                   self.acc.num_processes)
+        self.acc.wait_for_everyone()
+        self.last_saved, self.last_time = step, time.time()
+        return path
+
+    def interrupt(self, signum: int) -> None:
+        import signal
+
+        path = self.save(self.step) if self.last_saved != self.step else self.out_dir / "checkpoints"
+        name = signal.Signals(signum).name
+        raise TrainingInterrupted(
+            f"{name} at step {self.step} of {self.steps}: checkpoint written to {path}. Resume with the same command "
+            f"plus --resume (medtune train --resume --out {self.out_dir} ...)", 128 + signum)
+
+
+def _guarded_step(run: _Run, batches, tokenizer, step: int, n_items: int) -> tuple[float, int]:
+    """One optimizer step; a non-finite loss stops training before the update, out-of-memory says what to lower."""
+    import torch
+
+    try:
+        return _train_step(run, batches, tokenizer, step)
+    except torch.OutOfMemoryError:
+        raise MedtuneError(_oom_message(run, batches)) from None
+    except RuntimeError as e:
+        if "can't allocate memory" in str(e) or "out of memory" in str(e).lower():
+            raise MedtuneError(_oom_message(run, batches)) from None
+        raise
+
+
+def _train_step(run: _Run, batches, tokenizer, step: int) -> tuple[float, int]:
+    import torch
+
+    acc, t = run.acc, run.cfg.train
+    world, rank = acc.num_processes, acc.process_index
+    micro = [b[rank::world] for b in batches]  # each rank takes its share of every global micro-batch
+    total = sum(len(ex.input_ids) - max(ex.prompt_len, 1) for b in batches for ex in b)  # global targets
+    loss_sum, real = torch.zeros((), device=acc.device), 0
+    # accelerate syncs gradients (DDP/FSDP all-reduce, DeepSpeed's optimizer step) when its micro-batch counter
+    # reaches grad_accum; starting the count here puts that on this step's last micro-batch, also when the
+    # epoch's last step has fewer micro-batches than grad_accum.
+    acc.step = t.grad_accum - len(micro)
+    for batch in micro:
+        ids, mask, labels = collate(batch, tokenizer.pad_token_id, acc.device)
+        with acc.accumulate(run.model):
+            with acc.autocast():  # accelerate divides by grad_accum; x grad_accum keeps the step norm
+                part = _loss_sum(run.model, ids, mask, labels, _first_target(batch)) * world / total * t.grad_accum
+            acc.backward(part)
+        loss_sum += part.detach() / (world * t.grad_accum)  # on the device: one sync per step, not per batch
+        real += sum(len(ex.input_ids) for ex in batch)
+    loss = acc.reduce(loss_sum, "sum").item()
+    if not math.isfinite(loss):  # before the update: the weights and the last checkpoint stay good
+        last = f"checkpoint step {run.last_saved} is kept" if run.last_saved else "no checkpoint was written yet"
+        raise MedtuneError(
+            f"loss is {loss} at step {step + 1}: training stopped ({last}). Likely causes: fp16 overflow (use "
+            f"train.dtype=bfloat16 or float32) or a learning rate too high (train.lr={t.lr}; try a tenth)")
+    optimizer, scheduler = run.optimizer, run.scheduler
+    run._step_lr = scheduler.get_last_lr()[0]
+    optimizer.step()  # accelerate's wrapper: the last micro-batch set sync_gradients, so this steps
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss, int(acc.reduce(torch.tensor(real, device=acc.device), "sum").item())
+
+
+def _oom_message(run: _Run, batches) -> str:
+    from medtune.doctor import estimate_memory
+
+    t = run.cfg.train
+    params = sum(p.numel() for p in run.acc.unwrap_model(run.model).parameters())
+    batch_tokens = max(sum(len(ex.input_ids) for ex in b) for b in batches)
+    dtype = {"bf16": "bfloat16", "fp16": "float16"}.get(run.acc.mixed_precision, "float32")
+    need = estimate_memory(params, batch_tokens, dtype, run.cfg.lora.quantize) / 2**30
+    return (f"out of memory at step {run.step + 1} (estimated need {need:.1f} GiB for {params / 1e6:.0f}M parameters "
+            f"and {batch_tokens} tokens per micro-batch). Lower train.batch_size (now {t.batch_size}; raise "
+            f"train.grad_accum to keep the effective batch), train.max_length (now {t.max_length}), turn on "
+            "train.gradient_checkpointing=true, or quantize the base (QLoRA: lora.quantize)")
 
 
 def _mixed_precision(requested: str, policy_dtype: str) -> str:
@@ -142,17 +314,44 @@ def _attention(cfg: Config, info, policy) -> str:
     return "eager" if info.kind == "cpu" or cfg.device == "cpu" else policy.attn_implementation
 
 
-def _lora_model(cfg: Config, accelerator, log, attn_implementation: str | None = None):
+def _base_dtype(accelerator) -> str:
+    """bf16 frozen base weights when training autocasts to bf16: LoRA trains none of them, so an fp32 copy costs
+    memory plus a bf16 cast of every weight in every forward. The LoRA weights and AdamW state stay fp32 (PEFT keeps
+    adapters fp32). FSDP and DeepSpeed keep fp32: FSDP flattens one dtype per unit, DeepSpeed casts by its config."""
+    from accelerate.utils import DistributedType
+
+    sharded = accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+    return "bfloat16" if accelerator.mixed_precision == "bf16" and not sharded else "float32"
+
+
+def _lora_model(cfg: Config, accelerator, log, attn_implementation: str | None = None, base=None):
     import torch
-    from peft import LoraConfig, get_peft_model
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM
 
-    from medtune.models import load_tokenizer, resolve
+    from medtune.models import load_tokenizer, quantization_config, resolve
 
     path = resolve(cfg.model, log=log if accelerator.is_main_process else (lambda *_: None))
     tokenizer = load_tokenizer(path, padding_side="right")
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation=attn_implementation)
-    if cfg.train.gradient_checkpointing:
+    compute = {"bf16": "bfloat16", "fp16": "float16"}.get(accelerator.mixed_precision, "float32")
+    quant = quantization_config(cfg.lora.quantize, compute)
+    dtype = compute if quant else _base_dtype(accelerator)
+    if base is not None and not quant:  # run.py's base, already in memory: no second read from disk
+        model = base.to(getattr(torch, dtype))
+        model.set_attn_implementation(attn_implementation or "sdpa")
+    else:
+        try:  # safetensors only (a pickled .bin can run code when loaded); no remote code
+            model = AutoModelForCausalLM.from_pretrained(  # a quantized base is placed at load; accelerate can't move it
+                path, dtype=getattr(torch, dtype), attn_implementation=attn_implementation, quantization_config=quant,
+                device_map={"": accelerator.device} if quant else None, use_safetensors=True, trust_remote_code=False)
+        except (OSError, ValueError) as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise MedtuneError(f"{cfg.model}: could not load the model ({first}); medtune loads safetensors only") \
+                from None
+    if quant:  # QLoRA: norms and embeddings to fp32, input grads on, checkpointing as configured
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.train.gradient_checkpointing,
+                                                gradient_checkpointing_kwargs={"use_reentrant": False})
+    elif cfg.train.gradient_checkpointing:
         enable = getattr(model, "activation_checkpointing_enable", None)  # transformers >= 5.x name
         if enable is not None:
             enable(activation_checkpointing_kwargs={"use_reentrant": False})
@@ -205,15 +404,22 @@ def _shuffled(item: MCQItem, cfg: Config, epoch: int, index: int) -> MCQItem:
 
 
 def tokenize_example(item: MCQItem, cfg: Config, tokenizer) -> Example:
-    """prompt + target + EOS, cut to max_length by trimming the target's end first (EOS always kept)."""
-    prompt = tokenizer(build_prompt(item, cfg.prompt_style, tokenizer), add_special_tokens=False).input_ids
-    target = tokenizer(build_target(item, cfg.prompt_style, cfg.train.target), add_special_tokens=False).input_ids
+    """prompt + target + EOS in at most train.max_length tokens. Overlong: the explanation is trimmed from its end
+    first (never the answer line), then the question is cut from the left (prompts.fit_prompt, the rule evaluation
+    uses too); the prompt's header, the options, the answer and EOS are never cut."""
+    style = cfg.prompt_style
+    prompt_text = build_prompt(item, style, tokenizer)
+    target = tokenizer(build_target(item, style, cfg.train.target), add_special_tokens=False).input_ids
     eos = [tokenizer.eos_token_id] if cfg.train.add_eos else []
     room = cfg.train.max_length - len(eos)
-    if len(prompt) + len(target) > room:
-        target = target[: max(room - len(prompt), min(len(target), 8))]
-        prompt = prompt[len(prompt) + len(target) - room:] if len(prompt) + len(target) > room else prompt
-    return Example(prompt + target + eos, 0 if cfg.train.loss_on == "all" else len(prompt))
+    prompt = tokenizer(prompt_text[: room * 64], add_special_tokens=False).input_ids  # pre-cut: no 5 MB pass
+    cut = 0
+    if len(prompt) + len(target) > room or len(prompt_text) > room * 64:
+        answer = tokenizer(build_target(item, style, "answer"), add_special_tokens=False).input_ids
+        target = target[: max(room - len(prompt), len(answer))]
+        _, prompt_text, cut = fit_prompt(item, style, tokenizer, room - len(target))
+        prompt = tokenizer(prompt_text, add_special_tokens=False).input_ids
+    return Example(prompt + target + eos, 0 if cfg.train.loss_on == "all" else len(prompt), cut)
 
 
 def collate(batch: list[Example], pad_id: int, device):
@@ -248,48 +454,25 @@ def _loss_sum(model, ids, mask, labels, first: int):
                            ignore_index=-100, reduction="sum")
 
 
-def save_checkpoint(accelerator, out_dir: Path, step: int) -> None:
-    """Written to a temporary dir and renamed into place, so a crash never leaves a half-written checkpoint."""
-    root = out_dir / "checkpoints"
-    final, tmp = root / f"step-{step:07d}", root / f".tmp-step-{step:07d}"
-    if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp), safe_serialization=True)
-    if accelerator.is_main_process:
-        (tmp / "medtune-step.json").write_text(json.dumps({"step": step}))
-        tmp.rename(final)
-        for old in sorted(root.glob("step-*"))[:-2]:  # keep the last two
-            shutil.rmtree(old)
-    accelerator.wait_for_everyone()
-
-
-def _resume(accelerator, out_dir: Path) -> int:
-    done = sorted(p for p in (out_dir / "checkpoints").glob("step-*") if (p / "medtune-step.json").is_file())
-    if not done:
-        from medtune.errors import MedtuneError
-
-        raise MedtuneError(f"--resume: no complete checkpoint under {out_dir / 'checkpoints'}")
-    accelerator.load_state(str(done[-1]))
-    return json.loads((done[-1] / "medtune-step.json").read_text())["step"]
-
-
-def _save_adapter(model, tokenizer, cfg: Config, items: list[MCQItem], out_dir: Path, summary: dict,
+def _save_adapter(model, state: dict, tokenizer, cfg: Config, items: list[MCQItem], out_dir: Path, summary: dict,
                   extra_meta: dict | None) -> None:
+    """RUN/adapter: PEFT files, tokenizer, config, and medtune.json with the training ids and hashes (no texts)."""
+    from medtune.data.split import save_item_hashes
+    from medtune.models import EMBEDDED, EMBEDDED_HUB, base_signature
     from medtune.report import environment
 
-    adapter = out_dir / "adapter"
-    tmp = out_dir / ".adapter.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    save_config(cfg, tmp / "medtune-config.yaml")
-    meta = {"prompt_style": cfg.prompt_style, "target": cfg.train.target, "base_model": cfg.model,
-            "train_ids": [i.id for i in items], "train_items": [i.to_dict() for i in items], "summary": summary,
-            "environment": environment(), **(extra_meta or {})}
-    (tmp / "medtune.json").write_text(json.dumps(meta, indent=1))
-    shutil.rmtree(adapter, ignore_errors=True)
-    tmp.rename(adapter)
+    with io.atomic_dir(out_dir / "adapter") as tmp:
+        model.save_pretrained(tmp, state_dict=state)  # PEFT keeps the adapter's entries of the gathered state
+        if cfg.model == EMBEDDED:  # name the base by its Hub id, not this machine's cache path
+            peft_cfg = json.loads((tmp / "adapter_config.json").read_text())
+            io.write_json(tmp / "adapter_config.json", {**peft_cfg, "base_model_name_or_path": EMBEDDED_HUB}, indent=2)
+        tokenizer.save_pretrained(tmp)
+        save_config(cfg, tmp / "medtune-config.yaml")
+        save_item_hashes(items, tmp)  # contamination checks keep working without the texts
+        meta = {"prompt_style": cfg.prompt_style, "target": cfg.train.target, "base_model": cfg.model,
+                "base_signature": base_signature(model.config), "train_ids": [i.id for i in items],
+                "train_count": len(items), "summary": summary, "environment": environment(), **(extra_meta or {})}
+        io.write_json(tmp / "medtune.json", meta)
 
 
 def _progress(total: int, initial: int, disable: bool):

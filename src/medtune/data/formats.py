@@ -56,33 +56,45 @@ def read_file(path: str | Path, cop_base: int | None = None, mapping: dict[str, 
     return items
 
 
+BOMS = ((b"\xef\xbb\xbf", "utf-8"), (b"\xff\xfe", "utf-16-le"), (b"\xfe\xff", "utf-16-be"))
+
+
+def read_text(path: Path) -> str:
+    """The file's text: UTF-8, with or without a BOM (UTF-16 with a BOM too, as Windows tools write it). Binary data
+    and invalid UTF-8 become one `file:line: encoding: ...` problem, never a traceback."""
+    data = path.read_bytes()
+    encoding = "utf-8"
+    for bom, enc in BOMS:
+        if data.startswith(bom):
+            data, encoding = data[len(bom):], enc
+            break
+    if encoding == "utf-8" and b"\x00" in data[:8192]:
+        raise DataError([(f"{path}: encoding: binary data (NUL bytes), not a text file; medtune reads JSONL, JSON, "
+                          "CSV or Parquet")])
+    try:
+        return data.decode(encoding)
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        column = e.start - (data.rfind(b"\n", 0, e.start) + 1) + 1
+        raise DataError([(f"{path}:{line}: encoding: invalid {encoding.upper()} byte 0x{data[e.start]:02x} at column "
+                          f"{column}; save the file as UTF-8")]) from None
+
+
 def _rows(path: Path, header: bool = False) -> Iterator[tuple[str, dict]]:
     """(`file:line`, row) pairs. JSONL/JSON/CSV/Parquet; a JSON object keyed by id (PubMedQA) yields its values."""
     suffix = path.suffix.lower()
     if suffix == ".parquet":
-        import pyarrow.parquet as pq  # only for parquet files
-
-        for i, row in enumerate(pq.read_table(path).to_pylist(), start=1):
-            yield f"{path}:row {i}", row
+        yield from _parquet_rows(path)
         return
     if suffix == ".csv":
         yield from _csv_rows(path, header)
         return
-    text = path.read_text(encoding="utf-8")
+    text = read_text(path)
     if suffix == ".json":
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise DataError([f"{path}:{e.lineno}: json: {e.msg}"]) from None
-        if isinstance(data, dict):  # PubMedQA ori_pqal.json: {PMID: row}
-            for key, row in data.items():
-                yield f"{path}:{key}", {"__key__": key, **row} if isinstance(row, dict) else row
-        else:
-            for i, row in enumerate(data, start=1):
-                yield f"{path}:{i}", row
+        yield from _json_rows(path, text)
         return
     problems = []
-    for n, line in enumerate(text.splitlines(), start=1):
+    for n, line in enumerate(text.split("\n"), start=1):  # not splitlines(): U+2028 inside a question is no newline
         if not line.strip():
             continue
         try:
@@ -98,14 +110,55 @@ def _rows(path: Path, header: bool = False) -> Iterator[tuple[str, dict]]:
         raise DataError(problems)
 
 
+def _json_rows(path: Path, text: str) -> Iterator[tuple[str, dict]]:
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise DataError([f"{path}:{e.lineno}: json: {e.msg} at column {e.colno}"]) from None
+    if isinstance(data, dict):  # PubMedQA ori_pqal.json: {PMID: row}
+        pairs = [(f"{path}:{key}", {"__key__": key, **row} if isinstance(row, dict) else row)
+                 for key, row in data.items()]
+    elif isinstance(data, list):
+        pairs = [(f"{path}:{i}", row) for i, row in enumerate(data, start=1)]
+    else:
+        raise DataError([(f"{path}: json: expected a list of objects or an object keyed by id, got "
+                          f"{type(data).__name__}")])
+    bad = [f"{where}: row: expected a JSON object, got {type(row).__name__}" for where, row in pairs
+           if not isinstance(row, dict)]
+    if bad:
+        raise DataError(bad)
+    yield from pairs
+
+
+def _parquet_rows(path: Path) -> Iterator[tuple[str, dict]]:
+    import pyarrow as pa  # only for parquet files
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(path)
+    except (pa.ArrowException, OSError) as e:
+        raise DataError([f"{path}: parquet: not a readable Parquet file ({str(e).splitlines()[0][:200]})"]) from None
+    for i, row in enumerate(table.to_pylist(), start=1):
+        yield f"{path}:row {i}", row
+
+
 def _csv_rows(path: Path, header_given: bool) -> Iterator[tuple[str, dict]]:
-    with path.open(newline="", encoding="utf-8") as f:
-        rows = list(csv.reader(f))
+    import io
+
+    reader = csv.reader(io.StringIO(read_text(path), newline=""))
+    rows, lines, start = [], [], 1
+    try:
+        for values in reader:  # a quoted field can span lines: a row is named by the line it starts on
+            rows.append(values)
+            lines.append(start)
+            start = reader.line_num + 1
+    except csv.Error as e:
+        raise DataError([f"{path}:{reader.line_num + 1}: csv: {e}"]) from None
     header = [h.strip() for h in rows[0]] if rows else []
     has_header = header_given or "question" in [h.lower() for h in header]
     if not has_header:  # MMLU as published: question,A,B,C,D,answer with no header
         header = ["question", *LETTERS[: max(len(rows[0]) - 2, 0)], "answer"] if rows else []
-    for n, values in enumerate(rows[1:] if has_header else rows, start=2 if has_header else 1):
+    for n, values in zip(lines[1:] if has_header else lines, rows[1:] if has_header else rows):
         if not any(v.strip() for v in values):
             continue
         if len(values) != len(header):
@@ -221,7 +274,8 @@ def _pubmedqa(row, where, path, **_) -> MCQItem:
     decision = (row.get("final_decision") or "").strip().lower()
     if decision not in PUBMEDQA_OPTIONS:
         raise RowError("final_decision", f"expected yes, no or maybe, got {row.get('final_decision')!r}")
-    text = "Abstract: " + " ".join(c.strip() for c in contexts) + "\nQuestion: " + question
+    # lm-eval's pubmedqa text, contexts joined by newlines and used as written (its preprocess_pubmedqa.doc_to_text)
+    text = "Abstract: " + "\n".join(contexts) + "\nQuestion: " + question
     return MCQItem(id=str(pid or _line_id(path, where)), question=text, options=PUBMEDQA_OPTIONS,
                    answer=PUBMEDQA_OPTIONS.index(decision), explanation=explanation, benchmark="pubmedqa")
 

@@ -7,7 +7,7 @@ from collections import Counter
 from pathlib import Path
 
 from medtune.data import sources
-from medtune.data.formats import decide_cop_base, parse_mapping
+from medtune.data.formats import _rows, decide_cop_base, parse_mapping
 from medtune.data.items import LETTERS, MCQItem
 from medtune.data.split import overlap, split
 
@@ -17,13 +17,44 @@ def _load(source: str, cop_base: int | None, mapping: str | None) -> list[MCQIte
                         mapping=parse_mapping(mapping) if mapping else None)
 
 
-def validate(source: str, cop_base: int | None = None, mapping: str | None = None) -> str:
+def validate(source: str, cop_base: int | None = None, mapping: str | None = None, model: str | None = None,
+             max_length: int = 512) -> str:
     items = _load(source, cop_base, mapping)
     note = ""
     if Path(source).is_file() and items and items[0].benchmark == "medmcqa" and cop_base is None:
-        rows = [(str(i), json.loads(line)) for i, line in enumerate(Path(source).read_text().splitlines()) if line]
+        rows = list(_rows(Path(source)))
         note = f", cop {'1-based (published)' if decide_cop_base(Path(source), rows, None) else '0-based (Hub)'} detected"
-    return f"{source}: {len(items)} valid items ({items[0].benchmark} format{note})"
+    lines = [f"{source}: {len(items)} valid items ({items[0].benchmark} format{note})"]
+    lines += overlong_warnings(items, model, max_length)
+    return "\n".join(lines)
+
+
+CHARS_PER_TOKEN = 3.0  # a conservative estimate for English medical text (real BPE tokenizers: ~3.5-4.5)
+
+
+def overlong_warnings(items: list[MCQItem], model: str | None, max_length: int) -> list[str]:
+    """One warning per item whose prompt + answer is over `max_length` tokens (counted with `model`'s tokenizer, or
+    estimated from characters without one): such items get their question cut from the left (docs/reliability.md)."""
+    from medtune.prompts import build_prompt, build_target
+
+    def text(it: MCQItem) -> str:
+        return build_prompt(it, "harness") + build_target(it, "harness")
+
+    if model:
+        from medtune.models import load_tokenizer, resolve
+
+        tokenizer = load_tokenizer(resolve(model, log=lambda *_: None))
+        lengths = [len(tokenizer(text(it)[: max_length * 64], add_special_tokens=False).input_ids) for it in items]
+        how = f"tokens ({model} tokenizer)"
+    else:
+        lengths = [round(len(text(it)) / CHARS_PER_TOKEN) for it in items]
+        how = f"tokens (estimated at {CHARS_PER_TOKEN:g} characters per token; pass --model for exact counts)"
+    over = [(it.id, n) for it, n in zip(items, lengths) if n > max_length]
+    lines = [f"warning: item {i}: about {n} {how}, over the limit of {max_length}; its question will be cut from "
+             "the left in training and evaluation" for i, n in over[:20]]
+    if len(over) > 20:
+        lines.append(f"warning: ... and {len(over) - 20} more items over {max_length} tokens")
+    return lines
 
 
 def summarize(items: list[MCQItem]) -> dict:
@@ -48,16 +79,18 @@ def show(source: str, cop_base: int | None = None, mapping: str | None = None, a
     return "\n".join(lines)
 
 
-def split_to_files(source: str, train_size: int, out: Path, seed: int = 42, cop_base: int | None = None) -> str:
+def split_to_files(source: str, train_size: int, out: Path, seed: int = 42, cop_base: int | None = None,
+                   overwrite: bool = False) -> str:
     """Write OUT/train.jsonl and OUT/eval.jsonl (medtune layout, all fields kept) and report duplicates."""
+    from medtune import io
+
+    io.check_out_dir(out, overwrite)
     items = _load(source, cop_base, None)
     train, evals = split(items, train_size, seed)
     found = overlap(train, evals)
-    out.mkdir(parents=True, exist_ok=True)
-    for name, part in (("train", train), ("eval", evals)):
-        tmp = out / f".{name}.jsonl.tmp"
-        tmp.write_text("".join(json.dumps(i.to_dict(), ensure_ascii=False) + "\n" for i in part))
-        tmp.replace(out / f"{name}.jsonl")
+    with io.claim_out_dir(out, overwrite):
+        for name, part in (("train", train), ("eval", evals)):
+            io.write_jsonl(out / f"{name}.jsonl", [i.to_dict() for i in part])
     lines = [f"{len(train)} train / {len(evals)} eval items (seed {seed}, stratified by subject) -> {out}",
              f"exact duplicates between train and eval: {len(found['exact'])}",
              f"near duplicates (>= {found['threshold']:.0%} of {found['ngram']}-grams shared): {len(found['near'])}"]

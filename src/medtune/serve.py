@@ -1,0 +1,111 @@
+"""`medtune serve`: a local web page (Gradio) to ask a model questions. A thin surface over ask.py: the answer and the
+probabilities are `ask.answer()`'s, i.e. eval's scoring, so the page shows the numbers results.json would.
+
+Safe by default: binds 127.0.0.1; no public share link unless --share (with a warning); analytics off and no asset
+from a CDN or font service (the browser test records every request the page makes); greedy decoding; input limits
+checked before the model runs; a queue with a concurrency limit and a maximum size, so a crowd gets "busy" instead of
+exhausting memory. The page always shows the disclaimer.
+"""
+
+from __future__ import annotations
+
+import os
+
+from medtune.ask import MAX_OPTION_CHARS, MAX_OPTIONS, MAX_QUESTION_CHARS, MIN_OPTIONS, Loaded
+from medtune.errors import MedtuneError
+
+DISCLAIMER_MD = ("**Research and education only. Not for clinical decisions.** This is a language model answering "
+                 "exam-style questions; it can be confidently wrong. Never use it for diagnosis or treatment.")
+CSS = "#disclaimer {border: 2px solid #b91c1c; border-radius: 6px; padding: 6px 12px; background: #fef2f2}"
+EXAMPLE = (("A 23-year-old sailor returns from a long voyage with bleeding gums, poor wound healing and corkscrew "
+            "hairs. A deficiency of which vitamin is most likely?"),
+           "Vitamin A\nVitamin B12\nVitamin C\nVitamin D")
+
+
+def _quiet_network() -> None:
+    """No analytics, no version check, no Hub telemetry: the page and the server work with no network."""
+    os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
+    os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
+    os.environ.setdefault("GRADIO_SSR_MODE", "False")
+
+
+def build(loaded: Loaded, max_new_tokens: int = 96):
+    """The page: disclaimer, model card line, question form, answer with a probability bar chart, explanation."""
+    _quiet_network()
+    import gradio as gr
+
+    from medtune.ask import answer, make_item
+
+    def ask_fn(question: str, options: str):
+        try:
+            item = make_item(question, (options or "").splitlines())
+            result = answer(loaded, item, max_new_tokens)
+        except MedtuneError as e:  # a clear message in the page (and an error for API clients), never a crash
+            raise gr.Error(str(e)) from None
+        bars = {f"{letter}. {_short(text)}": p for (letter, p), text in zip(result["probs"].items(), item.options)}
+        s = result["scoring"]
+        head = (f"### Answer: {result['answer']}. {result['answer_text']}\n"
+                f"probability {result['probs'][result['answer']]:.1%} ({s['method']}, {s['mode']} mode)")
+        cap = " [stopped at the length cap]" if result.get("explanation_hit_cap") else ""
+        return head, bars, result.get("explanation", "") + cap, result
+
+    with gr.Blocks(analytics_enabled=False, title="medtune: ask the model") as page:
+        gr.Markdown(DISCLAIMER_MD, elem_id="disclaimer")
+        gr.Markdown(model_line(loaded), elem_id="model-info")
+        with gr.Row():
+            with gr.Column():
+                question = gr.Textbox(label="Question", lines=5, elem_id="question",
+                                      info=f"Up to {MAX_QUESTION_CHARS} characters.")
+                options = gr.Textbox(label="Options, one per line", lines=5, elem_id="options",
+                                     info=f"{MIN_OPTIONS} to {MAX_OPTIONS} options, up to {MAX_OPTION_CHARS} "
+                                          "characters each; they are lettered A, B, C, ... in this order.")
+                submit = gr.Button("Ask", variant="primary", elem_id="ask")
+                gr.Examples([list(EXAMPLE)], [question, options])
+            with gr.Column():
+                verdict = gr.Markdown(elem_id="answer")
+                bars = gr.Label(label="Option probabilities", num_top_classes=MAX_OPTIONS, elem_id="probs")
+                why = gr.Textbox(label="Explanation (greedy, generated after the chosen answer)", lines=4,
+                                 elem_id="explanation")
+                details = gr.JSON(label="Full result (as `medtune ask --json`)", visible=False)
+        submit.click(ask_fn, [question, options], [verdict, bars, why, details], api_name="ask")
+    return page
+
+
+def _short(text: str, width: int = 60) -> str:
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def model_line(loaded: Loaded) -> str:
+    """Which model answers, how it is scored, and how it measured on its eval set (results.json), when known."""
+    parts = [f"**Model:** `{loaded.model_name}`"]
+    parts.append(f"**Adapter:** `{loaded.adapter}`" if loaded.adapter else "**Adapter:** none (base model)")
+    parts.append(f"**Scoring:** {loaded.method}-logprob, {loaded.mode} mode, {loaded.style} prompt; greedy explanation")
+    h = loaded.headline
+    if h:
+        lo, hi = h["ci95"]
+        line = (f"**Measured:** accuracy {h['accuracy']:.3f} [95% CI {lo:.3f}, {hi:.3f}] on {h['eval_set']} "
+                f"(n={h['n']}, {h['method']})")
+        if "debiased_accuracy" in h:
+            line += f", debiased {h['debiased_accuracy']:.3f}"
+        parts.append(line)
+    else:
+        parts.append("**Measured:** no results.json found for this model")
+    return " · ".join(parts)
+
+
+def serve(loaded: Loaded, host: str = "127.0.0.1", port: int = 7860, share: bool = False, concurrency: int = 1,
+          max_queue: int = 16, max_new_tokens: int = 96, log=print) -> None:
+    """Build the page and serve it until interrupted."""
+    if concurrency < 1 or max_queue < 1:
+        raise MedtuneError("--concurrency and --max-queue must be 1 or more")
+    if share:
+        log("warning: --share opens a public link through Gradio's servers: anyone with the URL can use this model "
+            "and read what is typed. Never enter patient data.")
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        log(f"warning: serving on {host}: other machines on this network can reach the page")
+    page = build(loaded, max_new_tokens)
+    # Requests beyond max_queue waiting get a "queue is full" answer at once: a crowd sees "busy", memory stays flat.
+    page.queue(max_size=max_queue, default_concurrency_limit=concurrency)
+    log(f"serving on http://{host}:{port} (Ctrl-C stops it)")
+    page.launch(server_name=host, server_port=port, share=share, show_error=True, ssr_mode=False, pwa=False,
+                mcp_server=False, enable_monitoring=False, quiet=True, css=CSS)

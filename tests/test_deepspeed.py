@@ -1,0 +1,48 @@
+"""The DeepSpeed recipes as accelerate reads them: `accelerate launch`'s own parsing turns each yaml into the worker
+environment, accelerate's DeepSpeedPlugin builds the DeepSpeed config from it, and medtune's loop fills what it would
+otherwise fail on. DeepSpeed itself is not installed here (no GPU; accelerate's launcher needs it to start workers),
+so no ZeRO step has run: the yaml headers say so."""
+
+import os
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from medtune.train import _fill_deepspeed
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def plugin_for(name: str, monkeypatch, grad_accum: int):
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+    from accelerate.utils import DeepSpeedPlugin
+    from accelerate.utils.launch import prepare_deepspeed_cmd_env
+
+    path = ROOT / "recipes" / "accelerate" / f"{name}.yaml"
+    args = launch_command_parser().parse_args(["--config_file", str(path), "-m", "medtune", "train"])
+    args, defaults, _ = _validate_launch_command(args)  # unknown or invalid keys raise here
+    assert args.use_deepspeed and not args.cpu
+    args.deepspeed_fields_from_accelerate_config = ",".join(defaults.deepspeed_config)  # as launch_command does
+    _, env = prepare_deepspeed_cmd_env(args)
+    for key in [k for k in os.environ if k.startswith("ACCELERATE_")]:
+        monkeypatch.delenv(key)
+    for key, value in env.items():
+        if key.startswith("ACCELERATE_"):
+            monkeypatch.setenv(key, value)
+    return DeepSpeedPlugin(gradient_accumulation_steps=grad_accum)  # what each worker's Accelerator builds
+
+
+@pytest.mark.parametrize("name,stage", [("deepspeed-zero2", 2), ("deepspeed-zero3", 3)])
+def test_deepspeed_recipes_load_and_validate(monkeypatch, name, stage):
+    plugin = plugin_for(name, monkeypatch, grad_accum=4)
+    ds = plugin.deepspeed_config
+    assert ds["zero_optimization"]["stage"] == stage
+    assert ds["gradient_accumulation_steps"] == 4  # one ZeRO optimizer step per medtune step, not per micro-batch
+    if stage == 3:  # accelerate.get_state_dict gathers ZeRO-3 shards only with this set; else it raises at save
+        assert ds["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] is True
+        assert plugin.zero3_init_flag
+    _fill_deepspeed(SimpleNamespace(state=SimpleNamespace(deepspeed_plugin=plugin)), batch_size=8)
+    assert ds["train_micro_batch_size_per_gpu"] == 8  # prepare() raises on `auto` without a DataLoader
+    assert ds["gradient_clipping"] == 0.0  # no clipping, as without DeepSpeed
+    _fill_deepspeed(SimpleNamespace(state=SimpleNamespace(deepspeed_plugin=None)), batch_size=8)  # no-op elsewhere
