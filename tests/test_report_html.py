@@ -153,13 +153,18 @@ def test_readme_command_examples_run(tiny_run, tiny_model_dir, tmp_path, monkeyp
     text = (ROOT / "README.md").read_text()
     # the first bash block of each "### `medtune VERB`" section, in README order
     blocks = re.findall(r"^### `medtune (\w+)`[^\n]*\n.*?```bash\n(.*?)```", text, re.DOTALL | re.MULTILINE)
-    commands = [shlex.split(line) for verb, b in blocks if verb in ("eval", "train", "report", "cost", "compare",
-                                                                     "export") for line in b.splitlines()]
-    assert [c[1] for c in commands] == ["eval", "train", "report", "cost", "compare", "export"]
+    verbs = ("data", "eval", "train", "report", "cost", "compare", "export")
+    commands = [shlex.split(line) for verb, b in blocks if verb in verbs for line in b.splitlines()]
+    assert [c[1] for c in commands] == ["data"] * 3 + ["eval", "train", "report", "cost", "compare", "export"]
+    shared = ROOT.parent / "shared" / "data"
     monkeypatch.chdir(tmp_path)
     shutil.copytree(tiny_run[0], tmp_path / "runs" / "demo")
     (tmp_path / "recipes").symlink_to(ROOT / "recipes")
-    for argv in commands:  # env and data: test_cli.py; run: the tiny_run fixture; ask/predict/serve: their tests
+    for argv in commands:  # env: test_cli.py; run: the tiny_run fixture; ask/predict/serve: their own tests
+        if argv[1] == "data":
+            if not shared.is_dir():
+                continue  # ../shared/data is not beside this checkout
+            argv = [a.replace("../shared/data", str(shared)) for a in argv]
         extra = {"eval": ["--model", tiny_model_dir, "--quiet"],
                  "train": ["--set", f"model={tiny_model_dir}", "--set", "train.dtype=float32", "--quiet"]}
         result = CliRunner().invoke(app, argv[1:] + extra.get(argv[1], []))
