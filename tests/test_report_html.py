@@ -194,3 +194,17 @@ def test_report_of_a_generate_run_without_probabilities(tiny_run, tmp_path):
     text = page.read_text()
     assert all(f"why {r['id']}" in text for r in rows) and "from the run&#39;s greedy `generate` evaluation" in text
     assert "This method gives no probabilities" in text and "raw used" in text and len(_images(text)) == 5
+
+
+def test_acc_norm_when_some_items_have_equal_length_choices():
+    """Scoring leaves correct_norm out where all choices have one length (the argmax is acc's); metrics must count
+    those items with their raw result, not crash (it did on the demo set) or skip acc_norm."""
+    from medtune.data.items import MCQItem
+    from medtune.report import metrics
+
+    items = [MCQItem("a", "q?", ("xx", "yy"), 0), MCQItem("b", "q?", ("x", "yyyy"), 1)]
+    rows = [{"id": "a", "gold": "A", "pred": "A", "correct": True, "probs": {"A": 0.6, "B": 0.4}},
+            {"id": "b", "gold": "B", "pred": "B", "correct": True, "probs": {"A": 0.3, "B": 0.7}, "pred_norm": "A",
+             "correct_norm": False}]
+    m = metrics(items, rows)
+    assert m["accuracy"] == 1.0 and m["accuracy_norm"] == 0.5
