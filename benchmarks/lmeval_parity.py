@@ -1,17 +1,21 @@
-"""Parity of `medtune eval` with lm-evaluation-harness (lm_eval 0.4.13) on MedQA / MedMCQA letter log-likelihoods.
+"""Parity of `medtune eval` with lm-evaluation-harness (lm_eval 0.4.13): MedQA, MedMCQA, PubMedQA, MMLU.
 
 Runs, each as its own timed process (whole-process wall time and peak RSS):
-  lmeval  lm-eval's `hf` model, fp32, CPU, batch size 1, on a local copy of medqa_4options / medmcqa
-          (benchmarks/lmeval_task/), samples logged;
+  lmeval  lm-eval's `hf` model, fp32, CPU, batch size 1, on a local copy of medqa_4options / medmcqa / pubmedqa /
+          mmlu_<subject> (benchmarks/lmeval_task/), samples logged;
   exact   `medtune eval --mode exact` (fp32);
   fast    `medtune eval --mode fast` (the default: bf16 where supported, fp32 re-score of close calls);
 then compares per-option log-likelihoods, predictions, accuracies and times, prints a table and writes OUT/parity.json.
 
   bash benchmarks/setup_lmeval.sh          # once: lm-eval in its own venv
   python benchmarks/lmeval_parity.py --data ../shared/data/medqa/test.jsonl --benchmark medqa --out runs/parity-medqa
+  python benchmarks/lmeval_parity.py --data ../shared/data/mmlu/*_test.csv --benchmark mmlu --out runs/parity-mmlu
+
+PubMedQA's ori_pqal.json (an object keyed by PMID) and MMLU's headerless CSVs are written as JSONL for lm-eval's
+`json` loader first (`lmeval_data`), in the order medtune reads them, so doc_id k is medtune's k-th item.
 
 Checks (`--check` makes a failed one exit 1): exact max |logprob diff| <= 1e-3; fast agreement with lm-eval >= 0.995;
-|accuracy(fast) - accuracy(lm-eval)| <= 0.001; wall(fast) / wall(lm-eval) <= 0.5.
+|accuracy(fast) - accuracy(lm-eval)| <= 0.001; wall(fast) / wall(lm-eval) <= 0.4.
 """
 
 from __future__ import annotations
@@ -28,11 +32,12 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 TASK_TEMPLATES = HERE / "lmeval_task"
-TASKS = {"medqa": "medqa_local", "medmcqa": "medmcqa_local"}
+TASKS = {"medqa": "medqa_local", "medmcqa": "medmcqa_local", "pubmedqa": "pubmedqa_local", "mmlu": "mmlu_local"}
+PUBMEDQA_CHOICES = ["yes", "no", "maybe"]
 LETTERS = "ABCD"
 DEFAULT_VENV = Path.home() / ".cache" / "medtune" / "lmeval-venv"
 THRESHOLDS = {"logprob_max_abs_diff": 1e-3, "agreement_fast": 0.995, "accuracy_diff_fast": 0.001,
-              "wall_ratio_fast": 0.5}
+              "wall_ratio_fast": 0.4}
 RUNS = ("lmeval", "exact", "fast")
 
 
@@ -40,11 +45,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    data = Path(args.data).resolve()
-    cop_base = args.cop_base if args.cop_base is not None else detect_cop_base(data) if args.benchmark == "medmcqa" \
-        else None
+    cop_base = args.cop_base if args.cop_base is not None else detect_cop_base(Path(args.data[0])) \
+        if args.benchmark == "medmcqa" else None
     model_dir = resolve_model(args.model)
-    task_dir = write_task(out / "lmeval_task", args.benchmark, data, cop_base)
+    lm_data, data = lmeval_data(args.benchmark, [Path(d).resolve() for d in args.data], out)
+    task_dir = write_task(out / "lmeval_task", args.benchmark, lm_data, cop_base)
 
     timings: dict[str, list[dict]] = {name: [] for name in RUNS}
     for r in range(args.repeats):
@@ -81,7 +86,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--data", required=True, help="Local JSONL in the benchmark's original layout.")
+    p.add_argument("--data", required=True, nargs="+",
+                   help="The benchmark's file as published (MMLU: one or more subject CSVs).")
     p.add_argument("--benchmark", required=True, choices=sorted(TASKS))
     p.add_argument("--limit", type=int, help="Only the first N questions (both tools).")
     p.add_argument("--adapter", help="A PEFT adapter dir, applied on both sides.")
@@ -96,8 +102,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if not Path(args.lmeval_python).exists():
         p.error(f"{args.lmeval_python} not found: run `bash benchmarks/setup_lmeval.sh` or pass --lmeval-python")
-    if not Path(args.data).is_file():
-        p.error(f"{args.data}: file not found")
+    for d in args.data:
+        if not Path(d).is_file():
+            p.error(f"{d}: file not found")
+    if len(args.data) > 1 and args.benchmark != "mmlu":
+        p.error("several --data files only for --benchmark mmlu (one CSV per subject)")
     if args.repeats < 1:
         p.error("--repeats must be >= 1")
     return args
@@ -118,6 +127,35 @@ def resolve_model(name: str) -> str:
     code = "import sys; from medtune.models import resolve; print(resolve(sys.argv[1], log=lambda *a: None))"
     return subprocess.run([sys.executable, "-c", code, name], check=True, capture_output=True,
                           text=True).stdout.strip().splitlines()[-1]
+
+
+def lmeval_data(benchmark: str, files: list[Path], out: Path) -> tuple[Path, Path]:
+    """(file lm-eval reads, file medtune reads). MedQA and MedMCQA: the published JSONL for both. PubMedQA: its
+    JSON object of PMID -> record as JSONL for lm-eval (medtune reads the original). MMLU: the subject CSVs as one
+    JSONL in the Hub layout (question, subject, choices, answer) for both, the subject taken from the file name."""
+    if benchmark in ("medqa", "medmcqa"):
+        return files[0], files[0]
+    target = out / f"{benchmark}.jsonl"
+    with target.open("w") as f:
+        for row in lmeval_rows(benchmark, files):
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    return target, files[0] if benchmark == "pubmedqa" else target
+
+
+def lmeval_rows(benchmark: str, files: list[Path]) -> list[dict]:
+    import csv
+
+    if benchmark == "pubmedqa":
+        data = json.loads(files[0].read_text(encoding="utf-8"))
+        return [{"PMID": k, "QUESTION": v["QUESTION"], "CONTEXTS": v["CONTEXTS"],
+                 "final_decision": v["final_decision"]} for k, v in data.items()]
+    rows = []
+    for path in files:
+        subject = path.stem.removesuffix("_test")
+        with path.open(newline="", encoding="utf-8") as f:
+            for rec in csv.reader(f):
+                rows.append({"question": rec[0], "subject": subject, "choices": rec[1:5], "answer": "ABCD".index(rec[5])})
+    return rows
 
 
 def write_task(task_dir: Path, benchmark: str, data: Path, cop_base: int | None) -> Path:
@@ -201,7 +239,9 @@ def read_samples(path: Path) -> dict[int, dict]:
                                              for r in s["resps"]]
         lls = [float(r[0] if isinstance(r, (list, tuple)) else r) for r in resps]
         context = _first_context(s.get("arguments"))
-        out[int(s["doc_id"])] = {"logprobs": lls, "gold": int(s["target"]), "pred": _argmax(lls),
+        target = str(s["target"]).strip()
+        gold = int(target) if target.lstrip("-").isdigit() else PUBMEDQA_CHOICES.index(target)
+        out[int(s["doc_id"])] = {"logprobs": lls, "gold": gold, "pred": _argmax(lls),
                                  "acc": s.get("acc"), "context": context}
     return out
 

@@ -65,6 +65,7 @@ def test_input_limits_say_what_is_wrong():
     assert item.options == ("one", "two")
 
 
+@pytest.mark.slow  # ~6 s: three CLI runs, each loading the tiny model
 def test_ask_cli_flags_and_stdin_agree(tiny_model_dir):
     args = ["ask", "--model", tiny_model_dir, "--json", "--max-new-tokens", "6"]
     by_flags = runner.invoke(app, [*args, "--question", "Which vitamin prevents scurvy?", "-o", "Vitamin C",
@@ -91,16 +92,20 @@ def test_headline_comes_from_the_adapters_run(tmp_path):
     assert h["accuracy"] == 0.5 and h["ci95"] == [0.4, 0.6] and h["debiased_accuracy"] == 0.53
     assert h["method"] == "answer-logprob" and h["eval_set"] == "demo:eval"
     assert ask.find_headline("embedded", None) is None
+    (tmp_path / "merged").mkdir()  # an export at its default place names its run in medtune.json
+    (tmp_path / "merged" / "medtune.json").write_text(json.dumps({"export": {"run": tmp_path.name}}))
+    assert ask.find_headline(str(tmp_path / "merged"), None)["accuracy"] == 0.5
 
 
+@pytest.mark.slow  # ~10 s on a busy machine: three predict passes and one eval
 def test_predict_streams_in_chunks_resumes_and_equals_eval(loaded_answer, items, tiny_model_dir, tmp_path,
                                                             monkeypatch):
-    from medtune import evaluate
+    from medtune import scoring
 
     loaded = loaded_answer
     sizes = []
-    real_score = evaluate.score
-    monkeypatch.setattr(evaluate, "score", lambda model, enc, *a, **k: sizes.append(len(enc)) or
+    real_score = scoring.score
+    monkeypatch.setattr(scoring, "score", lambda model, enc, *a, **k: sizes.append(len(enc)) or
                         real_score(model, enc, *a, **k))
     out = tmp_path / "p" / "predictions.jsonl"
     summary = predict(loaded, items, out, "demo:eval", chunk=5, write_csv=True, quiet=True)
@@ -137,3 +142,23 @@ def test_predict_cli(tiny_model_dir, tmp_path):
     assert len(out.read_text().splitlines()) == 3
     bad = runner.invoke(app, ["predict", "demo", "--model", tiny_model_dir, "--out", str(tmp_path / "x.txt")])
     assert bad.exit_code == 2 and "must be a .jsonl" in bad.output
+
+
+@pytest.mark.slow  # ~8 s CPU: ask, then predict on the 64 demo questions
+def test_readme_ask_and_predict_examples_run(tiny_model_dir, tmp_path, monkeypatch):
+    """The README's ask and predict commands run as written (on the tiny model); serve's is run by test_serve.py."""
+    import re
+    import shlex
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = text.split("## Ask the model: ask, predict, serve")[1].split("\n## ")[0]
+    commands = [shlex.split(line.split("#")[0]) for block in re.findall(r"```bash\n(.*?)```", section, re.DOTALL)
+                for line in block.splitlines() if line.startswith("medtune ")]
+    assert [c[1] for c in commands] == ["ask", "predict", "serve"]
+    monkeypatch.chdir(tmp_path)
+    for argv in commands[:2]:
+        result = runner.invoke(app, [*argv[1:], "--model", tiny_model_dir])
+        assert result.exit_code == 0, (argv, result.output)
+    assert len((tmp_path / "runs" / "predictions.jsonl").read_text().splitlines()) == len(demo_items("eval"))
+    assert (tmp_path / "runs" / "predictions.csv").is_file()

@@ -153,3 +153,40 @@ def test_export_carries_no_training_text_and_no_local_paths(run_dir, tiny_model_
         peft_cfg = out / "adapter_config.json"
         if peft_cfg.is_file():
             assert json.loads(peft_cfg.read_text())["base_model_name_or_path"] == Path(tiny_model_dir).name
+
+
+def test_contamination_check_works_from_hashes_on_adapter_and_export(run_dir, tmp_path):
+    from dataclasses import replace
+
+    from medtune.data.split import overlap
+    from medtune.evaluate import contamination_check
+
+    train = items(12)
+    near = replace(train[1], id="near", question=train[1].question + " Think.", options=("a", "b", "c", "d"))
+    fresh = items(3, seed=7)
+    probe = [train[0], near, *[replace(f, id=f"new{k}", question=f"Name a shade for case {k}.")
+                               for k, f in enumerate(fresh)]]
+    out = export(run_dir, tmp_path / "exp", merge=False, log=lambda *_: None)
+    for where in (run_dir / "adapter", out):
+        found = contamination_check(probe, str(where), lambda *_: None)
+        assert [x["eval_id"] for x in found["exact"]] == [train[0].id] and found["exact"][0]["train_ids"] == ["x0-0"]
+        assert found == overlap(train, probe)  # what the training texts themselves would give
+
+
+def test_training_items_ship_only_on_request(run_dir, tmp_path):
+    plain = export(run_dir, tmp_path / "plain", merge=False, log=lambda *_: None)
+    assert not (plain / "train_items.jsonl").exists()
+    shipped = export(run_dir, tmp_path / "shipped", merge=False, log=lambda *_: None, include_training_data=True)
+    rows = [json.loads(x) for x in (shipped / "train_items.jsonl").read_text().splitlines()]
+    assert [r["question"] for r in rows] == [i.question for i in items(12)]
+    assert json.loads((shipped / "medtune.json").read_text())["export"]["train_items_file"] == "train_items.jsonl"
+
+
+def test_merged_export_refused_on_a_full_disk(run_dir, tmp_path, monkeypatch):
+    import shutil
+
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage._replace(free=1 << 20))
+    with pytest.raises(MedtuneError, match=r"not enough disk space for the merged model .*needs about .*1\.0 MiB free"):
+        export(run_dir, tmp_path / "merged", log=lambda *_: None)
+    assert not list(tmp_path.iterdir())  # nothing half-written

@@ -122,6 +122,12 @@ def world(tmp_path_factory, tiny_model_dir):
     (run / "adapter").mkdir(parents=True)
     (run / "adapter" / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA"}))
     (run / "adapter" / "medtune.json").write_text(json.dumps({"base_model": tiny_model_dir, "prompt_style": "harness"}))
+    for name, extra in (("pickle-ckpt", "custom_checkpoint_0.pkl"), ("changed-ckpt", None)):
+        ckpt = d / name / "checkpoints" / "step-0000001"
+        ckpt.mkdir(parents=True)
+        (ckpt / "state.json").write_text(json.dumps({"step": 1, "config": {"train.lr": 0.5}}))
+        if extra:
+            (ckpt / extra).write_bytes(pickle.dumps(Payload(w["marker"])))
     full_dir = d / "full"
     full_dir.mkdir()
     (full_dir / "results.json").write_text("{}")
@@ -191,7 +197,7 @@ CASES = [
     ("lr-zero", lambda w: _train(w, "train.lr=0"), ["lr"]),
     ("scheduler-typo", lambda w: _train(w, "train.scheduler=cosin"), ["scheduler", "cosin"]),
     ("max-steps-zero", lambda w: _train(w, "train.max_steps=0"), ["max_steps"]),
-    ("prompt-style", lambda w: _eval(w, w["good"], "--prompt-style", "fancy"), ["prompt style", "fancy"]),
+    ("prompt-style", lambda w: _eval(w, w["good"], "--prompt-style", "fancy"), ["prompt_style", "fancy"]),
     ("eval-method", lambda w: _eval(w, w["good"], "--method", "vibes"), ["method", "vibes"]),
     ("train-dtype", lambda w: _train(w, "train.dtype=float8"), ["dtype", "float8"]),
     # models
@@ -232,19 +238,21 @@ CASES = [
     ("export-over-adapter", lambda w: ["export", _d(w, "run"), "--out", _d(w, "run/adapter"), "--no-merge"],
      ["would overwrite"]),
     ("export-no-adapter", lambda w: ["export", _d(w, "nomodel")], ["no trained adapter"]),
+    # checkpoints (train --resume): refused before anything in them is read or the model loads
+    ("resume-planted-pickle", lambda w: ["train", "--resume", "--set", f"model={w['model']}", "--out",
+                                         _d(w, "pickle-ckpt")], ["step-0000001", "custom_checkpoint_0.pkl", "pickle"]),
+    ("resume-changed-config", lambda w: ["train", "--resume", "--set", f"model={w['model']}", "--out",
+                                         _d(w, "changed-ckpt")], ["--resume", "train.lr: 0.5 -> 0.0002"]),
 ]
 
 
-# Range and enum checks live in config.py (checked before the model loads); until they land these rows only document
-# the expected behaviour and are not run (each would otherwise load a model or train).
-CONFIG_CHECKS = {"lora-r-negative", "batch-size-zero", "limit-zero", "limit-negative", "lr-zero", "scheduler-typo",
-                 "max-steps-zero", "eval-method"}
-PARAMS = [pytest.param(c, id=c[0], marks=pytest.mark.xfail(reason="needs config.py range checks", run=False))
-          if c[0] in CONFIG_CHECKS else pytest.param(c, id=c[0]) for c in CASES]
+PARAMS = [pytest.param(c, id=c[0]) for c in CASES]
 
 
 def _snapshot(d: Path) -> dict:
-    return {str(p.relative_to(d)): p.stat().st_mtime_ns for p in sorted(d.rglob("*"))}
+    """Every entry, and every file's size and mtime (a directory's own mtime moves with the write probe)."""
+    return {str(p.relative_to(d)): (p.stat().st_size, p.stat().st_mtime_ns) if p.is_file() else "dir"
+            for p in sorted(d.rglob("*"))}
 
 
 def test_at_least_40_cases():
@@ -424,3 +432,42 @@ def test_validate_warns_about_overlong_items(tmp_path):
     result = runner.invoke(app, ["data", "validate", path, "--max-length", "512"])
     assert result.exit_code == 0 and "2 valid items" in result.output
     assert "warning: item q2" in result.output and "item q1" not in result.output
+
+
+def test_hashed_overlap_equals_overlap_on_the_texts():
+    from dataclasses import replace
+
+    from medtune.data.split import item_hashes, overlap, overlap_hashed
+
+    text = "a patient presents with fever cough and chest pain after travel abroad which test is best"
+    words = text.split()
+    train = [MCQItem(id=f"t{k}", question=" ".join(words[k:] + words[:k]), options=("x", "y"), answer=0)
+             for k in range(6)]
+    evals = [replace(train[0], id="same"), replace(train[2], id="near", question=train[2].question + " now?",
+                                                   options=("p", "q")),
+             MCQItem(id="new", question="an unrelated question about kidneys and salt", options=("x", "y"), answer=1)]
+    want = overlap(train, evals)
+    assert want["exact"] and want["near"]
+    assert overlap_hashed(item_hashes(train), evals) == want
+
+
+def test_training_and_scoring_cut_overlong_items_by_the_same_rule(tokenizer_dir, tiny_model_dir):
+    from medtune.config import load_config
+    from medtune.models import load_tokenizer
+    from medtune.prompts import CUT_MARK
+    from medtune.scoring import encode
+    from medtune.train import tokenize_example
+
+    tok = load_tokenizer(tokenizer_dir)
+    tok.model_max_length = 200
+    item = _long_item(3000)
+    enc = encode([item], "harness", tok)[0]
+    assert enc.cut > 0 and len(enc.context) + max(map(len, enc.options)) <= 200
+    cfg = load_config(None, [f"model={tiny_model_dir}", "train.max_length=200", "data.shuffle_options=false"])
+    ex = tokenize_example(item, cfg, tok)
+    assert ex.cut > 0 and len(ex.input_ids) <= 200 and ex.input_ids[-1] == tok.eos_token_id
+    for ids in (enc.context, ex.input_ids[: ex.prompt_len]):
+        text = tok.decode(ids)
+        assert text.startswith(f"Question: {CUT_MARK}") and text.endswith("Which drug is first line?\nA. Aspirin\n"
+                                                                            "B. Heparin\nC. Insulin\nD. Saline\nAnswer:")
+    assert tok.decode(ex.input_ids[ex.prompt_len:]).startswith(" B. Heparin")  # the answer is never cut

@@ -10,13 +10,20 @@ from medtune.cli import app
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_run_demo_recipe_end_to_end(tiny_model_dir, tmp_path):
+def test_run_demo_recipe_end_to_end(tiny_model_dir, tmp_path, monkeypatch):
+    import transformers
+
+    loads = []
+    real = transformers.AutoModelForCausalLM.from_pretrained
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained",
+                        lambda *a, **k: loads.append(a) or real(*a, **k))
     out = tmp_path / "run"
     result = CliRunner().invoke(app, [
         "run", "--config", str(ROOT / "recipes" / "demo.yaml"), "--model", tiny_model_dir, "--out", str(out),
         "--set", "train.max_steps=2", "--set", "train.dtype=float32", "--set", "eval.extra_methods=[letter]",
         "--set", "data.limit=12", "--quiet"])
     assert result.exit_code == 0, result.output
+    assert len(loads) == 1  # base weights read once: base evals (2 methods), training and tuned evals share them
     res = json.loads((out / "results.json").read_text())
     assert res["base"]["metrics"]["n"] == res["tuned"]["metrics"]["n"] == 12
     assert res["base"]["method"] == "answer-logprob" and "letter" in res["extra_methods"]

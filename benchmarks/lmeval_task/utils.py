@@ -1,4 +1,4 @@
-"""lm-evaluation-harness 0.4.13's medqa_4options and medmcqa prompts, for the benchmarks' ORIGINAL file layouts.
+"""lm-evaluation-harness 0.4.13's medqa_4options, medmcqa and pubmedqa prompts, for the benchmarks' ORIGINAL layouts.
 
 Copied from lm_eval/tasks/medqa/preprocess_medqa.py and lm_eval/tasks/medmcqa/utils_medmcqa.py; only the field
 names change (the Hub copies rename them). Text is used exactly as in the file: nothing is stripped, as in lm-eval.
@@ -38,3 +38,12 @@ def medmcqa_doc_to_target_cop1(doc) -> int:
 def medmcqa_doc_to_target_cop0(doc) -> int:
     """Hub copy (openlifescienceai/medmcqa): cop 0..3, as lm-eval's own `doc_to_target: cop`."""
     return int(doc["cop"])
+
+
+def pubmedqa_doc_to_text(doc) -> str:
+    """lm_eval/tasks/pubmedqa/preprocess_pubmedqa.py, as in 0.4.13."""
+    ctxs = "\n".join(doc["CONTEXTS"])
+    return "Abstract: {}\nQuestion: {}\nAnswer:".format(
+        ctxs,
+        doc["QUESTION"],
+    )

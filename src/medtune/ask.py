@@ -12,7 +12,7 @@ results.json headline) and `answer()`.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from medtune.data.items import LETTERS, MCQItem
@@ -21,7 +21,7 @@ from medtune.errors import MedtuneError
 MAX_QUESTION_CHARS = 4000  # a long vignette fits; a pasted document does not
 MAX_OPTION_CHARS = 500
 MIN_OPTIONS, MAX_OPTIONS = 2, len(LETTERS)
-MAX_PROMPT_TOKENS = 2048  # well inside the embedded model's 8k context, and bounds a request's memory
+MAX_PROMPT_TOKENS = 2048  # prompt + explanation: well inside the embedded model's 8k context; bounds a request
 MAX_NEW_TOKENS = 96  # default explanation cap
 
 
@@ -104,14 +104,16 @@ def item_from_json(text: str) -> MCQItem:
 
 def answer(loaded: Loaded, item: MCQItem, max_new_tokens: int = MAX_NEW_TOKENS, explain: bool = True) -> dict:
     """The chosen letter, every option's probability (eval's scoring), and a greedy explanation of that choice."""
-    from medtune.evaluate import encode, predictions, score
+    from medtune.prompts import build_prompt
+    from medtune.scoring import score_items
 
-    encoded = encode([item], loaded.style, loaded.tokenizer, loaded.method)
-    if len(encoded[0].context) + max(map(len, encoded[0].options)) > MAX_PROMPT_TOKENS:
-        raise MedtuneError(f"the question is {len(encoded[0].context)} tokens long; the limit is {MAX_PROMPT_TOKENS}")
-    margin = 1.0 if loaded.method == "answer" else 0.5  # eval's defaults
-    scores, rescored = score(loaded.model, encoded, batch_size=1, mode=loaded.mode, margin=margin)
-    row = predictions([item], scores, rescored if loaded.mode == "fast" else None)[0]
+    n_tokens = len(loaded.tokenizer(build_prompt(item, loaded.style, loaded.tokenizer), add_special_tokens=False)
+                   .input_ids)
+    if n_tokens + max_new_tokens > MAX_PROMPT_TOKENS:
+        raise MedtuneError(f"the question and options are {n_tokens} tokens long; the limit is "
+                           f"{MAX_PROMPT_TOKENS - max_new_tokens}")
+    row = score_items(loaded.model, loaded.tokenizer, [item], loaded.style, loaded.method, loaded.mode,
+                      batch_size=1)[0]
     choice = LETTERS.index(row["pred"])
     out = {"id": item.id, "answer": row["pred"], "answer_text": item.options[choice], "probs": row["probs"],
            "logprobs": row["logprobs"], "scoring": {"method": f"{loaded.method}-logprob", "mode": loaded.mode,
@@ -127,13 +129,14 @@ def explanation(loaded: Loaded, item: MCQItem, choice: int, max_new_tokens: int)
     """Greedy continuation after the chosen answer line, in the format the model was trained on; (text, hit cap)."""
     import torch
 
-    from medtune.prompts import build_prompt, continuations
+    from medtune.prompts import build_prompt, build_target
 
     tok = loaded.tokenizer
-    if loaded.style == "seed":
-        prefix = f"{LETTERS[choice]}) {item.options[choice]}\n\n### Explanation:\n"
-    else:
-        prefix = f"{continuations(item, loaded.style)[choice]}. {item.options[choice]}\nExplanation:"
+    chosen = replace(item, answer=choice, explanation=None)
+    if loaded.style == "seed":  # the seed's target: `B) text\n\n### Explanation:\n...`
+        prefix = build_target(chosen, "seed").removesuffix("No explanation provided.")
+    else:  # ` B. text\nExplanation: ...`, as prompts.build_target writes it for training
+        prefix = build_target(chosen, loaded.style, "answer") + "\nExplanation:"
     ids = tok(build_prompt(item, loaded.style, tok) + prefix, add_special_tokens=False, return_tensors="pt").input_ids
     device = next(loaded.model.parameters()).device
     with torch.inference_mode():
@@ -148,14 +151,14 @@ def explanation(loaded: Loaded, item: MCQItem, choice: int, max_new_tokens: int)
 
 def find_headline(model: str, adapter: str | None) -> dict | None:
     """Accuracy with its CI from the results.json that measured this adapter (RUN/tuned/results.json beside
-    RUN/adapter) or this merged export (the run dir recorded in its medtune.json)."""
-    candidates = []
-    if adapter:
-        candidates.append(Path(adapter).parent / "tuned" / "results.json")
-    for meta in [Path(d) / "medtune.json" for d in (adapter, model) if d]:
-        run_dir = json.loads(meta.read_text()).get("export", {}).get("run_dir") if meta.is_file() else None
-        if run_dir:
-            candidates.append(Path(run_dir) / "tuned" / "results.json")
+    RUN/adapter) or this export (RUN/merged or RUN/export, whose medtune.json names the run)."""
+    candidates = [Path(adapter).parent / "tuned" / "results.json"] if adapter else []
+    for d in (adapter, model):
+        meta = Path(d) / "medtune.json" if d else None
+        if meta is not None and meta.is_file():
+            run = json.loads(meta.read_text()).get("export", {}).get("run")
+            if run and Path(d).resolve().parent.name == run:
+                candidates.append(Path(d).resolve().parent / "tuned" / "results.json")
     for path in candidates:
         if path.is_file():
             return headline_of(json.loads(path.read_text()), path)

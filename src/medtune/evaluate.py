@@ -66,10 +66,25 @@ def run_eval(items: list[MCQItem], cfg, out_dir: Path | None, adapter: str | Non
         "model": cfg.model, "model_path": str(path), "adapter": adapter, "data": fingerprint,
         "contamination": contamination, "question_cut": sum(1 for r in rows if r.get("question_cut_chars")),
         "rescored_fp32": sum(r.get("rescored_fp32", False) for r in rows) if e.mode == "fast" else None,
-        "wall_s": round(time.time() - started, 2), "environment": environment(),
+        "precision": precision_record(rows, details), "wall_s": round(time.time() - started, 2),
+        "environment": environment(),
     }
     _write(out_dir, rows, results, recorder)
     return results, rows
+
+
+def precision_record(rows: list[dict], details: list[dict] | None) -> dict:
+    """What each reported figure was computed from. Decisions (pred, pred_norm, debiased_pred and with them every
+    accuracy) equal fp32 exact mode's in both modes: fast mode re-scores every close call in fp32. The log-probs in
+    predictions.jsonl and the figures derived from them (calibration, Brier, mean log p(gold), selective accuracy) are
+    fp32 for fp32 rows and bf16 for the rest; docs/benchmarks.md measures how far that moves them."""
+    bf16 = sum(r.get("precision") == "bf16" for r in rows)
+    scores = "fp32" if not bf16 else f"bf16 ({bf16} items), fp32 ({len(rows) - bf16} items)"
+    out = {"decisions": "fp32 (equal to exact mode)", "logprobs": scores,
+           "calibration_brier_gold_logprob_selective": scores, "bf16_items": bf16}
+    if details is not None:
+        out["debiased"] = "fp32 (equal to exact mode; close debiased calls re-scored)"
+    return out
 
 
 def _write(out_dir, rows: list[dict], results: dict, recorder=None) -> None:

@@ -182,8 +182,12 @@ def attach_adapter(model, adapter: str, base: tuple[str, str] | None = None, log
     cfg = check_adapter(adapter)
     if base is not None:
         _check_base(model, adapter, cfg, base, log)
+    import warnings
+
     try:
-        return PeftModel.from_pretrained(model, adapter)
+        with warnings.catch_warnings():  # peft 0.21 reads `is_gradient_checkpointing`, deprecated in transformers 5
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+            return PeftModel.from_pretrained(model, adapter)
     except (RuntimeError, ValueError, KeyError) as e:  # shape mismatch, unknown target modules
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise MedtuneError(f"{adapter}: does not fit this base model ({first[:300]}); load it on the base model it "

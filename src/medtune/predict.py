@@ -23,7 +23,7 @@ def predict(loaded, items: list[MCQItem], out: Path, source: str, chunk: int = 6
     """Score `items` with a loaded model (see ask.load) into out (a .jsonl path); return a summary."""
     from tqdm.auto import tqdm
 
-    from medtune.evaluate import encode, predictions, score
+    from medtune.scoring import score_items
 
     out = Path(out)
     if out.suffix != ".jsonl":
@@ -38,14 +38,12 @@ def predict(loaded, items: list[MCQItem], out: Path, source: str, chunk: int = 6
     todo = [it for it in items if it.id not in done]
     if done:
         log(f"resuming: {len(items) - len(todo)} of {len(items)} items already in {out}")
-    margin = 1.0 if loaded.method == "answer" else 0.5  # eval's defaults
     with open(out, "a", encoding="utf-8") as f, \
             tqdm(total=len(items), initial=len(items) - len(todo), desc="predict", unit="q", disable=quiet) as bar:
         for start in range(0, len(todo), chunk):
             part = todo[start: start + chunk]
-            encoded = encode(part, loaded.style, loaded.tokenizer, loaded.method)
-            scores, rescored = score(loaded.model, encoded, min(16, chunk), loaded.mode, margin, bar)
-            rows = predictions(part, scores, rescored if loaded.mode == "fast" else None)
+            rows = score_items(loaded.model, loaded.tokenizer, part, loaded.style, loaded.method, loaded.mode,
+                               batch_size=min(16, chunk), progress=bar)
             f.write("".join(json.dumps(r) + "\n" for r in rows))
             f.flush()
             os.fsync(f.fileno())
@@ -85,9 +83,9 @@ def _resume(out: Path, meta: dict) -> set[str]:
             return {json.loads(line)["id"] for line in data[:keep].decode("utf-8").splitlines() if line.strip()}
         except (json.JSONDecodeError, KeyError) as e:
             raise MedtuneError(f"{out}: not a predictions file ({e}); pass another --out") from None
-    tmp = meta_path.with_name(meta_path.name + ".tmp")
-    tmp.write_text(json.dumps(meta, indent=1))
-    tmp.replace(meta_path)
+    from medtune import io
+
+    io.write_json(meta_path, meta)
     return set()
 
 
@@ -99,12 +97,15 @@ def to_csv(jsonl: Path) -> Path:
 
     width = max((len(r["probs"]) for r in rows()), default=0)
     path = jsonl.with_suffix(".csv")
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", newline="", encoding="utf-8") as f:
+    from io import StringIO
+
+    from medtune import io
+
+    with StringIO(newline="") as f:
         w = csv.writer(f)
         w.writerow(["id", "pred", "gold", "correct", "subject", *[f"p_{c}" for c in LETTERS[:width]]])
         for r in rows():
             w.writerow([r["id"], r["pred"], r["gold"], r["correct"], r.get("subject") or "",
                         *[f"{r['probs'][c]:.6f}" if c in r["probs"] else "" for c in LETTERS[:width]]])
-    tmp.replace(path)
+        io.write_text(path, f.getvalue())
     return path

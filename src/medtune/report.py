@@ -15,7 +15,7 @@ from medtune.data.items import LETTERS, MCQItem
 
 DISCLAIMER = ("Research and education only: not medical advice. A model's answers to exam questions say nothing about "
               "its safety for patient care.")
-PACKAGES = ("medtune", "torch", "transformers", "peft", "trl", "accelerate", "datasets", "safetensors")
+PACKAGES = ("medtune", "torch", "transformers", "peft", "accelerate", "datasets", "safetensors")
 
 
 def environment() -> dict:
@@ -52,6 +52,10 @@ def metrics(items: list[MCQItem], rows: list[dict], debiased: list[list[float]] 
         out["calibration"] = {"ece": stats.ece(conf, correct), "brier": stats.brier(probs, golds),
                               "reliability": stats.reliability_table(conf, correct)}
         out["selective"] = stats.selective_summary(conf, correct)
+    if any("correct_norm" in r for r in rows):  # choices of different lengths: lm-eval's acc_norm beside acc
+        # an item whose choices are all one length has no correct_norm: dividing by one constant keeps acc's argmax
+        kn = sum(bool(r.get("correct_norm", r["correct"])) for r in rows)
+        out["accuracy_norm"], out["ci95_norm"] = kn / n, list(stats.wilson_ci(kn, n))
     out["per_subject"] = per_subject(items, correct)
     if debiased is not None:
         out["permute"] = permute_metrics(items, debiased, details)
@@ -99,6 +103,8 @@ def summary_line(label: str, m: dict) -> dict:
            "predicted letters": " ".join(f"{k}{v:.0%}" for k, v in letters["pred_distribution"].items()),
            "mean log p(gold)": "-" if letters["mean_gold_logprob"] is None else
            f"{letters['mean_gold_logprob']:.2f} (uniform {letters['uniform_logprob']:.2f})"}
+    if "accuracy_norm" in m:
+        row["acc_norm (per char)"] = f"{m['accuracy_norm']:.3f}"
     if "permute" in m:
         p = m["permute"]
         row["debiased accuracy"] = f"{p['debiased_accuracy']:.3f} [{p['debiased_ci95'][0]:.3f}, " \

@@ -17,8 +17,13 @@ from medtune.errors import MedtuneError
 
 
 def run(cfg: Config, quiet: bool = False, log=print) -> dict:
+    """The base weights are read from disk once: the base evaluations (every method), training (on an in-memory copy)
+    and the tuned evaluations (the saved adapter attached to the same weights) all use that one load."""
+    import copy
+
     from medtune.doctor import preflight
-    from medtune.evaluate import run_eval
+    from medtune.evaluate import _device, run_eval
+    from medtune.models import attach_adapter, load_model, load_tokenizer
     from medtune.report import environment, write_json
     from medtune.train import train
 
@@ -29,26 +34,33 @@ def run(cfg: Config, quiet: bool = False, log=print) -> dict:
     save_config(cfg, out / "config.yaml")
     log(f"data: {len(train_items)} training and {len(eval_items)} eval items ({data['eval']['source']})")
     preflight(cfg, log)  # the doctor's warnings for this training (dtype, memory) before the base evaluation
-    base, base_rows = run_eval(eval_items, cfg, out / "base", fingerprint=data["eval"], quiet=quiet, log=log,
-                               label="base")
-    summary = train(cfg, train_items, out, quiet=quiet, log=log, extra_meta={"data": data})
-    tuned, tuned_rows = run_eval(eval_items, cfg, out / "tuned", adapter=str(out / "adapter"), fingerprint=data["eval"],
-                                 quiet=quiet, log=log, label="tuned")
-    results = {"kind": "run", "config": cfg.to_dict(), "data": data, "base": base, "tuned": tuned, "train": summary,
-               "comparison": compare(eval_items, base, tuned, base_rows, tuned_rows), "extra_methods": {}}
-    for method in cfg.eval.extra_methods:  # the same items and adapter, scored another way
-        sub = replace(cfg, eval=replace(cfg.eval, method=method))
-        b, b_rows = run_eval(eval_items, sub, out / f"base-{method}", fingerprint=data["eval"], quiet=quiet, log=log,
-                             label=f"base {method}")
-        t, t_rows = run_eval(eval_items, sub, out / f"tuned-{method}", adapter=str(out / "adapter"),
-                             fingerprint=data["eval"], quiet=quiet, log=log, label=f"tuned {method}")
-        results["extra_methods"][method] = {"base": b, "tuned": t,
-                                            "comparison": compare(eval_items, b, t, b_rows, t_rows)}
+    model, tokenizer, path = load_model(cfg.model, device=_device(cfg), log=log)
+    methods = [cfg.eval.method, *[m for m in cfg.eval.extra_methods if m != cfg.eval.method]]
+    subs = {m: replace(cfg, eval=replace(cfg.eval, method=m)) for m in methods}
+    dirs = {m: ("", "") if m == cfg.eval.method else (f"-{m}", f" {m}") for m in methods}
+    base = {m: run_eval(eval_items, subs[m], out / f"base{dirs[m][0]}", loaded=(model, tokenizer, path),
+                        fingerprint=data["eval"], quiet=quiet, log=log, label=f"base{dirs[m][1]}") for m in methods}
+    summary = train(cfg, train_items, out, quiet=quiet, log=log, extra_meta={"data": data},
+                    base_model=copy.deepcopy(model))  # a copy in memory: LoRA layers are injected into it in place
+    adapter = str(out / "adapter")
+    tuned_model = attach_adapter(model, adapter)
+    tuned_model = (tuned_model.merge_and_unload() if cfg.eval.merge_adapter else tuned_model).eval()
+    tuned_tok = load_tokenizer(adapter) if (out / "adapter" / "tokenizer_config.json").is_file() else tokenizer
+    tuned = {m: run_eval(eval_items, subs[m], out / f"tuned{dirs[m][0]}", adapter=adapter,
+                         loaded=(tuned_model, tuned_tok, path), fingerprint=data["eval"], quiet=quiet, log=log,
+                         label=f"tuned{dirs[m][1]}") for m in methods}
+    first = cfg.eval.method
+    results = {"kind": "run", "config": cfg.to_dict(), "data": data, "base": base[first][0], "tuned": tuned[first][0],
+               "train": summary, "comparison": compare(eval_items, base[first][0], tuned[first][0], base[first][1],
+                                                       tuned[first][1]), "extra_methods": {}}
+    for m in methods[1:]:  # the same items and adapter, scored another way
+        (b, b_rows), (t, t_rows) = base[m], tuned[m]
+        results["extra_methods"][m] = {"base": b, "tuned": t, "comparison": compare(eval_items, b, t, b_rows, t_rows)}
     results["wall_s"], results["environment"] = round(time.time() - started, 1), environment()
     write_json(out / "results.json", results)
     from medtune.html_report import write_report
 
-    results["report"] = str(write_report(out, explain=True, log=log))  # plots, examples with explanations, cost
+    results["report"] = str(write_report(out, explain=True, log=log, loaded=(tuned_model, tuned_tok)))  # + cost
     return results
 
 

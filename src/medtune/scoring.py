@@ -92,7 +92,7 @@ def score(model, encoded: list[Encoded], batch_size: int = 16, mode: str = "fast
     if fast_dtype is None:
         return _score_batched(model, encoded, batch_size, progress), [False] * len(encoded)
     # The fast pass runs on a bf16 copy of the weights (no per-batch casts); the fp32 model stays for re-scoring.
-    fast_model = copy.deepcopy(model).to(fast_dtype)
+    fast_model = _fp32_head(copy.deepcopy(model).to(fast_dtype), model)
     scores = _score_batched(fast_model, encoded[:PROBE], batch_size, None)
     if sum(margin_of(s) < margin for s in scores) > MAX_CLOSE * len(scores):
         del fast_model
@@ -106,6 +106,17 @@ def score(model, encoded: list[Encoded], batch_size: int = 16, mode: str = "fast
     for i, lp in zip(close, _score_batched(model, [encoded[i] for i in close], batch_size, None)):
         scores[i], rescored[i] = lp, True
     return scores, rescored
+
+
+def _fp32_head(fast_model, model):
+    """The bf16 copy keeps the vocabulary projection in fp32 (it runs at one position per question, so it costs
+    nothing): the projection over ~50k-150k logits is where bf16 rounding moves log-probs most."""
+    import torch
+
+    head = copy.deepcopy(model.get_output_embeddings())
+    head.register_forward_pre_hook(lambda _module, args: (args[0].to(torch.float32), *args[1:]))
+    fast_model.set_output_embeddings(head)
+    return fast_model
 
 
 def margin_of(values: list[float]) -> float:

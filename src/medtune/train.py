@@ -35,8 +35,9 @@ class Example:
 
 
 def train(cfg: Config, items: list[MCQItem], out_dir: Path, resume: bool = False, quiet: bool = False,
-          log=print, extra_meta: dict | None = None) -> dict:
+          log=print, extra_meta: dict | None = None, base_model=None) -> dict:
     """Train a LoRA adapter on `items`; write it to out_dir/adapter with everything needed to trace it.
+    `base_model`: the fp32 base already in memory (run.py), trained in place instead of loading it again.
 
     Checkpoints (checkpoint.py) every `save_every` steps, or every DEFAULT_SAVE_MINUTES when it is 0, and at the end;
     SIGTERM/SIGINT write one and exit (TrainingInterrupted). Without `resume` an earlier run's checkpoints and metrics
@@ -59,14 +60,14 @@ def train(cfg: Config, items: list[MCQItem], out_dir: Path, resume: bool = False
 
     recorder = Recorder("train")  # wall time, device, energy -> out_dir/cost.json
     policy = decide(info)
-    ckpt = _checkpoint_to_resume(out_dir, cfg) if resume else None  # refused before the model loads
+    ckpt = _checkpoint_to_resume(out_dir, cfg, log) if resume else None  # refused before the model loads
     accelerator = Accelerator(mixed_precision=_mixed_precision(t.dtype, policy.train_dtype),
                               gradient_accumulation_steps=t.grad_accum,
                               cpu=cfg.device == "cpu" or device_string(info) == "cpu",
                               log_with=t.report_to or None, project_dir=str(out_dir))
     set_seed(t.seed, deterministic=False)
     preflight(cfg, log if accelerator.is_main_process else (lambda *_: None), info)  # warnings before weights load
-    model, tokenizer = _lora_model(cfg, accelerator, log, _attention(cfg, info, policy))
+    model, tokenizer = _lora_model(cfg, accelerator, log, _attention(cfg, info, policy), base_model)
     world = accelerator.num_processes
     plan = batch_plan(items, cfg, tokenizer, world)
     steps = len(plan) if t.max_steps is None else min(t.max_steps, len(plan))
@@ -82,7 +83,7 @@ def train(cfg: Config, items: list[MCQItem], out_dir: Path, resume: bool = False
     run.begin(ckpt, items)
     progress = _progress(steps, run.step, quiet or not accelerator.is_main_process)
     model.train()
-    loss = float("nan")
+    loss = run.loss  # the checkpoint's, when a finished run is resumed
     with checkpoint.Signals() as signals:
         for step in range(run.step, steps):
             loss, real = _guarded_step(run, plan[step], tokenizer, step, len(items))
@@ -123,12 +124,15 @@ def _fill_deepspeed(accelerator, batch_size: int) -> None:
         ds["gradient_clipping"] = 0.0  # DeepSpeed's "off"
 
 
-def _checkpoint_to_resume(out_dir: Path, cfg: Config) -> Path:
+def _checkpoint_to_resume(out_dir: Path, cfg: Config, log) -> Path | None:
+    """The checkpoint to resume from, checked; None (start at step 0, said so) when a run was stopped before its first
+    checkpoint was complete."""
     from medtune import checkpoint
 
     ckpt = checkpoint.latest(out_dir)
     if ckpt is None:
-        raise MedtuneError(f"--resume: no complete checkpoint under {out_dir / 'checkpoints'}")
+        log(f"note: --resume: no complete checkpoint under {out_dir / 'checkpoints'}; starting from step 0")
+        return None
     checkpoint.check(ckpt, cfg.to_dict())
     return ckpt
 
@@ -141,6 +145,7 @@ class _Run:
         self.cfg, self.out_dir, self.steps, self.log = cfg, out_dir, steps, log
         self.metrics = out_dir / "metrics.jsonl"
         self.step = self.start = self.tokens = 0
+        self.loss = float("nan")
         self.t0 = self.last_time = time.time()
         self.last_saved: int | None = None
         self._step_lr = float("nan")  # the rate the last step ran at (set by _train_step before the update)
@@ -149,11 +154,13 @@ class _Run:
     def begin(self, ckpt: Path | None, items: list[MCQItem]) -> None:
         from medtune import checkpoint
 
+        if self.acc.is_main_process:
+            checkpoint.remove_stale(self.out_dir)  # temp dirs of saves a kill interrupted
         if ckpt is not None:
             state = checkpoint.load(ckpt, self.acc.unwrap_model(self.model), self.optimizer, self.scheduler,
                                     self.acc.scaler, self.acc.process_index)
             self.step = self.start = self.last_saved = state["step"]
-            self.tokens = state.get("tokens", 0)
+            self.tokens, self.loss = state.get("tokens", 0), state.get("loss", float("nan"))
             self.t0 = time.time() - state.get("elapsed_s", 0.0)  # throughput continues across the interruption
             self.log(f"resumed from {ckpt} (step {self.step})")
         if self.acc.is_main_process:
@@ -168,7 +175,7 @@ class _Run:
 
     def finish_step(self, step: int, loss: float, real: int, progress) -> None:
         t = self.cfg.train
-        self.step, self.tokens = step, self.tokens + real
+        self.step, self.tokens, self.loss = step, self.tokens + real, loss
         elapsed = time.time() - self.t0
         row = {"step": step, "epoch": round(step / self.steps * t.epochs, 4) if t.max_steps is None else None,
                "loss": loss, "lr": self._step_lr, "tokens": self.tokens,
@@ -207,7 +214,7 @@ class _Run:
             return None
         path = None
         if self.acc.is_main_process:
-            state = {"tokens": self.tokens, "elapsed_s": time.time() - self.t0,
+            state = {"tokens": self.tokens, "elapsed_s": time.time() - self.t0, "loss": self.loss,
                      "config": checkpoint.shaping_config(self.cfg.to_dict())}
             path = checkpoint.save(self.out_dir, step, self.acc.unwrap_model(self.model), self.optimizer,
                                    self.scheduler, state, self.acc.scaler, self.acc.process_index,
@@ -222,8 +229,8 @@ class _Run:
         path = self.save(self.step) if self.last_saved != self.step else self.out_dir / "checkpoints"
         name = signal.Signals(signum).name
         raise TrainingInterrupted(
-            f"{name} at step {self.step} of {self.steps}: checkpoint written to {path}. Resume with the same command "
-            f"plus --resume (medtune train --resume --out {self.out_dir} ...)", 128 + signum)
+            f"{name} at step {self.step} of {self.steps}: checkpoint written to {path}. Resume with `medtune train "
+            f"--resume --out {self.out_dir}` and the same --config/--set values", 128 + signum)
 
 
 def _guarded_step(run: _Run, batches, tokenizer, step: int, n_items: int) -> tuple[float, int]:
@@ -275,13 +282,13 @@ def _train_step(run: _Run, batches, tokenizer, step: int) -> tuple[float, int]:
 
 
 def _oom_message(run: _Run, batches) -> str:
-    from medtune.hardware import estimate_memory
+    from medtune.doctor import estimate_memory
 
     t = run.cfg.train
     params = sum(p.numel() for p in run.acc.unwrap_model(run.model).parameters())
     batch_tokens = max(sum(len(ex.input_ids) for ex in b) for b in batches)
     dtype = {"bf16": "bfloat16", "fp16": "float16"}.get(run.acc.mixed_precision, "float32")
-    need = estimate_memory(params, batch_tokens, dtype) / 2**30
+    need = estimate_memory(params, batch_tokens, dtype, run.cfg.lora.quantize) / 2**30
     return (f"out of memory at step {run.step + 1} (estimated need {need:.1f} GiB for {params / 1e6:.0f}M parameters "
             f"and {batch_tokens} tokens per micro-batch). Lower train.batch_size (now {t.batch_size}; raise "
             f"train.grad_accum to keep the effective batch), train.max_length (now {t.max_length}), turn on "
@@ -317,7 +324,7 @@ def _base_dtype(accelerator) -> str:
     return "bfloat16" if accelerator.mixed_precision == "bf16" and not sharded else "float32"
 
 
-def _lora_model(cfg: Config, accelerator, log, attn_implementation: str | None = None):
+def _lora_model(cfg: Config, accelerator, log, attn_implementation: str | None = None, base=None):
     import torch
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM
@@ -329,13 +336,18 @@ def _lora_model(cfg: Config, accelerator, log, attn_implementation: str | None =
     compute = {"bf16": "bfloat16", "fp16": "float16"}.get(accelerator.mixed_precision, "float32")
     quant = quantization_config(cfg.lora.quantize, compute)
     dtype = compute if quant else _base_dtype(accelerator)
-    try:  # safetensors only (a pickled .bin can run code when loaded); no remote code
-        model = AutoModelForCausalLM.from_pretrained(  # a quantized base is placed at load; accelerate can't move it
-            path, dtype=getattr(torch, dtype), attn_implementation=attn_implementation, quantization_config=quant,
-            device_map={"": accelerator.device} if quant else None, use_safetensors=True, trust_remote_code=False)
-    except (OSError, ValueError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise MedtuneError(f"{cfg.model}: could not load the model ({first}); medtune loads safetensors only") from None
+    if base is not None and not quant:  # run.py's base, already in memory: no second read from disk
+        model = base.to(getattr(torch, dtype))
+        model.set_attn_implementation(attn_implementation or "sdpa")
+    else:
+        try:  # safetensors only (a pickled .bin can run code when loaded); no remote code
+            model = AutoModelForCausalLM.from_pretrained(  # a quantized base is placed at load; accelerate can't move it
+                path, dtype=getattr(torch, dtype), attn_implementation=attn_implementation, quantization_config=quant,
+                device_map={"": accelerator.device} if quant else None, use_safetensors=True, trust_remote_code=False)
+        except (OSError, ValueError) as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise MedtuneError(f"{cfg.model}: could not load the model ({first}); medtune loads safetensors only") \
+                from None
     if quant:  # QLoRA: norms and embeddings to fp32, input grads on, checkpointing as configured
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.train.gradient_checkpointing,
                                                 gradient_checkpointing_kwargs={"use_reentrant": False})
