@@ -65,6 +65,7 @@ def test_input_limits_say_what_is_wrong():
     assert item.options == ("one", "two")
 
 
+@pytest.mark.slow  # ~6 s: three CLI runs, each loading the tiny model
 def test_ask_cli_flags_and_stdin_agree(tiny_model_dir):
     args = ["ask", "--model", tiny_model_dir, "--json", "--max-new-tokens", "6"]
     by_flags = runner.invoke(app, [*args, "--question", "Which vitamin prevents scurvy?", "-o", "Vitamin C",
@@ -96,6 +97,7 @@ def test_headline_comes_from_the_adapters_run(tmp_path):
     assert ask.find_headline(str(tmp_path / "merged"), None)["accuracy"] == 0.5
 
 
+@pytest.mark.slow  # ~10 s on a busy machine: three predict passes and one eval
 def test_predict_streams_in_chunks_resumes_and_equals_eval(loaded_answer, items, tiny_model_dir, tmp_path,
                                                             monkeypatch):
     from medtune import scoring

@@ -122,6 +122,12 @@ def world(tmp_path_factory, tiny_model_dir):
     (run / "adapter").mkdir(parents=True)
     (run / "adapter" / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA"}))
     (run / "adapter" / "medtune.json").write_text(json.dumps({"base_model": tiny_model_dir, "prompt_style": "harness"}))
+    for name, extra in (("pickle-ckpt", "custom_checkpoint_0.pkl"), ("changed-ckpt", None)):
+        ckpt = d / name / "checkpoints" / "step-0000001"
+        ckpt.mkdir(parents=True)
+        (ckpt / "state.json").write_text(json.dumps({"step": 1, "config": {"train.lr": 0.5}}))
+        if extra:
+            (ckpt / extra).write_bytes(pickle.dumps(Payload(w["marker"])))
     full_dir = d / "full"
     full_dir.mkdir()
     (full_dir / "results.json").write_text("{}")
@@ -232,6 +238,11 @@ CASES = [
     ("export-over-adapter", lambda w: ["export", _d(w, "run"), "--out", _d(w, "run/adapter"), "--no-merge"],
      ["would overwrite"]),
     ("export-no-adapter", lambda w: ["export", _d(w, "nomodel")], ["no trained adapter"]),
+    # checkpoints (train --resume): refused before anything in them is read or the model loads
+    ("resume-planted-pickle", lambda w: ["train", "--resume", "--set", f"model={w['model']}", "--out",
+                                         _d(w, "pickle-ckpt")], ["step-0000001", "custom_checkpoint_0.pkl", "pickle"]),
+    ("resume-changed-config", lambda w: ["train", "--resume", "--set", f"model={w['model']}", "--out",
+                                         _d(w, "changed-ckpt")], ["--resume", "train.lr: 0.5 -> 0.0002"]),
 ]
 
 
@@ -239,7 +250,9 @@ PARAMS = [pytest.param(c, id=c[0]) for c in CASES]
 
 
 def _snapshot(d: Path) -> dict:
-    return {str(p.relative_to(d)): p.stat().st_mtime_ns for p in sorted(d.rglob("*"))}
+    """Every entry, and every file's size and mtime (a directory's own mtime moves with the write probe)."""
+    return {str(p.relative_to(d)): (p.stat().st_size, p.stat().st_mtime_ns) if p.is_file() else "dir"
+            for p in sorted(d.rglob("*"))}
 
 
 def test_at_least_40_cases():

@@ -79,6 +79,7 @@ def test_binds_loopback_only_and_api_matches_ask(server, tiny_model_dir):
     assert head.startswith(f"### Answer: {local['answer']}. ") and len(bars["confidences"]) == 3
     assert explanation.startswith(local["explanation"])
     for question, options, message in [("x" * 4001, "a\nb", "limit is 4000"), ("Q?", "only one", "1 option.s. given"),
+                                       ("x" * 5_000_000, "a\nb", "5000000 characters; the limit is 4000"),
                                        ("Q?", "a\n" + "b" * 501, "option B is 501")]:
         with pytest.raises(AppError, match=message):
             _client(url).predict(question, options, api_name="/ask")

@@ -229,8 +229,8 @@ class _Run:
         path = self.save(self.step) if self.last_saved != self.step else self.out_dir / "checkpoints"
         name = signal.Signals(signum).name
         raise TrainingInterrupted(
-            f"{name} at step {self.step} of {self.steps}: checkpoint written to {path}. Resume with the same command "
-            f"plus --resume (medtune train --resume --out {self.out_dir} ...)", 128 + signum)
+            f"{name} at step {self.step} of {self.steps}: checkpoint written to {path}. Resume with `medtune train "
+            f"--resume --out {self.out_dir}` and the same --config/--set values", 128 + signum)
 
 
 def _guarded_step(run: _Run, batches, tokenizer, step: int, n_items: int) -> tuple[float, int]:

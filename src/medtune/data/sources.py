@@ -27,7 +27,8 @@ PRESETS: dict[str, Preset] = {
     "medqa": Preset("GBaker/MedQA-USMLE-4-options-hf", None, "train", "test"),
     "medmcqa": Preset("openlifescienceai/medmcqa", None, "train", "validation",
                       "the test split has no public labels, so eval uses validation"),
-    "pubmedqa": Preset("qiaojin/PubMedQA", "pqa_labeled", None, "train", "the 1,000 expert-labelled questions"),
+    "pubmedqa": Preset("qiaojin/PubMedQA", "pqa_labeled", None, "train",
+                       "the 1,000 expert-labelled questions, scored as lm-eval's pubmedqa task (which uses the 500 of the test fold)"),
     **{f"mmlu-{s.replace('_', '-')}": Preset("cais/mmlu", s, None, "test") for s in (
         "anatomy", "clinical_knowledge", "college_biology", "college_medicine", "medical_genetics",
         "professional_medicine")},
