@@ -41,6 +41,7 @@ def main() -> None:
     ap.add_argument("--limit", type=int, default=None)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--llamacpp-site", type=Path, default=None)
+    ap.add_argument("--speed-prompts", type=int, default=SPEED_PROMPTS)
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     if args.llamacpp_site:
@@ -60,7 +61,9 @@ def main() -> None:
     args.tokenizer = tokenizer
     encoded = encode(items, args.prompt_style, tokenizer)
     ref = score(model, encoded, batch_size=16, mode="exact")[0]
+    print(f"transformers: loaded in {hf_load:.1f} s, letter scores done", flush=True)
     greedy_ref = _greedy_transformers(model, tokenizer, items, encoded)
+    print("transformers: greedy answers done", flush=True)
     report = {"model_dir": args.model_dir.name, "n": len(items), "prompt_style": args.prompt_style,
               "greedy_unparseable_transformers": None,
               "threads": args.threads, "llama_cpp_python": llama_cpp.__version__,
@@ -160,7 +163,7 @@ def _speed(llama_cpp, path: Path, model, tokenizer, items, encoded, args) -> dic
 
     llm = llama_cpp.Llama(str(path), n_ctx=512, n_threads=args.threads, verbose=False)
     eos = llm.token_eos()
-    prompts = [e.context for e in encoded[:SPEED_PROMPTS]]
+    prompts = [e.context for e in encoded[: args.speed_prompts]]
     rates = {"llamacpp": [], "transformers": []}
     for _ in range(2):
         t0, n = time.perf_counter(), 0
