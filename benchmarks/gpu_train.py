@@ -19,7 +19,8 @@ skips the vocabulary projection on prompt positions, so the MFU ratio is the tok
 and ROCm (torch drives HIP through torch.cuda).
 
     python benchmarks/gpu_train.py --json gpu_train.json
-    python benchmarks/gpu_train.py --variants seed,medtune,medtune-bf16     # + medtune with the base held in bf16
+    python benchmarks/gpu_train.py --variants seed,medtune,medtune-bf16     # + medtune with the base forced to bf16
+                                                  # (medtune holds it in bf16 itself wherever it trains in bf16)
     python benchmarks/gpu_train.py --tiny --json /tmp/tiny.json             # seconds on a CPU: checks the script
 """
 

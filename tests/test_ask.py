@@ -65,6 +65,7 @@ def test_input_limits_say_what_is_wrong():
     assert item.options == ("one", "two")
 
 
+@pytest.mark.slow  # ~6 s: three CLI runs, each loading the tiny model
 def test_ask_cli_flags_and_stdin_agree(tiny_model_dir):
     args = ["ask", "--model", tiny_model_dir, "--json", "--max-new-tokens", "6"]
     by_flags = runner.invoke(app, [*args, "--question", "Which vitamin prevents scurvy?", "-o", "Vitamin C",
@@ -91,8 +92,12 @@ def test_headline_comes_from_the_adapters_run(tmp_path):
     assert h["accuracy"] == 0.5 and h["ci95"] == [0.4, 0.6] and h["debiased_accuracy"] == 0.53
     assert h["method"] == "answer-logprob" and h["eval_set"] == "demo:eval"
     assert ask.find_headline("embedded", None) is None
+    (tmp_path / "merged").mkdir()  # an export at its default place names its run in medtune.json
+    (tmp_path / "merged" / "medtune.json").write_text(json.dumps({"export": {"run": tmp_path.name}}))
+    assert ask.find_headline(str(tmp_path / "merged"), None)["accuracy"] == 0.5
 
 
+@pytest.mark.slow  # ~10 s on a busy machine: three predict passes and one eval
 def test_predict_streams_in_chunks_resumes_and_equals_eval(loaded_answer, items, tiny_model_dir, tmp_path,
                                                             monkeypatch):
     from medtune import scoring

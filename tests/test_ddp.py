@@ -36,9 +36,9 @@ def demo_rows(n: int) -> list[dict]:
             for k in range(n)]
 
 
-def sets(model_dir: str, data: Path, batch_size: int, n_train: int = 16) -> list[str]:
+def sets(model_dir: str, data: Path, batch_size: int, n_train: int = 16, grad_accum: int = 1) -> list[str]:
     values = {"model": model_dir, "device": "cpu", "data.source": str(data), "data.train_size": n_train,
-              "train.batch_size": batch_size, "train.grad_accum": 1, "train.max_steps": STEPS,
+              "train.batch_size": batch_size, "train.grad_accum": grad_accum, "train.max_steps": STEPS,
               "train.dtype": "float32", "train.lr": 1e-3, "train.max_length": 128, "train.seed": 7,
               "lora.r": 4, "lora.alpha": 8, "lora.dropout": 0.0}
     return [arg for k, v in values.items() for arg in ("--set", f"{k}={v}")]
@@ -84,18 +84,21 @@ def metrics(out: Path) -> list[dict]:
 
 
 @pytest.mark.slow  # two torch processes start and talk over gloo, plus a single-process reference run: ~30 s each
-@pytest.mark.parametrize("n_train", [16, 19])  # 19: a partial last global batch, split 2 + 1 between the ranks
-def test_cpu_ddp_matches_single_process_with_same_global_batch(tiny_model_dir, tmp_path, n_train):
+# 19: a partial last global batch, split 2 + 1 between the ranks; with accumulation 2 (through accelerate's
+# accumulate(): gradients synced on a step's last micro-batch only) every third step has a single micro-batch
+@pytest.mark.parametrize("n_train,grad_accum", [(16, 1), (19, 2)])
+def test_cpu_ddp_matches_single_process_with_same_global_batch(tiny_model_dir, tmp_path, n_train, grad_accum):
     data = write_jsonl(tmp_path / "train.jsonl", demo_rows(2 * n_train))  # split into train + eval halves
     single, ddp = tmp_path / "single", tmp_path / "ddp"
 
-    ref = run([sys.executable, "-m", "medtune", "train", *sets(tiny_model_dir, data, 4, n_train), "--out", str(single),
-               "--quiet"])
+    ref = run([sys.executable, "-m", "medtune", "train", *sets(tiny_model_dir, data, 4, n_train, grad_accum),
+               "--out", str(single), "--quiet"])
     assert ref.returncode == 0, ref.stderr[-3000:]
     launched = run([sys.executable, "-m", "accelerate.commands.accelerate_cli", "launch",
                     "--config_file", str(ROOT / "recipes" / "accelerate" / "cpu-ddp.yaml"),
                     "--main_process_port", str(free_port()),  # the file's fixed 29500 may be taken
-                    "-m", "medtune", "train", *sets(tiny_model_dir, data, 2, n_train), "--out", str(ddp), "--quiet"])
+                    "-m", "medtune", "train", *sets(tiny_model_dir, data, 2, n_train, grad_accum), "--out", str(ddp),
+                    "--quiet"])
     assert launched.returncode == 0, launched.stderr[-5000:]  # accelerate launch fails if either rank fails
 
     # only rank 0 writes: one metrics file with one line per step, one adapter, no leftovers

@@ -180,3 +180,13 @@ def test_training_items_ship_only_on_request(run_dir, tmp_path):
     rows = [json.loads(x) for x in (shipped / "train_items.jsonl").read_text().splitlines()]
     assert [r["question"] for r in rows] == [i.question for i in items(12)]
     assert json.loads((shipped / "medtune.json").read_text())["export"]["train_items_file"] == "train_items.jsonl"
+
+
+def test_merged_export_refused_on_a_full_disk(run_dir, tmp_path, monkeypatch):
+    import shutil
+
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage._replace(free=1 << 20))
+    with pytest.raises(MedtuneError, match=r"not enough disk space for the merged model .*needs about .*1\.0 MiB free"):
+        export(run_dir, tmp_path / "merged", log=lambda *_: None)
+    assert not list(tmp_path.iterdir())  # nothing half-written

@@ -461,7 +461,28 @@ class _DeviceTouched(Exception):
     pass
 
 
-@pytest.mark.parametrize("command", ["env", "eval", "train", "run", "export"])
+COMMAND_ARGS = {  # enough arguments for each command to reach its first device contact
+    "env": ["env"], "eval": ["eval", "--data", "demo", "--limit", "2", "--set", "model={model}", "--out", "{out}"],
+    "train": ["train", "--set", "model={model}", "--out", "{out}"],
+    "run": ["run", "--set", "model={model}", "--out", "{out}"], "export": ["export", "{run}", "--out", "{out}"],
+    "ask": ["ask", "--question", "Which?", "-o", "a", "-o", "b", "--model", "{model}"],
+    "predict": ["predict", "demo", "--model", "{model}", "--out", "{out}.jsonl"],
+    "serve": ["serve", "--model", "{model}"],
+}
+SOMETIMES_DEVICE = {"cost", "report"}  # prepared too; they reach a device only on some paths (detect, --explain)
+
+
+def test_every_command_is_prepared_or_exempt():
+    """A new command gets the environment preparation by default; this keeps the order test below complete."""
+    import typer.main
+
+    from medtune import cli
+
+    commands = set(typer.main.get_group(cli.app).commands)
+    assert commands - cli.NO_DEVICE - SOMETIMES_DEVICE == set(COMMAND_ARGS), "add the new command to COMMAND_ARGS"
+
+
+@pytest.mark.parametrize("command", sorted(COMMAND_ARGS))
 def test_every_device_command_prepares_env_before_the_runtime_starts(monkeypatch, tmp_path, tiny_model_dir, command):
     """A fake ROCm torch on an RX 6700 XT (gfx1031, needs HSA_OVERRIDE_GFX_VERSION=10.3.0): the variable must be set
     when the command first reaches anything that starts HIP (detect, torch.cuda, a model load)."""
@@ -470,6 +491,15 @@ def test_every_device_command_prepares_env_before_the_runtime_starts(monkeypatch
 
     from medtune import cli, models
 
+    run_dir = tmp_path / "run"
+    if command == "export":  # a real (untrained) adapter, so export's own checks pass and it goes on to load the base
+        from peft import LoraConfig, get_peft_model
+        from transformers import AutoModelForCausalLM
+
+        lora = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir), LoraConfig(r=2))
+        lora.save_pretrained(run_dir / "adapter")
+        (run_dir / "adapter" / "medtune.json").write_text(json.dumps({"base_model": tiny_model_dir,
+                                                                      "prompt_style": "harness"}))
     monkeypatch.setattr(hw, "_SET_BY_MEDTUNE", {})
     monkeypatch.delenv("HSA_OVERRIDE_GFX_VERSION", raising=False)
     events: list = []
@@ -489,16 +519,29 @@ def test_every_device_command_prepares_env_before_the_runtime_starts(monkeypatch
     monkeypatch.setattr(hw, "detect", touch("detect"))
     monkeypatch.setattr(models, "resolve", touch("model load"))
     monkeypatch.setattr(torch.cuda, "is_available", touch("torch.cuda"))
-    run_dir = tmp_path / "run"
-    (run_dir / "adapter").mkdir(parents=True)
-    (run_dir / "adapter" / "adapter_config.json").write_text("{}")
-    (run_dir / "adapter" / "medtune.json").write_text(json.dumps({"base_model": tiny_model_dir,
-                                                                  "prompt_style": "harness"}))
-    sets = ["--set", f"model={tiny_model_dir}", "--out", str(tmp_path / "out")]
-    args = {"env": ["env"], "eval": ["eval", "--data", "demo", "--limit", "2", *sets], "train": ["train", *sets],
-            "run": ["run", *sets], "export": ["export", str(run_dir), "--out", str(tmp_path / "merged")]}[command]
+    args = [a.format(model=tiny_model_dir, out=tmp_path / "out", run=run_dir) for a in COMMAND_ARGS[command]]
     result = CliRunner().invoke(cli.app, args)
     assert isinstance(result.exception, _DeviceTouched), (result.output, result.exception)
     assert events[0] == "prepare", events
     touched = [e for e in events if e != "prepare"]
     assert touched and touched[0][1] == "10.3.0", events  # the override was in place at the first device contact
+
+
+def test_preflight_passes_the_training_dtype_and_model_size(monkeypatch, tiny_model_dir):
+    """The two warnings `env` alone can't give: fp16 asked for where bf16 exists, and a model too large for memory."""
+    from medtune.config import load_config
+
+    monkeypatch.setattr(hw, "_probe_extras", lambda kind: dict(NO_EXTRAS))
+    monkeypatch.setattr(dr, "_SHOWN", set())
+    a100 = hw.detect(fake_torch(cuda="12.8", gpus=[gpu("A100", 1, (8, 0))], arch_list=CUDA_ARCHS), host())
+    cfg = load_config(None, [f"model={tiny_model_dir}", "train.dtype=float16", "train.batch_size=64",
+                             "train.max_length=512"])
+    assert dr.model_params(tiny_model_dir) == sum(
+        p.numel() for p in __import__("transformers").AutoModelForCausalLM.from_pretrained(tiny_model_dir).parameters())
+    lines: list[str] = []
+    findings = dr.preflight(cfg, lines.append, a100)
+    assert any("train_dtype float16 on a device with bf16" in m for m in lines), lines
+    assert any("needed but 1.0 GiB on A100" in m for m in lines), lines  # 1 GiB card: the memory check fires
+    assert [f.level for f in findings].count("warning") == len(lines) == 2
+    dr.preflight(cfg, lines.append, a100)
+    assert len(lines) == 2  # `run` calls it before its base evaluation and again in train: printed once

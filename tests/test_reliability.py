@@ -122,6 +122,12 @@ def world(tmp_path_factory, tiny_model_dir):
     (run / "adapter").mkdir(parents=True)
     (run / "adapter" / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA"}))
     (run / "adapter" / "medtune.json").write_text(json.dumps({"base_model": tiny_model_dir, "prompt_style": "harness"}))
+    for name, extra in (("pickle-ckpt", "custom_checkpoint_0.pkl"), ("changed-ckpt", None)):
+        ckpt = d / name / "checkpoints" / "step-0000001"
+        ckpt.mkdir(parents=True)
+        (ckpt / "state.json").write_text(json.dumps({"step": 1, "config": {"train.lr": 0.5}}))
+        if extra:
+            (ckpt / extra).write_bytes(pickle.dumps(Payload(w["marker"])))
     full_dir = d / "full"
     full_dir.mkdir()
     (full_dir / "results.json").write_text("{}")
@@ -232,6 +238,11 @@ CASES = [
     ("export-over-adapter", lambda w: ["export", _d(w, "run"), "--out", _d(w, "run/adapter"), "--no-merge"],
      ["would overwrite"]),
     ("export-no-adapter", lambda w: ["export", _d(w, "nomodel")], ["no trained adapter"]),
+    # checkpoints (train --resume): refused before anything in them is read or the model loads
+    ("resume-planted-pickle", lambda w: ["train", "--resume", "--set", f"model={w['model']}", "--out",
+                                         _d(w, "pickle-ckpt")], ["step-0000001", "custom_checkpoint_0.pkl", "pickle"]),
+    ("resume-changed-config", lambda w: ["train", "--resume", "--set", f"model={w['model']}", "--out",
+                                         _d(w, "changed-ckpt")], ["--resume", "train.lr: 0.5 -> 0.0002"]),
 ]
 
 
@@ -239,7 +250,9 @@ PARAMS = [pytest.param(c, id=c[0]) for c in CASES]
 
 
 def _snapshot(d: Path) -> dict:
-    return {str(p.relative_to(d)): p.stat().st_mtime_ns for p in sorted(d.rglob("*"))}
+    """Every entry, and every file's size and mtime (a directory's own mtime moves with the write probe)."""
+    return {str(p.relative_to(d)): (p.stat().st_size, p.stat().st_mtime_ns) if p.is_file() else "dir"
+            for p in sorted(d.rglob("*"))}
 
 
 def test_at_least_40_cases():
@@ -426,7 +439,8 @@ def test_hashed_overlap_equals_overlap_on_the_texts():
 
     from medtune.data.split import item_hashes, overlap, overlap_hashed
 
-    words = "a patient presents with fever cough and chest pain after travel abroad which test is best".split()
+    text = "a patient presents with fever cough and chest pain after travel abroad which test is best"
+    words = text.split()
     train = [MCQItem(id=f"t{k}", question=" ".join(words[k:] + words[:k]), options=("x", "y"), answer=0)
              for k in range(6)]
     evals = [replace(train[0], id="same"), replace(train[2], id="near", question=train[2].question + " now?",
@@ -435,3 +449,25 @@ def test_hashed_overlap_equals_overlap_on_the_texts():
     want = overlap(train, evals)
     assert want["exact"] and want["near"]
     assert overlap_hashed(item_hashes(train), evals) == want
+
+
+def test_training_and_scoring_cut_overlong_items_by_the_same_rule(tokenizer_dir, tiny_model_dir):
+    from medtune.config import load_config
+    from medtune.models import load_tokenizer
+    from medtune.prompts import CUT_MARK
+    from medtune.scoring import encode
+    from medtune.train import tokenize_example
+
+    tok = load_tokenizer(tokenizer_dir)
+    tok.model_max_length = 200
+    item = _long_item(3000)
+    enc = encode([item], "harness", tok)[0]
+    assert enc.cut > 0 and len(enc.context) + max(map(len, enc.options)) <= 200
+    cfg = load_config(None, [f"model={tiny_model_dir}", "train.max_length=200", "data.shuffle_options=false"])
+    ex = tokenize_example(item, cfg, tok)
+    assert ex.cut > 0 and len(ex.input_ids) <= 200 and ex.input_ids[-1] == tok.eos_token_id
+    for ids in (enc.context, ex.input_ids[: ex.prompt_len]):
+        text = tok.decode(ids)
+        assert text.startswith(f"Question: {CUT_MARK}") and text.endswith("Which drug is first line?\nA. Aspirin\n"
+                                                                            "B. Heparin\nC. Insulin\nD. Saline\nAnswer:")
+    assert tok.decode(ex.input_ids[ex.prompt_len:]).startswith(" B. Heparin")  # the answer is never cut

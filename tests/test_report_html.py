@@ -89,8 +89,14 @@ def test_report_command_and_explanations_not_generated(tiny_run, tmp_path):
     result = CliRunner().invoke(app, ["report", str(out), "--out", str(target), "--price-per-hour", "2.5"])
     assert result.exit_code == 0, result.output
     page = target.read_text()
-    assert "Explanations were not generated" in page and "Explanation (generated" not in page
+    assert "explanations.jsonl" in page and page.count("Explanation (generated") == 10  # kept from the run
     assert "at 2.5 per device-hour" in page
+    bare = tmp_path / "bare"
+    shutil.copytree(out, bare)
+    (bare / "explanations.jsonl").unlink()
+    assert CliRunner().invoke(app, ["report", str(bare)]).exit_code == 0
+    page = (bare / "report.html").read_text()
+    assert "Explanations were not generated" in page and "Explanation (generated" not in page
     bad = CliRunner().invoke(app, ["report", str(out / "base")])
     assert bad.exit_code == 2 and "error:" in bad.output
 
@@ -145,17 +151,20 @@ def test_readme_command_examples_run(tiny_run, tiny_model_dir, tmp_path, monkeyp
     import shlex
 
     text = (ROOT / "README.md").read_text()
-    blocks = re.findall(r"```bash\n(.*?)```", text.split("## Commands, one at a time")[1].split("## How it works")[0],
-                        re.DOTALL)
-    commands = [shlex.split(line) for b in blocks for line in b.splitlines() if line.startswith("medtune ")]
-    verbs = [c[1] for c in commands]
-    assert {"eval", "train", "run", "report", "cost", "compare", "export"} <= set(verbs)
+    # the first bash block of each "### `medtune VERB`" section, in README order
+    blocks = re.findall(r"^### `medtune (\w+)`[^\n]*\n.*?```bash\n(.*?)```", text, re.DOTALL | re.MULTILINE)
+    verbs = ("data", "eval", "train", "report", "cost", "compare", "export")
+    commands = [shlex.split(line) for verb, b in blocks if verb in verbs for line in b.splitlines()]
+    assert [c[1] for c in commands] == ["data"] * 3 + ["eval", "train", "report", "cost", "compare", "export"]
+    shared = ROOT.parent / "shared" / "data"
     monkeypatch.chdir(tmp_path)
     shutil.copytree(tiny_run[0], tmp_path / "runs" / "demo")
     (tmp_path / "recipes").symlink_to(ROOT / "recipes")
-    for argv in commands:
-        if argv[1] in ("env", "data", "run"):  # env/data: test_cli.py; run: the tiny_run fixture
-            continue
+    for argv in commands:  # env: test_cli.py; run: the tiny_run fixture; ask/predict/serve: their own tests
+        if argv[1] == "data":
+            if not shared.is_dir():
+                continue  # ../shared/data is not beside this checkout
+            argv = [a.replace("../shared/data", str(shared)) for a in argv]
         extra = {"eval": ["--model", tiny_model_dir, "--quiet"],
                  "train": ["--set", f"model={tiny_model_dir}", "--set", "train.dtype=float32", "--quiet"]}
         result = CliRunner().invoke(app, argv[1:] + extra.get(argv[1], []))
@@ -185,3 +194,17 @@ def test_report_of_a_generate_run_without_probabilities(tiny_run, tmp_path):
     text = page.read_text()
     assert all(f"why {r['id']}" in text for r in rows) and "from the run&#39;s greedy `generate` evaluation" in text
     assert "This method gives no probabilities" in text and "raw used" in text and len(_images(text)) == 5
+
+
+def test_acc_norm_when_some_items_have_equal_length_choices():
+    """Scoring leaves correct_norm out where all choices have one length (the argmax is acc's); metrics must count
+    those items with their raw result, not crash (it did on the demo set) or skip acc_norm."""
+    from medtune.data.items import MCQItem
+    from medtune.report import metrics
+
+    items = [MCQItem("a", "q?", ("xx", "yy"), 0), MCQItem("b", "q?", ("x", "yyyy"), 1)]
+    rows = [{"id": "a", "gold": "A", "pred": "A", "correct": True, "probs": {"A": 0.6, "B": 0.4}},
+            {"id": "b", "gold": "B", "pred": "B", "correct": True, "probs": {"A": 0.3, "B": 0.7}, "pred_norm": "A",
+             "correct_norm": False}]
+    m = metrics(items, rows)
+    assert m["accuracy"] == 1.0 and m["accuracy_norm"] == 0.5

@@ -122,6 +122,18 @@ def test_nan_loss_stops_at_once_and_keeps_the_last_checkpoint(tiny_model_dir, tm
     assert [json.loads(x)["step"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [1, 2]
 
 
+def test_out_of_memory_says_what_to_lower_with_the_estimate(tiny_model_dir, tmp_path, monkeypatch):
+    def oom(*args):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    monkeypatch.setattr(train_mod, "_loss_sum", oom)
+    cfg = cfg_for(tiny_model_dir, tmp_path, **{"train.max_steps": 2})
+    with pytest.raises(MedtuneError, match=r"out of memory at step 1 \(estimated need [\d.]+ GiB .*tokens per "
+                                           r"micro-batch\)\. Lower train\.batch_size \(now 4.*max_length \(now 96\)"
+                                           r".*gradient_checkpointing.*QLoRA"):
+        train_mod.train(cfg, items(), tmp_path, quiet=True, log=lambda *_: None)
+
+
 def test_full_disk_refuses_a_checkpoint_with_both_numbers(tiny_model_dir, tmp_path, monkeypatch):
     usage = shutil.disk_usage(tmp_path)
     monkeypatch.setattr(shutil, "disk_usage", lambda p: usage._replace(free=10 << 20))
@@ -215,6 +227,7 @@ def test_sigkill_at_three_random_points_then_resume_equals_uninterrupted(tiny_mo
         assert a.keys() == b.keys() and all(torch.equal(a[t], b[t]) for t in a), f"kill {k}"
         steps_logged = [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()]
         assert steps_logged == list(range(1, steps + 1))
+        assert not list(out.rglob("*.tmp-*"))  # what the kill left half-written was cleaned up
 
 
 @pytest.mark.slow

@@ -151,14 +151,14 @@ def explanation(loaded: Loaded, item: MCQItem, choice: int, max_new_tokens: int)
 
 def find_headline(model: str, adapter: str | None) -> dict | None:
     """Accuracy with its CI from the results.json that measured this adapter (RUN/tuned/results.json beside
-    RUN/adapter) or this merged export (the run dir recorded in its medtune.json)."""
-    candidates = []
-    if adapter:
-        candidates.append(Path(adapter).parent / "tuned" / "results.json")
-    for meta in [Path(d) / "medtune.json" for d in (adapter, model) if d]:
-        run_dir = json.loads(meta.read_text()).get("export", {}).get("run_dir") if meta.is_file() else None
-        if run_dir:
-            candidates.append(Path(run_dir) / "tuned" / "results.json")
+    RUN/adapter) or this export (RUN/merged or RUN/export, whose medtune.json names the run)."""
+    candidates = [Path(adapter).parent / "tuned" / "results.json"] if adapter else []
+    for d in (adapter, model):
+        meta = Path(d) / "medtune.json" if d else None
+        if meta is not None and meta.is_file():
+            run = json.loads(meta.read_text()).get("export", {}).get("run")
+            if run and Path(d).resolve().parent.name == run:
+                candidates.append(Path(d).resolve().parent / "tuned" / "results.json")
     for path in candidates:
         if path.is_file():
             return headline_of(json.loads(path.read_text()), path)

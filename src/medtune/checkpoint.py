@@ -79,6 +79,14 @@ def save(out_dir: Path, step: int, model, optimizer, scheduler, state: dict, sca
     return final
 
 
+def remove_stale(out_dir: Path) -> None:
+    """Delete the temp dirs (`.step-N.tmp-PID`, `.adapter.tmp-PID`) that a killed process left half-written."""
+    out_dir = Path(out_dir)
+    for tmp in [*(out_dir / "checkpoints").glob(".step-*.tmp-*"), *out_dir.glob(".adapter.tmp-*"),
+                *out_dir.glob(".adapter.old-*")]:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def latest(out_dir: Path) -> Path | None:
     """The newest complete checkpoint (temp dirs of an interrupted save are ignored)."""
     done = sorted(p for p in (Path(out_dir) / "checkpoints").glob("step-*") if (p / "state.json").is_file())

@@ -86,6 +86,7 @@ def model_params(name: str) -> int | None:
             model = AutoModelForCausalLM.from_config(config)
     except (OSError, ValueError, KeyError):  # unreachable Hub id, unknown architecture: the load reports it later
         return None
+    model.tie_weights()  # tied embeddings count once, as in the loaded model
     return sum(p.numel() for p in model.parameters())
 
 

@@ -54,7 +54,7 @@ def accuracy_bars(groups: list[dict]) -> Figure:
     ax.set_yticks(range(len(groups)), [g["label"] for g in groups])
     ax.invert_yaxis()
     ax.set(xlim=(0, 1), xlabel="accuracy (bars: Wilson 95% CI)")
-    ax.legend(loc="lower right", fontsize=8)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=8)  # outside: never over a bar
     ax.grid(axis="x", alpha=0.3)
     return fig
 

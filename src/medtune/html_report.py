@@ -27,19 +27,20 @@ MAX_SUBJECTS = 25
 
 
 def write_report(run_dir: Path | str, out: Path | str | None = None, price_per_hour: float | None = None,
-                 explain: bool = False, log=print) -> Path:
+                 explain: bool = False, log=print, loaded=None) -> Path:
     """Render RUN/report.html (or `out`); written beside and renamed, so a reader never sees half a page."""
     run_dir = Path(run_dir)
     out = Path(out) if out else run_dir / "report.html"
-    page = render(build(run_dir, price_per_hour, explain, log))
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(page, encoding="utf-8")
-    tmp.replace(out)
+    page = render(build(run_dir, price_per_hour, explain, log, loaded))
+    from medtune import io
+
+    io.write_text(out, page)
     return out
 
 
-def build(run_dir: Path, price_per_hour: float | None = None, explain: bool = False, log=print) -> dict:
-    """Everything the template shows, as plain values and base64 PNGs."""
+def build(run_dir: Path, price_per_hour: float | None = None, explain: bool = False, log=print, loaded=None) -> dict:
+    """Everything the template shows, as plain values and base64 PNGs. `loaded` = (tuned model, tokenizer) already
+    in memory (`medtune run` passes its own), else explanations load the run's base model + adapter."""
     from medtune import figures
     from medtune.report import DISCLAIMER
 
@@ -64,7 +65,7 @@ def build(run_dir: Path, price_per_hour: float | None = None, explain: bool = Fa
     cost = _cost(run_dir, price_per_hour)
     if cost:
         images["cost"] = figures.cost_bars({k: v["wall_s"] for k, v in cost["parts"].items()})
-    examples, explain_note = _examples(run_dir, results, items, tuned_rows, explain, log)
+    examples, explain_note = _examples(run_dir, results, items, tuned_rows, explain, log, loaded)
     return {
         "title": f"{results['config']['model']} on {results['data']['eval']['source']}", "disclaimer": DISCLAIMER,
         "results": results, "headline": headline(results), "comparisons": comparisons(results),
@@ -207,16 +208,21 @@ def _short(text: str, n: int = 140) -> str:
 
 
 def _examples(run_dir: Path, results: dict, items: dict, tuned_rows: list[dict], explain: bool,
-              log) -> tuple[list[dict], str]:
+              log, loaded=None) -> tuple[list[dict], str]:
     """The first EXAMPLES eval items with the tuned model's scored answer, its probabilities and an explanation."""
     rows = tuned_rows[:EXAMPLES]
     generated = {r["id"]: r for r in (rows if rows and "explanation" in rows[0] else _rows(run_dir / "tuned-generate"))}
+    saved = run_dir / "explanations.jsonl"  # written the first time they are generated, so a re-render keeps them
     if generated:
         note = "Explanations: from the run's greedy `generate` evaluation of the tuned model."
-    elif explain and rows and all(r["id"] in items for r in rows):
-        generated = {r["id"]: r for r in explain_items(run_dir, results, [items[r["id"]] for r in rows], log)}
+    elif saved.is_file() or (explain and rows and all(r["id"] in items for r in rows)):
+        if explain or not saved.is_file():
+            from medtune.report import write_jsonl
+
+            write_jsonl(saved, explain_items(run_dir, results, [items[r["id"]] for r in rows], log, loaded))
+        generated = {r["id"]: r for r in _jsonl(saved)}
         note = (f"Explanations: generated greedily for this report by the tuned model (base + adapter), at most "
-                f"{EXPLAIN_TOKENS} new tokens, with the run's prompt style.")
+                f"{EXPLAIN_TOKENS} new tokens, with the run's prompt style (saved in explanations.jsonl).")
     else:
         why = "the question text is unavailable" if rows and not all(r["id"] in items for r in rows) else \
             "the run has no `generate` evaluation"
@@ -235,7 +241,7 @@ def _examples(run_dir: Path, results: dict, items: dict, tuned_rows: list[dict],
     return out, note
 
 
-def explain_items(run_dir: Path, results: dict, items: list, log) -> list[dict]:
+def explain_items(run_dir: Path, results: dict, items: list, log, loaded=None) -> list[dict]:
     """Greedy answer + explanation for a few items with the run's tuned model (generate.py, the eval's own code)."""
     from medtune.config import load_config
     from medtune.evaluate import _device, adapter_style
@@ -247,7 +253,7 @@ def explain_items(run_dir: Path, results: dict, items: list, log) -> list[dict]:
     if not adapter.is_dir():
         raise MedtuneError(f"{adapter}: no adapter, so there is no tuned model to explain with")
     style = adapter_style(str(adapter), results["tuned"]["prompt_style"], log)
-    model, tokenizer, _ = load_model(cfg.model, adapter=str(adapter), device=_device(cfg), log=log)
+    model, tokenizer = loaded or load_model(cfg.model, adapter=str(adapter), device=_device(cfg), log=log)[:2]
     return generate_rows(model, tokenizer, items, style, EXPLAIN_TOKENS, len(items))
 
 

@@ -83,9 +83,9 @@ def _resume(out: Path, meta: dict) -> set[str]:
             return {json.loads(line)["id"] for line in data[:keep].decode("utf-8").splitlines() if line.strip()}
         except (json.JSONDecodeError, KeyError) as e:
             raise MedtuneError(f"{out}: not a predictions file ({e}); pass another --out") from None
-    tmp = meta_path.with_name(meta_path.name + ".tmp")
-    tmp.write_text(json.dumps(meta, indent=1))
-    tmp.replace(meta_path)
+    from medtune import io
+
+    io.write_json(meta_path, meta)
     return set()
 
 
@@ -97,12 +97,15 @@ def to_csv(jsonl: Path) -> Path:
 
     width = max((len(r["probs"]) for r in rows()), default=0)
     path = jsonl.with_suffix(".csv")
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", newline="", encoding="utf-8") as f:
+    from io import StringIO
+
+    from medtune import io
+
+    with StringIO(newline="") as f:
         w = csv.writer(f)
         w.writerow(["id", "pred", "gold", "correct", "subject", *[f"p_{c}" for c in LETTERS[:width]]])
         for r in rows():
             w.writerow([r["id"], r["pred"], r["gold"], r["correct"], r.get("subject") or "",
                         *[f"{r['probs'][c]:.6f}" if c in r["probs"] else "" for c in LETTERS[:width]]])
-    tmp.replace(path)
+        io.write_text(path, f.getvalue())
     return path

@@ -52,8 +52,9 @@ def metrics(items: list[MCQItem], rows: list[dict], debiased: list[list[float]] 
         out["calibration"] = {"ece": stats.ece(conf, correct), "brier": stats.brier(probs, golds),
                               "reliability": stats.reliability_table(conf, correct)}
         out["selective"] = stats.selective_summary(conf, correct)
-    if rows and "correct_norm" in rows[0]:  # choices of different lengths: lm-eval's acc_norm beside acc
-        kn = sum(bool(r["correct_norm"]) for r in rows)
+    if any("correct_norm" in r for r in rows):  # choices of different lengths: lm-eval's acc_norm beside acc
+        # an item whose choices are all one length has no correct_norm: dividing by one constant keeps acc's argmax
+        kn = sum(bool(r.get("correct_norm", r["correct"])) for r in rows)
         out["accuracy_norm"], out["ci95_norm"] = kn / n, list(stats.wilson_ci(kn, n))
     out["per_subject"] = per_subject(items, correct)
     if debiased is not None:

@@ -60,7 +60,7 @@ def run(cfg: Config, quiet: bool = False, log=print) -> dict:
     write_json(out / "results.json", results)
     from medtune.html_report import write_report
 
-    results["report"] = str(write_report(out, explain=True, log=log))  # plots, examples with explanations, cost
+    results["report"] = str(write_report(out, explain=True, log=log, loaded=(tuned_model, tuned_tok)))  # + cost
     return results
 
 

@@ -46,7 +46,7 @@ def build(loaded: Loaded, max_new_tokens: int = 96):
         s = result["scoring"]
         head = (f"### Answer: {result['answer']}. {result['answer_text']}\n"
                 f"probability {result['probs'][result['answer']]:.1%} ({s['method']}, {s['mode']} mode)")
-        cap = " *(stopped at the length cap)*" if result.get("explanation_hit_cap") else ""
+        cap = " [stopped at the length cap]" if result.get("explanation_hit_cap") else ""
         return head, bars, result.get("explanation", "") + cap, result
 
     with gr.Blocks(analytics_enabled=False, title="medtune: ask the model") as page:

@@ -83,7 +83,7 @@ def train(cfg: Config, items: list[MCQItem], out_dir: Path, resume: bool = False
     run.begin(ckpt, items)
     progress = _progress(steps, run.step, quiet or not accelerator.is_main_process)
     model.train()
-    loss = float("nan")
+    loss = run.loss  # the checkpoint's, when a finished run is resumed
     with checkpoint.Signals() as signals:
         for step in range(run.step, steps):
             loss, real = _guarded_step(run, plan[step], tokenizer, step, len(items))
@@ -145,6 +145,7 @@ class _Run:
         self.cfg, self.out_dir, self.steps, self.log = cfg, out_dir, steps, log
         self.metrics = out_dir / "metrics.jsonl"
         self.step = self.start = self.tokens = 0
+        self.loss = float("nan")
         self.t0 = self.last_time = time.time()
         self.last_saved: int | None = None
         self._step_lr = float("nan")  # the rate the last step ran at (set by _train_step before the update)
@@ -153,11 +154,13 @@ class _Run:
     def begin(self, ckpt: Path | None, items: list[MCQItem]) -> None:
         from medtune import checkpoint
 
+        if self.acc.is_main_process:
+            checkpoint.remove_stale(self.out_dir)  # temp dirs of saves a kill interrupted
         if ckpt is not None:
             state = checkpoint.load(ckpt, self.acc.unwrap_model(self.model), self.optimizer, self.scheduler,
                                     self.acc.scaler, self.acc.process_index)
             self.step = self.start = self.last_saved = state["step"]
-            self.tokens = state.get("tokens", 0)
+            self.tokens, self.loss = state.get("tokens", 0), state.get("loss", float("nan"))
             self.t0 = time.time() - state.get("elapsed_s", 0.0)  # throughput continues across the interruption
             self.log(f"resumed from {ckpt} (step {self.step})")
         if self.acc.is_main_process:
@@ -172,7 +175,7 @@ class _Run:
 
     def finish_step(self, step: int, loss: float, real: int, progress) -> None:
         t = self.cfg.train
-        self.step, self.tokens = step, self.tokens + real
+        self.step, self.tokens, self.loss = step, self.tokens + real, loss
         elapsed = time.time() - self.t0
         row = {"step": step, "epoch": round(step / self.steps * t.epochs, 4) if t.max_steps is None else None,
                "loss": loss, "lr": self._step_lr, "tokens": self.tokens,
@@ -211,7 +214,7 @@ class _Run:
             return None
         path = None
         if self.acc.is_main_process:
-            state = {"tokens": self.tokens, "elapsed_s": time.time() - self.t0,
+            state = {"tokens": self.tokens, "elapsed_s": time.time() - self.t0, "loss": self.loss,
                      "config": checkpoint.shaping_config(self.cfg.to_dict())}
             path = checkpoint.save(self.out_dir, step, self.acc.unwrap_model(self.model), self.optimizer,
                                    self.scheduler, state, self.acc.scaler, self.acc.process_index,
@@ -226,8 +229,8 @@ class _Run:
         path = self.save(self.step) if self.last_saved != self.step else self.out_dir / "checkpoints"
         name = signal.Signals(signum).name
         raise TrainingInterrupted(
-            f"{name} at step {self.step} of {self.steps}: checkpoint written to {path}. Resume with the same command "
-            f"plus --resume (medtune train --resume --out {self.out_dir} ...)", 128 + signum)
+            f"{name} at step {self.step} of {self.steps}: checkpoint written to {path}. Resume with `medtune train "
+            f"--resume --out {self.out_dir}` and the same --config/--set values", 128 + signum)
 
 
 def _guarded_step(run: _Run, batches, tokenizer, step: int, n_items: int) -> tuple[float, int]:
@@ -279,13 +282,13 @@ def _train_step(run: _Run, batches, tokenizer, step: int) -> tuple[float, int]:
 
 
 def _oom_message(run: _Run, batches) -> str:
-    from medtune.hardware import estimate_memory
+    from medtune.doctor import estimate_memory
 
     t = run.cfg.train
     params = sum(p.numel() for p in run.acc.unwrap_model(run.model).parameters())
     batch_tokens = max(sum(len(ex.input_ids) for ex in b) for b in batches)
     dtype = {"bf16": "bfloat16", "fp16": "float16"}.get(run.acc.mixed_precision, "float32")
-    need = estimate_memory(params, batch_tokens, dtype) / 2**30
+    need = estimate_memory(params, batch_tokens, dtype, run.cfg.lora.quantize) / 2**30
     return (f"out of memory at step {run.step + 1} (estimated need {need:.1f} GiB for {params / 1e6:.0f}M parameters "
             f"and {batch_tokens} tokens per micro-batch). Lower train.batch_size (now {t.batch_size}; raise "
             f"train.grad_accum to keep the effective batch), train.max_length (now {t.max_length}), turn on "
