@@ -84,3 +84,15 @@ def test_eval_pubmedqa_end_to_end(tiny_model_dir, tmp_path):
     assert m["accuracy_norm"] == sum(r["correct_norm"] for r in rows) / 3
     assert all(r["pred_text"] in ("yes", "no", "maybe") and len(r["logprobs"]) == 3 for r in rows)
     assert results["precision"]["logprobs"] == "fp32" and "decides" in results
+
+
+def test_accuracy_norm_with_items_whose_choices_have_equal_length():
+    """Answer lines of equal length carry no pred_norm; acc_norm there is acc (dividing by one constant)."""
+    from medtune.report import metrics
+
+    items = [MCQItem(id=f"q{k}", question="Q", options=("ab", "c", "d", "e"), answer=0) for k in range(2)]
+    enc = [Encoded([1], [[2], [3], [4], [5]], [5, 4, 4, 4]), Encoded([1], [[2], [3], [4], [5]], [4, 4, 4, 4])]
+    rows = predictions(items, [[-4.5, -4.0, -9.0, -9.0], [-1.0, -2.0, -3.0, -4.0]], encoded=enc, method="answer")
+    assert "pred_norm" in rows[0] and "pred_norm" not in rows[1]
+    # item 0: summed picks B (wrong), per character A (-0.9 vs -1.0, right); item 1: A either way (right)
+    assert metrics(items, rows)["accuracy_norm"] == 1.0 and metrics(items, rows)["accuracy"] == 0.5
