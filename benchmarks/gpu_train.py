@@ -294,8 +294,8 @@ def run_medtune(arch: dict, examples, epochs: int, device: str, seed: int, base_
 
     real_lora_model, real_plan = T._lora_model, T.batch_plan
 
-    def lora_model(cfg, accelerator, log, attn_implementation=None):
-        model, tok = real_lora_model(cfg, accelerator, log, attn_implementation)
+    def lora_model(cfg, accelerator, log, attn_implementation=None, base=None):
+        model, tok = real_lora_model(cfg, accelerator, log, attn_implementation, base)
         model.train()
         batch = T.collate(examples[: cfg.train.batch_size], tok.pad_token_id, accelerator.device)
 
@@ -322,6 +322,8 @@ def run_medtune(arch: dict, examples, epochs: int, device: str, seed: int, base_
         stack.enter_context(mock.patch.object(T, "_lora_model", lora_model))
         stack.enter_context(mock.patch.object(T, "batch_plan", batch_plan))
         stack.enter_context(mock.patch.object(T, "_save_adapter", lambda *a, **k: None))
+        real_begin = T._Run.begin  # synthetic examples have no text to keep in the run dir
+        stack.enter_context(mock.patch.object(T._Run, "begin", lambda self, ckpt, _items: real_begin(self, ckpt, [])))
         summary = T.train(cfg, examples, Path(tmp), quiet=True, log=lambda *_: None)
         _sync(device)
     plan = seen["plan"]

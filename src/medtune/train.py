@@ -12,11 +12,13 @@ only). Batches are built from a seeded plan: epoch order shuffled, then grouped 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import random
 import shutil
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -349,8 +351,10 @@ def _lora_model(cfg: Config, accelerator, log, attn_implementation: str | None =
             raise MedtuneError(f"{cfg.model}: could not load the model ({first}); medtune loads safetensors only") \
                 from None
     if quant:  # QLoRA: norms and embeddings to fp32, input grads on, checkpointing as configured
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.train.gradient_checkpointing,
-                                                gradient_checkpointing_kwargs={"use_reentrant": False})
+        with _peft_reads_deprecated_names():
+            model = prepare_model_for_kbit_training(
+                model, use_gradient_checkpointing=cfg.train.gradient_checkpointing,
+                gradient_checkpointing_kwargs={"use_reentrant": False})
     elif cfg.train.gradient_checkpointing:
         enable = getattr(model, "activation_checkpointing_enable", None)  # transformers >= 5.x name
         if enable is not None:
@@ -361,9 +365,20 @@ def _lora_model(cfg: Config, accelerator, log, attn_implementation: str | None =
     targets = cfg.lora.target_modules
     lora = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout, task_type="CAUSAL_LM",
                       target_modules="all-linear" if targets == ["all-linear"] else targets)
-    model = get_peft_model(model, lora)
+    with _peft_reads_deprecated_names():
+        model = get_peft_model(model, lora)
     model.config.use_cache = False
     return model, tokenizer
+
+
+@contextlib.contextmanager
+def _peft_reads_deprecated_names():
+    """peft 0.21 reads `is_gradient_checkpointing` and calls `gradient_checkpointing_enable`, both deprecated in
+    transformers 5 (FutureWarning); medtune itself uses the new names. Silence exactly those two, nothing else."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*(is_gradient_checkpointing|gradient_checkpointing_enable).*",
+                                category=FutureWarning)
+        yield
 
 
 def batch_plan(items: list[MCQItem], cfg: Config, tokenizer, world: int = 1) -> list[list[list[Example]]]:
