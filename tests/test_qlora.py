@@ -36,8 +36,19 @@ def test_quantize_without_bitsandbytes_is_a_user_error(monkeypatch):
         quantization_config("4bit", "bfloat16")
 
 
+@pytest.fixture
+def fresh_accelerator_state():
+    """accelerate keeps one AcceleratorState per process; earlier in-process tests trained in float32, this one in the
+    device policy's bf16, which accelerate refuses to switch to. Each `medtune train` process starts fresh."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state()
+    yield
+    AcceleratorState._reset_state()
+
+
 @pytest.mark.slow  # NF4 quantization of the 135M model and 4-bit matmuls on 2 CPU cores: ~60 s
-def test_4bit_training_on_cpu_saves_an_adapter_that_evaluates(tmp_path, monkeypatch):
+def test_4bit_training_on_cpu_saves_an_adapter_that_evaluates(tmp_path, monkeypatch, fresh_accelerator_state):
     pytest.importorskip("bitsandbytes")
     from medtune import train as train_mod
 
