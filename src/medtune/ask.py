@@ -37,6 +37,19 @@ class Loaded:
     mode: str  # exact or fast
     headline: dict | None = None  # the results.json headline of the adapter's or export's eval, when one exists
     info: dict = field(default_factory=dict)
+    generator: object = None  # the model that writes explanations: a bf16 copy where the device has native bf16
+
+
+def _generator(model):
+    """Greedy decoding of a small model is bound by memory bandwidth: a bf16 copy of the weights halves the bytes
+    read per token (measured here: ask p50 3.95 s -> see docs/benchmarks.md). Only the explanation uses it; the answer
+    and its probabilities always come from the scoring model (eval's exact numbers)."""
+    import copy
+
+    from medtune.scoring import _fast_dtype
+
+    dtype = _fast_dtype(next(model.parameters()).device)
+    return copy.deepcopy(model).to(dtype) if dtype is not None else model
 
 
 def load(model: str = "embedded", adapter: str | None = None, method: str | None = None, mode: str = "exact",
@@ -67,7 +80,7 @@ def load(model: str = "embedded", adapter: str | None = None, method: str | None
     if saved_from:
         style = adapter_style(saved_from, style, log)
     m, tokenizer, _ = load_model(model, adapter=adapter, device=device, log=log, merge=True)
-    return Loaded(m, tokenizer, model, adapter, style, method, mode, headline)
+    return Loaded(m, tokenizer, model, adapter, style, method, mode, headline, generator=_generator(m))
 
 
 def make_item(question: str, options: list[str], item_id: str = "asked") -> MCQItem:
@@ -122,6 +135,8 @@ def answer(loaded: Loaded, item: MCQItem, max_new_tokens: int = MAX_NEW_TOKENS, 
     if explain:
         text, capped = explanation(loaded, item, choice, max_new_tokens)
         out["explanation"], out["explanation_hit_cap"] = text, capped
+        out["explanation_dtype"] = str(next(loaded.generator.parameters()).dtype).removeprefix("torch.") \
+            if loaded.generator is not None else None
     return out
 
 
@@ -138,9 +153,10 @@ def explanation(loaded: Loaded, item: MCQItem, choice: int, max_new_tokens: int)
     else:  # ` B. text\nExplanation: ...`, as prompts.build_target writes it for training
         prefix = build_target(chosen, loaded.style, "answer") + "\nExplanation:"
     ids = tok(build_prompt(item, loaded.style, tok) + prefix, add_special_tokens=False, return_tensors="pt").input_ids
-    device = next(loaded.model.parameters()).device
+    gen = loaded.generator if loaded.generator is not None else loaded.model
+    device = next(gen.parameters()).device
     with torch.inference_mode():
-        out = loaded.model.generate(input_ids=ids.to(device), attention_mask=torch.ones_like(ids).to(device),
+        out = gen.generate(input_ids=ids.to(device), attention_mask=torch.ones_like(ids).to(device),
                                     max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id,
                                     eos_token_id=tok.eos_token_id)
     new = out[0, ids.shape[1]:].tolist()
