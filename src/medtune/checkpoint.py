@@ -37,15 +37,15 @@ FREE_KEYS = {"out_dir", "device", "eval", "data.limit", "data.eval_size", "data.
 
 def shaping_config(cfg_dict: dict) -> dict:
     """The flattened config minus the keys free to change on resume."""
-    flat = _flat(cfg_dict)
-    return {k: v for k, v in flat.items() if k not in FREE_KEYS and k.split(".")[0] not in FREE_KEYS}
+    return {k: v for k, v in flat(cfg_dict).items() if k not in FREE_KEYS and k.split(".")[0] not in FREE_KEYS}
 
 
-def _flat(d: dict, prefix: str = "") -> dict:
+def flat(d: dict, prefix: str = "") -> dict:
+    """{'a': {'b': 1}} -> {'a.b': 1}."""
     out = {}
     for k, v in d.items():
         if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
+            out.update(flat(v, f"{prefix}{k}."))
         else:
             out[f"{prefix}{k}"] = v
     return out

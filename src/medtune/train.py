@@ -496,11 +496,8 @@ def _progress(total: int, initial: int, disable: bool):
     return tqdm(total=total, initial=initial, disable=disable, desc="train", unit="step")
 
 
-def _flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v if isinstance(v, (int, float, str, bool)) else str(v)
-    return out
+def _flat(d: dict) -> dict:
+    """Flat config for trackers, which take scalars only."""
+    from medtune.checkpoint import flat
+
+    return {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in flat(d).items()}

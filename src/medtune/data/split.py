@@ -44,31 +44,9 @@ def item_key(item: MCQItem) -> str:
 
 def overlap(train: list[MCQItem], evals: list[MCQItem], n: int = 8, threshold: float = 0.5) -> dict:
     """Exact duplicates (same normalized question + options) and near duplicates (share of the eval question's word
-    n-grams found in one training question >= threshold) between training and eval items."""
-    keys = defaultdict(list)
-    for t in train:
-        keys[item_key(t)].append(t.id)
-    exact = [{"eval_id": e.id, "train_ids": keys[item_key(e)]} for e in evals if item_key(e) in keys]
-    exact_ids = {x["eval_id"] for x in exact}
-    index: dict[tuple, set[int]] = defaultdict(set)
-    for j, t in enumerate(train):
-        for g in _ngrams(t.question, n):
-            index[g].add(j)
-    near = []
-    for e in evals:
-        grams = _ngrams(e.question, n)
-        if e.id in exact_ids or not grams:
-            continue
-        hits: dict[int, int] = defaultdict(int)
-        for g in grams:
-            for j in index.get(g, ()):
-                hits[j] += 1
-        if hits:
-            j, count = max(hits.items(), key=lambda kv: (kv[1], -kv[0]))
-            if count / len(grams) >= threshold:
-                near.append({"eval_id": e.id, "train_id": train[j].id, "overlap": round(count / len(grams), 3)})
-    return {"exact": exact, "near": near, "n_eval": len(evals), "n_train": len(train), "ngram": n,
-            "threshold": threshold}
+    n-grams found in one training question >= threshold) between training and eval items. One implementation: the
+    training side is hashed first (`item_hashes`), exactly what adapters carry, so both paths give the same answer."""
+    return overlap_hashed(item_hashes(train, n), evals, threshold)
 
 
 def _ngrams(text: str, n: int) -> set[tuple[str, ...]]:
