@@ -28,7 +28,8 @@ $(STAMP): pyproject.toml requirements/lock.txt Makefile
 	touch $(STAMP)
 
 demo: install
-	$(VENV)/bin/medtune run --config recipes/demo.yaml
+	# --overwrite: `make demo` is meant to be re-run; it replaces its own run dir (runs/demo)
+	$(VENV)/bin/medtune run --config recipes/demo.yaml --overwrite
 
 test: install
 	$(PY) -m pytest -q
