@@ -101,6 +101,7 @@ def _agreement(llama_cpp, path: Path, items, encoded, ref, greedy_ref, args) -> 
     llm = llama_cpp.Llama(str(path), n_ctx=1024, n_threads=args.threads, logits_all=True, verbose=False)
     load_s = time.perf_counter() - t0
     same_tokens, diffs, norm_diffs, letter_agree, same_text, greedy_agree, unparsed = 0, [], [], 0, 0, 0, 0
+    vs_letter_method = 0  # llama.cpp's greedy answer letter == medtune's letter-method prediction (the issue's 95%)
     for item, enc, lps, (hf_text, hf_letter) in zip(items, encoded, ref, greedy_ref):
         prompt = _prompt(item, args)
         same_tokens += llm.tokenize(prompt.encode(), add_bos=False, special=True) == enc.context
@@ -118,12 +119,14 @@ def _agreement(llama_cpp, path: Path, items, encoded, ref, greedy_ref, args) -> 
         same_text += out.strip() == hf_text.strip()
         unparsed += letter is None
         greedy_agree += letter == hf_letter
+        vs_letter_method += letter == "ABCDEFGHIJ"[_argmax(lps)]
     n = len(items)
     return {"llamacpp_load_s": load_s, "prompt_tokens_identical": same_tokens / n,
             "first_token_max_abs_logprob_diff": max(diffs), "first_token_mean_abs_logprob_diff": sum(diffs) / len(diffs),
             "first_token_max_abs_option_normalized_diff": max(norm_diffs),
             "letter_argmax_agreement": letter_agree / n, "greedy_text_identical": same_text / n,
-            "greedy_letter_agreement": greedy_agree / n, "greedy_unparseable_llamacpp": unparsed}
+            "greedy_letter_agreement": greedy_agree / n, "greedy_unparseable_llamacpp": unparsed,
+            "greedy_letter_vs_medtune_letter_method": vs_letter_method / n}
 
 
 def _greedy_transformers(model, tokenizer, items, encoded) -> list[tuple[str, str | None]]:
@@ -186,7 +189,7 @@ def _speed(llama_cpp, path: Path, model, tokenizer, items, encoded, args) -> dic
 def _markdown(r: dict) -> str:
     lines = [("| GGUF | size (MiB) | llama.cpp load (s) | prompt tokens identical | first-token letter log-probs: max / "
               "mean abs Δ (option-normalized max) | letter argmax agreement | greedy text identical | greedy letter "
-              "agreement | tokens/s llama.cpp | tokens/s transformers fp32 | speed-up |"),
+              "agreement (vs transformers greedy / vs medtune letter method) | tokens/s llama.cpp | tokens/s transformers fp32 | speed-up |"),
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for t, x in r["types"].items():
         lines.append(
@@ -194,7 +197,8 @@ def _markdown(r: dict) -> str:
             f"{x['prompt_tokens_identical']:.0%} | {x['first_token_max_abs_logprob_diff']:.4f} / "
             f"{x['first_token_mean_abs_logprob_diff']:.4f} ({x['first_token_max_abs_option_normalized_diff']:.4f}) | "
             f"{x['letter_argmax_agreement']:.1%} | {x['greedy_text_identical']:.1%} | "
-            f"{x['greedy_letter_agreement']:.1%} | {x['gen_tokens_per_s_llamacpp']:.1f} | "
+            f"{x['greedy_letter_agreement']:.1%} / {x['greedy_letter_vs_medtune_letter_method']:.1%} | "
+            f"{x['gen_tokens_per_s_llamacpp']:.1f} | "
             f"{x['gen_tokens_per_s_transformers_fp32']:.1f} | {x['speedup']:.2f}x |")
     lines.append(f"\ntransformers load (safetensors, fp32): {r['transformers_load_s']:.2f} s; n = {r['n']}, "
                  f"`{r['prompt_style']}` prompt, {r['threads']} threads, llama-cpp-python {r['llama_cpp_python']}; "

@@ -178,7 +178,7 @@ def command(name: str, args, data: Path, model_dir: str, task_dir: Path, run_dir
                 "--tasks", TASKS[args.benchmark], "--include_path", str(task_dir), "--device", args.lmeval_device,
                 "--batch_size", "1", "--output_path", str(run_dir), "--log_samples", *limit], env
     cmd = [sys.executable, "-m", "medtune", "eval", "--model", args.model, "--data", str(data), "--out", str(run_dir),
-           "--mode", name, "--quiet", *limit]
+           "--mode", name, "--quiet", "--overwrite", *limit]  # run_dir already holds log.txt and rss.txt
     cmd += ["--adapter", args.adapter] if args.adapter else []
     cmd += ["--cop-base", str(cop_base)] if cop_base is not None else []
     return cmd, env

@@ -96,3 +96,21 @@ def test_accuracy_norm_with_items_whose_choices_have_equal_length():
     assert "pred_norm" in rows[0] and "pred_norm" not in rows[1]
     # item 0: summed picks B (wrong), per character A (-0.9 vs -1.0, right); item 1: A either way (right)
     assert metrics(items, rows)["accuracy_norm"] == 1.0 and metrics(items, rows)["accuracy"] == 0.5
+
+
+def test_selective_accuracy_only_from_fp32_rows():
+    """bf16 reorders near-tied confidences (accuracy at 50% coverage moved 0.011 on MedQA), so selective accuracy is
+    reported only when every row was scored in fp32, and the precision record says which."""
+    from medtune.evaluate import precision_record
+    from medtune.report import metrics
+
+    items = [MCQItem(id=f"q{k}", question="Q", options=("a", "b", "c", "d"), answer=k % 2) for k in range(4)]
+    rows = predictions(items, [[-1.0, -2.0, -3.0, -4.0], [-0.5, -2.0, -3.0, -4.0], [-1.0, -1.1, -3.0, -4.0],
+                               [-2.0, -1.0, -3.0, -4.0]])
+    for r in rows:
+        r["precision"] = "fp32"
+    assert metrics(items, rows)["selective"]["accuracy_at_coverage"]["50"] == 0.5
+    assert precision_record(rows, None)["selective"] == "fp32"
+    rows[2]["precision"] = "bf16"
+    assert "--mode exact" in metrics(items, rows)["selective"]["omitted"]
+    assert precision_record(rows, None)["selective"].startswith("omitted")

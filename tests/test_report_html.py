@@ -41,7 +41,9 @@ def test_run_writes_a_self_contained_report(tiny_run):
     assert f"report: {out / 'report.html'}" in output
     page = (out / "report.html").read_text()
     images = _images(page)
-    assert len(images) == 7  # accuracy, subjects, training, reliability, risk-coverage, letters, cost
+    # accuracy, subjects, training, reliability, risk-coverage (fp32 rows only: see the test below), letters, cost
+    bf16 = any('"precision": "bf16"' in (out / p / "predictions.jsonl").read_text() for p in ("base", "tuned"))
+    assert len(images) == 7 - bf16
     for data in images:
         with Image.open(io.BytesIO(data)) as im:
             im.verify()  # raises on a truncated or corrupt PNG
@@ -208,3 +210,21 @@ def test_acc_norm_when_some_items_have_equal_length_choices():
              "correct_norm": False}]
     m = metrics(items, rows)
     assert m["accuracy"] == 1.0 and m["accuracy_norm"] == 0.5
+
+
+def test_risk_coverage_curve_only_from_fp32_rows(tiny_run, tmp_path):
+    """Selective answering ranks by confidence, which bf16 reorders: the curve is drawn from fp32 rows only, and the
+    report says why it is missing otherwise."""
+    pages = {}
+    for precision in ("fp32", "bf16"):
+        run = tmp_path / precision
+        shutil.copytree(tiny_run[0], run)
+        for part in ("base", "tuned"):
+            path = run / part / "predictions.jsonl"
+            rows = [json.loads(x) for x in path.read_text().splitlines()]
+            path.write_text("".join(json.dumps(r | {"precision": precision}) + "\n" for r in rows))
+        assert CliRunner().invoke(app, ["report", str(run)]).exit_code == 0
+        pages[precision] = (run / "report.html").read_text()
+    assert 'alt="risk-coverage curve"' in pages["fp32"] and "reorders near-tied" not in pages["fp32"]
+    assert 'alt="risk-coverage curve"' not in pages["bf16"] and "reorders near-tied confidences" in pages["bf16"]
+    assert len(_images(pages["bf16"])) == len(_images(pages["fp32"])) - 1 == 6

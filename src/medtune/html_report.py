@@ -57,8 +57,9 @@ def build(run_dir: Path, price_per_hour: float | None = None, explain: bool = Fa
     if "calibration" in tuned_m and "calibration" in base_m:
         images["reliability"] = figures.reliability({"base": base_m["calibration"]["reliability"],
                                                      "tuned": tuned_m["calibration"]["reliability"]})
-        images["risk_coverage"] = figures.risk_coverage({"base": risk_coverage(base_rows),
-                                                         "tuned": risk_coverage(tuned_rows)})
+        if not any(r.get("precision") == "bf16" for r in base_rows + tuned_rows):  # report.metrics: why fp32 only
+            images["risk_coverage"] = figures.risk_coverage({"base": risk_coverage(base_rows),
+                                                             "tuned": risk_coverage(tuned_rows)})
     curves = _jsonl(run_dir / "metrics.jsonl")
     if curves:
         images["training"] = figures.training_curves(curves)

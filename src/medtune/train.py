@@ -6,8 +6,7 @@ loss normalized over the target tokens of the whole optimizer step (so gradient 
 atomic checkpoints, and a resume that reproduces the uninterrupted run bit for bit. accelerate still does device
 placement, mixed precision and DDP/FSDP/DeepSpeed under `accelerate launch`.
 
-Each example is `prompt tokens + target tokens + EOS`; labels are -100 on the prompt and padding (loss on the target
-only). Batches are built from a seeded plan: epoch order shuffled, then grouped by length (less padding).
+Examples and the seeded batch plan are built in batches.py.
 """
 
 from __future__ import annotations
@@ -15,25 +14,18 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import random
 import shutil
 import time
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 
 from medtune import io
+
+# the batching half lives in batches.py; re-exported for callers that import it from here
+from medtune.batches import Example, batch_plan, collate, first_target, tokenize_example  # noqa: F401
 from medtune.config import Config, save_config
 from medtune.data.items import MCQItem
 from medtune.errors import MedtuneError, TrainingInterrupted
-from medtune.prompts import build_prompt, build_target, fit_prompt
-
-
-@dataclass
-class Example:
-    input_ids: list[int]
-    prompt_len: int  # labels start here
-    cut: int = 0  # characters cut from the question's start to fit train.max_length
 
 
 def train(cfg: Config, items: list[MCQItem], out_dir: Path, resume: bool = False, quiet: bool = False,
@@ -265,7 +257,7 @@ def _train_step(run: _Run, batches, tokenizer, step: int) -> tuple[float, int]:
         ids, mask, labels = collate(batch, tokenizer.pad_token_id, acc.device)
         with acc.accumulate(run.model):
             with acc.autocast():  # accelerate divides by grad_accum; x grad_accum keeps the step norm
-                part = _loss_sum(run.model, ids, mask, labels, _first_target(batch)) * world / total * t.grad_accum
+                part = _loss_sum(run.model, ids, mask, labels, first_target(batch)) * world / total * t.grad_accum
             acc.backward(part)
         loss_sum += part.detach() / (world * t.grad_accum)  # on the device: one sync per step, not per batch
         real += sum(len(ex.input_ids) for ex in batch)
@@ -379,82 +371,6 @@ def _peft_reads_deprecated_names():
         warnings.filterwarnings("ignore", message=".*(is_gradient_checkpointing|gradient_checkpointing_enable).*",
                                 category=FutureWarning)
         yield
-
-
-def batch_plan(items: list[MCQItem], cfg: Config, tokenizer, world: int = 1) -> list[list[list[Example]]]:
-    """Every optimizer step's global micro-batches, fixed by the seed: [step][micro-batch][example].
-
-    Per epoch: option order shuffled per example (seeded by seed, epoch and item), examples shuffled, then sorted by
-    length inside windows of 64 batches and the batches shuffled again (length grouping without a length curriculum).
-    """
-    t = cfg.train
-    per_batch = t.batch_size * world
-    epochs = max(1, math.ceil(t.epochs))
-    micro: list[list[Example]] = []
-    for epoch in range(epochs):
-        rng = random.Random(f"{t.seed}-order-{epoch}")
-        examples = [tokenize_example(_shuffled(item, cfg, epoch, i), cfg, tokenizer) for i, item in enumerate(items)]
-        order = list(range(len(examples)))
-        rng.shuffle(order)
-        if t.group_by_length:
-            window = per_batch * 64
-            order = [i for s in range(0, len(order), window)
-                     for i in sorted(order[s: s + window], key=lambda i: -len(examples[i].input_ids))]
-        batches = [[examples[i] for i in order[s: s + per_batch]] for s in range(0, len(order), per_batch)]
-        if t.group_by_length:
-            rng.shuffle(batches)
-        batches = [b for b in batches if len(b) >= world]  # every rank needs an example; uneven shares are exact
-        if epoch == epochs - 1 and t.epochs < epochs:  # fractional last epoch
-            batches = batches[: math.ceil(len(batches) * (t.epochs - epoch))]
-        micro.extend(batches)
-    return [micro[s: s + t.grad_accum] for s in range(0, len(micro), t.grad_accum)]
-
-
-def _shuffled(item: MCQItem, cfg: Config, epoch: int, index: int) -> MCQItem:
-    if not cfg.data.shuffle_options:
-        return item
-    order = list(range(len(item.options)))
-    random.Random(f"{cfg.train.seed}-options-{epoch}-{index}-{item.id}").shuffle(order)
-    return item.permuted(order)
-
-
-def tokenize_example(item: MCQItem, cfg: Config, tokenizer) -> Example:
-    """prompt + target + EOS in at most train.max_length tokens. Overlong: the explanation is trimmed from its end
-    first (never the answer line), then the question is cut from the left (prompts.fit_prompt, the rule evaluation
-    uses too); the prompt's header, the options, the answer and EOS are never cut."""
-    style = cfg.prompt_style
-    prompt_text = build_prompt(item, style, tokenizer)
-    target = tokenizer(build_target(item, style, cfg.train.target), add_special_tokens=False).input_ids
-    eos = [tokenizer.eos_token_id] if cfg.train.add_eos else []
-    room = cfg.train.max_length - len(eos)
-    prompt = tokenizer(prompt_text[: room * 64], add_special_tokens=False).input_ids  # pre-cut: no 5 MB pass
-    cut = 0
-    if len(prompt) + len(target) > room or len(prompt_text) > room * 64:
-        answer = tokenizer(build_target(item, style, "answer"), add_special_tokens=False).input_ids
-        target = target[: max(room - len(prompt), len(answer))]
-        _, prompt_text, cut = fit_prompt(item, style, tokenizer, room - len(target))
-        prompt = tokenizer(prompt_text, add_special_tokens=False).input_ids
-    return Example(prompt + target + eos, 0 if cfg.train.loss_on == "all" else len(prompt), cut)
-
-
-def collate(batch: list[Example], pad_id: int, device):
-    """Right-padded ids, attention mask, labels (-100 on prompt and padding)."""
-    import torch
-
-    width = max(len(ex.input_ids) for ex in batch)
-    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(batch), width), dtype=torch.long)
-    labels = torch.full((len(batch), width), -100, dtype=torch.long)
-    for row, ex in enumerate(batch):
-        n = len(ex.input_ids)
-        ids[row, :n] = torch.tensor(ex.input_ids)
-        mask[row, :n] = 1
-        labels[row, ex.prompt_len: n] = ids[row, ex.prompt_len: n]
-    return ids.to(device), mask.to(device), labels.to(device)
-
-
-def _first_target(batch: list[Example]) -> int:
-    return min(ex.prompt_len for ex in batch)
 
 
 def _loss_sum(model, ids, mask, labels, first: int):
