@@ -62,7 +62,8 @@ def main(argv: list[str] | None = None) -> int:
         out[mode]["selective_reported"] = "omitted" not in m["selective"]
     f, e = out["fast"], out["exact"]
     same = sum(a["pred"] == b["pred"] for a, b in zip(f["rows"], e["rows"]))
-    same_deb = sum(a.get("debiased_pred") == b.get("debiased_pred") for a, b in zip(f["rows"], e["rows"]))
+    same_deb = sum(a.get("debiased_pred") == b.get("debiased_pred") for a, b in zip(f["rows"], e["rows"])) \
+        if args.permute != "none" else None  # no rotations, no debiased predictions
     lp = max(abs(x - y) for a, b in zip(f["rows"], e["rows"]) for x, y in zip(a["logprobs"].values(),
                                                                                b["logprobs"].values()))
     margin = scoring.default_margin(args.method)
