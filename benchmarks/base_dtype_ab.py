@@ -44,7 +44,7 @@ for rep in range(repeats):
         for b in batches:
             ids, mask, labels = T.collate(b, tok.pad_token_id, "cpu")
             with acc.autocast():
-                loss = T._loss_sum(m, ids, mask, labels, T._first_target(b))
+                loss = T._loss_sum(m, ids, mask, labels, T.first_target(b))
             loss.backward()
         opt.step()
         opt.zero_grad()

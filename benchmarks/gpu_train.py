@@ -277,7 +277,7 @@ def run_medtune(arch: dict, examples, epochs: int, device: str, seed: int, base_
     tokenization is the identity (the examples are ids already), and the adapter isn't saved."""
     import transformers
 
-    from medtune import models
+    from medtune import batches, models
     from medtune import train as T
     from medtune.config import Config
 
@@ -301,14 +301,14 @@ def run_medtune(arch: dict, examples, epochs: int, device: str, seed: int, base_
 
         def loss_fn(ids, mask, labels):
             with accelerator.autocast():
-                return T._loss_sum(model, ids, mask, labels, T._first_target(examples[: cfg.train.batch_size]))
+                return T._loss_sum(model, ids, mask, labels, T.first_target(examples[: cfg.train.batch_size]))
 
         seen.update(warmup_s=_warmup(loss_fn, [batch], model, device), autocast=accelerator.mixed_precision,
                     trainable=sum(p.numel() for p in model.parameters() if p.requires_grad))
         return model, tok
 
     def batch_plan(items, cfg, tokenizer, world=1):
-        with mock.patch.object(T, "tokenize_example", lambda item, cfg, tok: item):
+        with mock.patch.object(batches, "tokenize_example", lambda item, cfg, tok: item):  # where batch_plan looks
             plan = real_plan(items, cfg, tokenizer, world)
         seen["plan"] = plan
         return plan

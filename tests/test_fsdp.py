@@ -51,7 +51,7 @@ for step in T.batch_plan(data, cfg, tok, world)[:3]:
     total = sum(len(ex.input_ids) - max(ex.prompt_len, 1) for b in step for ex in b)
     for b in step:
         ids, mask, labels = T.collate(b[rank::world], tok.pad_token_id, "cpu")
-        (T._loss_sum(model, ids, mask, labels, T._first_target(b[rank::world])) * world / total).backward()
+        (T._loss_sum(model, ids, mask, labels, T.first_target(b[rank::world])) * world / total).backward()
     opt.step()
     opt.zero_grad()
 lora = {k: v for k, v in model.state_dict().items() if "lora_" in k}

@@ -2,6 +2,7 @@
 larger batch, bitwise reproducibility, resume equals an uninterrupted run, option shuffling removes a letter prior."""
 
 import json
+import math
 import random
 
 import pytest
@@ -76,7 +77,7 @@ def test_one_step_changes_only_lora_weights(tiny_model_dir):
     plan = train_mod.batch_plan(items(8), cfg, tok)
     ids, mask, labels = train_mod.collate(plan[0][0], tok.pad_token_id, "cpu")
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    train_mod._loss_sum(model, ids, mask, labels, train_mod._first_target(plan[0][0])).backward()
+    train_mod._loss_sum(model, ids, mask, labels, train_mod.first_target(plan[0][0])).backward()
     opt.step()
     changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
     lora = {n for n, _ in model.named_parameters() if "lora_" in n}
@@ -93,7 +94,7 @@ def test_loss_matches_transformers_loss(tiny_model_dir):
     plan = train_mod.batch_plan(items(8), cfg, tok)
     ids, mask, labels = train_mod.collate(plan[0][0], tok.pad_token_id, "cpu")
     with torch.no_grad():
-        mine = train_mod._loss_sum(model, ids, mask, labels, train_mod._first_target(plan[0][0]))
+        mine = train_mod._loss_sum(model, ids, mask, labels, train_mod.first_target(plan[0][0]))
         hf = model(input_ids=ids, attention_mask=mask, labels=labels).loss
     n_targets = int((labels[:, 1:] != -100).sum())
     assert mine.item() == pytest.approx(hf.item() * n_targets, rel=1e-5)
@@ -123,6 +124,17 @@ def test_same_seed_gives_bitwise_identical_adapter(tiny_model_dir, tmp_path):
     meta = json.loads((tmp_path / "a" / "adapter" / "medtune.json").read_text())
     assert meta["prompt_style"] == "harness" and meta["train_ids"] == [i.id for i in items()]
     assert (tmp_path / "a" / "adapter" / "medtune-config.yaml").is_file()
+
+
+def test_train_twice_in_one_process_with_another_precision(tiny_model_dir, tmp_path):
+    """A notebook (or a test session) that trains in fp32 and then with bf16 autocast: accelerate keeps its first
+    state and would refuse the second precision; train() resets it."""
+    fp32 = train_mod.train(cfg_for(tiny_model_dir, tmp_path / "a", **{"train.max_steps": 1}), items(), tmp_path / "a",
+                           quiet=True)
+    bf16 = train_mod.train(cfg_for(tiny_model_dir, tmp_path / "b", **{"train.max_steps": 1, "train.dtype": "bfloat16"}),
+                           items(), tmp_path / "b", quiet=True)
+    assert math.isfinite(fp32["final_loss"]) and math.isfinite(bf16["final_loss"])
+    assert json.loads((tmp_path / "b" / "adapter" / "medtune.json").read_text())
 
 
 def test_resume_reaches_the_uninterrupted_adapter(tiny_model_dir, tmp_path, monkeypatch):

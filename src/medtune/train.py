@@ -38,6 +38,7 @@ def train(cfg: Config, items: list[MCQItem], out_dir: Path, resume: bool = False
     in out_dir are replaced (the CLI refuses a non-empty out_dir unless --overwrite)."""
     import torch
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
     from accelerate.utils import set_seed
     from transformers import get_scheduler
 
@@ -55,6 +56,9 @@ def train(cfg: Config, items: list[MCQItem], out_dir: Path, resume: bool = False
     recorder = Recorder("train")  # wall time, device, energy -> out_dir/cost.json
     policy = decide(info)
     ckpt = _checkpoint_to_resume(out_dir, cfg, log) if resume else None  # refused before the model loads
+    # A second train() in one process (a notebook, a test session) may ask for another precision; accelerate keeps
+    # the first one's state and refuses. Reset it (the process-group state, PartialState, is kept).
+    AcceleratorState._reset_state()
     accelerator = Accelerator(mixed_precision=_mixed_precision(t.dtype, policy.train_dtype),
                               gradient_accumulation_steps=t.grad_accum,
                               cpu=cfg.device == "cpu" or device_string(info) == "cpu",
