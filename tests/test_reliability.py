@@ -311,6 +311,11 @@ def test_claim_out_dir_refuses_then_cleans_up(tmp_path):
     with pytest.raises(ValueError), io.claim_out_dir(tmp_path / "new"):
         raise ValueError  # heavy work failed: the dir created for it goes again
     assert not (tmp_path / "new").exists()
+    # the ranks of one `accelerate launch` claim the same dir: another rank's write probe is not content
+    racing = tmp_path / "racing"
+    racing.mkdir()
+    (racing / ".write-probe.tmp-4242").write_bytes(b"")
+    assert io.check_out_dir(racing) == racing
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root can write anywhere")

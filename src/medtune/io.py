@@ -118,7 +118,10 @@ def check_out_dir(path: Path, overwrite: bool = False, flag: str = "--out", allo
         raise MedtuneError(f"{flag} {path}: {ancestor} is a file, so no directory can be created under it")
     if not os.access(ancestor, os.W_OK | os.X_OK):
         raise MedtuneError(f"{flag} {path}: {ancestor} is not writable; choose another output directory")
-    if path.is_dir() and any(path.iterdir()) and not (overwrite or allow_existing):
+    # Another process's write probe (a rank of the same `accelerate launch` claiming the dir a moment earlier) is
+    # not content: only count what is not a probe.
+    content = path.is_dir() and any(not p.name.startswith(".write-probe.tmp-") for p in path.iterdir())
+    if content and not (overwrite or allow_existing):
         raise MedtuneError(f"{flag} {path}: already exists and is not empty ({describe(path)}); pass --overwrite to "
                            "replace what medtune writes there, or choose a new directory")
     return path
