@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 
@@ -44,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     loaded = load_model("embedded", adapter=args.adapter, merge=True, log=lambda *_: None)
     if args.force_bf16:
         scoring.MAX_CLOSE = 1.0
-    out = {}
+    out, reported = {}, {}
     for mode in ("fast", "exact"):
         cfg = load_config(None, [f"eval.mode={mode}", f"eval.method={args.method}", f"eval.permute={args.permute}"])
         start = time.perf_counter()
@@ -59,24 +60,43 @@ def main(argv: list[str] | None = None) -> int:
                      "mean_gold_logprob": m["letters"]["mean_gold_logprob"], "aurc": sel["aurc"],
                      "acc_at_50": sel["accuracy_at_coverage"]["50"],
                      **({"debiased_accuracy": m["permute"]["debiased_accuracy"]} if "permute" in m else {})}
-        out[mode]["selective_reported"] = "omitted" not in m["selective"]
+        reported[mode] = "omitted" not in m["selective"]
     f, e = out["fast"], out["exact"]
     same = sum(a["pred"] == b["pred"] for a, b in zip(f["rows"], e["rows"]))
     same_deb = sum(a.get("debiased_pred") == b.get("debiased_pred") for a, b in zip(f["rows"], e["rows"])) \
         if args.permute != "none" else None  # no rotations, no debiased predictions
     lp = max(abs(x - y) for a, b in zip(f["rows"], e["rows"]) for x, y in zip(a["logprobs"].values(),
                                                                                b["logprobs"].values()))
+    max_conf = max(abs(a - b) for a, b in zip(f["conf"], e["conf"]))
     margin = scoring.default_margin(args.method)
     probe = [scoring.margin_of(list(r["logprobs"].values())) < margin for r in e["rows"][: scoring.PROBE]]
     keys = [k for k in e if k not in ("rows", "conf")]
     summary = {"n": len(items), "data": args.data, "adapter": args.adapter, "method": args.method,
                "force_bf16": args.force_bf16, "probe_close_share": sum(probe) / max(1, len(probe)),
                "same_predictions": same, "same_debiased_predictions": same_deb, "max_logprob_diff": lp,
-               "max_confidence_diff": max(abs(a - b) for a, b in zip(f["conf"], e["conf"])),
+               "max_confidence_diff": max_conf,
+               # how bunched the confidences are, and the share of items a band re-score around the coverage cuts
+               # (within the largest bf16 confidence error of any cut) would have to re-score in fp32
+               "confidence_quantiles_exact": {q: _quantile(e["conf"], q) for q in (0.1, 0.5, 0.9)},
+               "band_rescore_share": _band_share(f["conf"], e["conf"], max_conf),
+               "selective_reported": reported,
                "bf16_rows": sum(r.get("precision") == "bf16" for r in f["rows"]),
                **{k: {"fast": f[k], "exact": e[k], "diff": f[k] - e[k]} for k in keys}}
     print(json.dumps(summary, indent=1))
     return 0
+
+
+def _quantile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def _band_share(fast: list[float], exact: list[float], delta: float,
+                coverages: tuple[float, ...] = (0.9, 0.8, 0.7, 0.5, 0.25)) -> float:
+    """Share of items whose bf16 confidence lies within `delta` of the exact confidence at a coverage cut."""
+    ranked = sorted(exact, reverse=True)
+    cuts = [ranked[max(1, math.ceil(q * len(ranked))) - 1] for q in coverages]
+    return sum(any(abs(c - t) < delta for t in cuts) for c in fast) / len(fast)
 
 
 if __name__ == "__main__":

@@ -18,6 +18,8 @@ from pathlib import Path
 
 from medtune.errors import MedtuneError
 
+PROBE = "write-probe"  # claim_out_dir's writability probe (a _tmp_name of it, removed at once)
+
 
 def _tmp_name(path: Path) -> Path:
     return path.with_name(f".{path.name}.tmp-{os.getpid()}")
@@ -120,7 +122,8 @@ def check_out_dir(path: Path, overwrite: bool = False, flag: str = "--out", allo
         raise MedtuneError(f"{flag} {path}: {ancestor} is not writable; choose another output directory")
     # Another process's write probe (a rank of the same `accelerate launch` claiming the dir a moment earlier) is
     # not content: only count what is not a probe.
-    content = path.is_dir() and any(not p.name.startswith(".write-probe.tmp-") for p in path.iterdir())
+    probe = _tmp_name(path / PROBE).name.rsplit("-", 1)[0]  # ".write-probe.tmp", any process id
+    content = path.is_dir() and any(not p.name.startswith(probe) for p in path.iterdir())
     if content and not (overwrite or allow_existing):
         raise MedtuneError(f"{flag} {path}: already exists and is not empty ({describe(path)}); pass --overwrite to "
                            "replace what medtune writes there, or choose a new directory")
@@ -136,7 +139,7 @@ def claim_out_dir(path: Path, overwrite: bool = False, flag: str = "--out",
     created = not path.exists()
     try:
         path.mkdir(parents=True, exist_ok=True)
-        probe = _tmp_name(path / "write-probe")
+        probe = _tmp_name(path / PROBE)
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as e:
