@@ -1,6 +1,8 @@
 """Strict configuration: every enum-valued key and every numeric range is checked when the config loads, with one
 error line that names the key and what is allowed; the CLI exits 2 before any model is loaded."""
 
+import itertools
+
 import pytest
 from typer.testing import CliRunner
 
@@ -29,11 +31,12 @@ BAD_ENUM = {
 BAD_RANGE = {
     "data.train_size": ([0, -3], 1), "data.eval_size": ([0], 1), "data.limit": ([0, -1], 1),
     "data.cop_base": ([2, -1], 0), "data.holdout": ([0, 1, 1.5], 0.05),
-    "lora.r": ([0], 1), "lora.alpha": ([0, -16], 1), "lora.dropout": ([-0.1, 1], 0.0),
+    "lora.r": ([0, 4097, 10**9], 4096), "lora.alpha": ([0, -16], 1), "lora.dropout": ([-0.1, 1], 0.0),
     "train.epochs": ([0, -1], 0.5), "train.max_steps": ([0], 1), "train.batch_size": ([0], 1),
     "train.grad_accum": ([0], 1), "train.lr": ([0, -1e-4], 1e-6), "train.warmup": ([-0.1, 1], 0.0),
     "train.weight_decay": ([-0.01], 0.0), "train.max_length": ([15, 0], 16), "train.save_every": ([-1], 0),
-    "train.log_every": ([0], 1), "eval.batch_size": ([0], 1), "eval.margin": ([-0.5], 0.0),
+    "train.log_every": ([0], 1), "train.seed": ([-1, 2**32], 2**32 - 1), "data.seed": ([-1, 2**32], 0),
+    "eval.batch_size": ([0], 1), "eval.margin": ([-0.5], 0.0),
     "eval.max_new_tokens": ([0], 1),
 }
 
@@ -120,3 +123,84 @@ def test_readme_names_the_commands_that_take_config():
     for name in commands:
         options = {o for p in group.commands[name].params for o in p.opts}
         assert {"--config", "--set"} <= options, name
+
+
+# --- hostile recipes: bounded work, one line (issue 18) -------------------------------------------------------------
+
+def _bomb(levels: int = 9) -> str:
+    """The billion laughs: 9 aliases of 9 aliases ..., a few hundred bytes that expand to 9**levels values."""
+    text = "a: &a [lol, lol, lol, lol, lol, lol, lol, lol, lol]\n"
+    for prev, name in itertools.pairwise("abcdefghij"[:levels]):
+        text += f"{name}: &{name} [{', '.join([f'*{prev}'] * 9)}]\n"
+    return text
+
+
+@pytest.mark.parametrize("key", ["lora:\n  target_modules", "model"])
+def test_yaml_alias_bomb_is_refused_at_once(tmp_path, key):
+    import time
+
+    path = tmp_path / "bomb.yaml"
+    path.write_text(_bomb() + f"{key}: *i\n")
+    started = time.time()
+    with pytest.raises(MedtuneError, match=r"bomb.yaml:\d+: aliases expand this to over \d+ values") as e:
+        load_config(path)
+    assert time.time() - started < 2 and "\n" not in str(e.value)
+    path.write_text("shared: &m [q_proj, v_proj]\n")  # a small alias is fine (then refused as an unknown key only)
+    with pytest.raises(MedtuneError, match="unknown key"):
+        load_config(path)
+
+
+def test_yaml_recursive_alias_and_deep_nesting_are_one_line(tmp_path):
+    (tmp_path / "rec.yaml").write_text("lora: &a\n  x: *a\n")
+    with pytest.raises(MedtuneError, match=r"rec.yaml:1: an alias refers to its own anchor"):
+        load_config(tmp_path / "rec.yaml")
+    (tmp_path / "deep.yaml").write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(MedtuneError, match=r"deep.yaml: nested too deeply"):
+        load_config(tmp_path / "deep.yaml")
+
+
+def test_yaml_duplicate_key_names_file_line_and_key(tmp_path):
+    path = tmp_path / "dup.yaml"
+    path.write_text("train:\n  lr: 0.1\n  epochs: 1\n  lr: 0.2\n")
+    with pytest.raises(MedtuneError, match=r"dup.yaml:4: duplicate key 'lr' \(first at line 2\)"):
+        load_config(path)
+    path.write_text("model: a\nmodel: b\n")
+    with pytest.raises(MedtuneError, match=r"dup.yaml:2: duplicate key 'model'"):
+        load_config(path)
+
+
+FLOAT_KEYS = ["train.lr", "train.weight_decay", "train.warmup", "train.epochs", "lora.dropout", "eval.margin",
+              "data.holdout"]
+
+
+@pytest.mark.parametrize("key", FLOAT_KEYS)
+@pytest.mark.parametrize("value", [".inf", "-.inf", ".nan", "inf", "1" + "0" * 400])
+def test_every_float_setting_refuses_inf_and_nan(key, value):
+    with pytest.raises(MedtuneError, match="must be a finite number") as e:
+        load_config(None, [f"{key}={value}"])
+    assert len(str(e.value)) < 200
+
+
+def test_every_float_key_is_in_the_list():
+    import dataclasses
+    import typing
+
+    from medtune.config import Config
+
+    found = []
+    for name, section in typing.get_type_hints(Config).items():
+        hints = typing.get_type_hints(section) if dataclasses.is_dataclass(section) else {}
+        found += [f"{name}.{k}" for k, h in hints.items() if float in (h, *typing.get_args(h))]
+    assert sorted(found) == sorted(FLOAT_KEYS)
+
+
+def test_cli_inf_lr_and_huge_rank_are_one_line(tmp_path):
+    (tmp_path / "r.yaml").write_text("train:\n  lr: .inf\n")
+    for argv, named in ((["-c", str(tmp_path / "r.yaml")], "train: lr: must be a finite number"),
+                        (["--set", "lora.r=1000000000"], "lora.r 1000000000 is out of range"),
+                        (["--set", "lora.r=1e9"], "lora: r: expected int, got '1e9'"),
+                        (["--set", "train.seed=4294967296"], "train.seed 4294967296 is out of range"),
+                        (["--set", "model=["], "--set 'model=[': not valid YAML")):
+        result = CliRunner().invoke(app, ["train", *argv, "--out", str(tmp_path / "o")])
+        assert result.exit_code == 2 and result.output.count("\n") == 1 and named in result.output, result.output
+        assert not (tmp_path / "o").exists()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -95,13 +96,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if not path.is_file():
             raise MedtuneError(f"{path}: config file not found")
         try:
-            raw = yaml.safe_load(path.read_text(encoding="utf-8-sig")) or {}  # a BOM is fine
+            raw = _load_yaml(path.read_text(encoding="utf-8-sig"), str(path)) or {}  # a BOM is fine
         except UnicodeDecodeError as e:
             raise MedtuneError(f"{path}: not a text file (invalid UTF-8 at byte {e.start}); a recipe is YAML") from None
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            where = f"{path}:{mark.line + 1}" if mark else str(path)
-            raise MedtuneError(f"{where}: not valid YAML: {getattr(e, 'problem', None) or e}") from None
         if not isinstance(raw, dict):
             raise MedtuneError(f"{path}: top level must be a mapping of config keys")
     for item in overrides or []:
@@ -114,10 +111,82 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             node = node.setdefault(p, {})
             if not isinstance(node, dict):
                 raise MedtuneError(f"--set {item!r}: {p} is not a section")
-        node[leaf] = yaml.safe_load(value) if value.strip() else None
+        node[leaf] = _load_yaml(value, f"--set {item!r}") if value.strip() else None
     cfg = _build(Config, raw, where=str(path) if path else "config")
     validate(cfg, where=str(path) if path else "config")
     return cfg
+
+
+MAX_YAML_NODES = 10_000  # values a recipe may expand to: a real one has ~100; an alias bomb has billions
+
+
+class _Refused(yaml.YAMLError):
+    def __init__(self, mark, message: str):
+        super().__init__(message)
+        self.problem_mark, self.problem = mark, message
+
+
+class _RecipeLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses what a recipe never needs: aliases expanding beyond MAX_YAML_NODES values (or into
+    themselves), and a key given twice in one mapping (PyYAML silently keeps the last)."""
+
+    def get_single_node(self):
+        node = super().get_single_node()
+        if node is not None:
+            _expanded_size(node, {}, set())  # before anything is constructed: cost bounded by the file's own nodes
+        return node
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            first: dict = {}
+            for key_node, _ in node.value:
+                if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node)
+                if key in first:
+                    raise _Refused(key_node.start_mark, f"duplicate key {key!r} (first at line {first[key]}); "
+                                                        "keep one")
+                first[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep=deep)
+
+
+def _load_yaml(text: str, where: str):
+    """YAML through _RecipeLoader; every failure is one MedtuneError line naming `where` (and the line)."""
+    try:
+        return yaml.load(text, Loader=_RecipeLoader)  # a SafeLoader: builds plain values only
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f"{where}:{mark.line + 1}" if mark and not where.startswith("--set") else where
+        problem = str(getattr(e, "problem", None) or e)
+        raise MedtuneError(f"{at}: {problem}" if isinstance(e, _Refused) else f"{at}: not valid YAML: {problem}") \
+            from None
+    except RecursionError:
+        raise MedtuneError(f"{where}: nested too deeply to be a recipe") from None
+
+
+def _expanded_size(node, sizes: dict, active: set) -> int:
+    """Values `node` stands for once every alias is expanded; refuses a cycle or more than MAX_YAML_NODES."""
+    if id(node) in sizes:
+        return sizes[id(node)]
+    if id(node) in active:
+        raise _Refused(node.start_mark, "an alias refers to its own anchor (a recursive structure); a recipe is a "
+                                        "tree of values")
+    active.add(id(node))
+    total = 1
+    if isinstance(node, yaml.SequenceNode):
+        children = node.value
+    elif isinstance(node, yaml.MappingNode):
+        children = [n for pair in node.value for n in pair]
+    else:
+        children = []
+    for child in children:
+        total += _expanded_size(child, sizes, active)
+        if total > MAX_YAML_NODES:
+            raise _Refused(node.start_mark, f"aliases expand this to over {MAX_YAML_NODES} values (an alias bomb?); "
+                                            "write the values out")
+    active.discard(id(node))
+    sizes[id(node)] = total
+    return total
 
 
 # Every key with a fixed set of values, checked when the config loads (before any model is loaded). Kept here, not
@@ -142,6 +211,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "eval.permute": ("none", "cyclic"),
     "eval.extra_methods": ("letter", "answer", "generate"),
 }
+MAX_LORA_R = 4096  # wider than the hidden size of models medtune can train; 1e9 would allocate terabytes
 # Numeric ranges: (test, what the error says). None (unset) is always allowed for optional keys.
 RANGES: dict[str, tuple] = {
     "data.train_size": (lambda v: v >= 1, ">= 1"),
@@ -149,7 +219,8 @@ RANGES: dict[str, tuple] = {
     "data.limit": (lambda v: v >= 1, ">= 1"),
     "data.cop_base": (lambda v: v in (0, 1), "0 or 1"),
     "data.holdout": (lambda v: 0 < v < 1, "between 0 and 1 (exclusive)"),
-    "lora.r": (lambda v: v >= 1, ">= 1"),
+    "data.seed": (lambda v: 0 <= v < 2**32, "in 0..4294967295 (NumPy's seed range)"),
+    "lora.r": (lambda v: 1 <= v <= MAX_LORA_R, f"in 1..{MAX_LORA_R} (a rank above the model's width adds nothing)"),
     "lora.alpha": (lambda v: v > 0, "> 0"),
     "lora.dropout": (lambda v: 0 <= v < 1, "in [0, 1)"),
     "train.epochs": (lambda v: v > 0, "> 0"),
@@ -162,6 +233,7 @@ RANGES: dict[str, tuple] = {
     "train.max_length": (lambda v: v >= 16, ">= 16"),
     "train.save_every": (lambda v: v >= 0, ">= 0 (0: only at the end)"),
     "train.log_every": (lambda v: v >= 1, ">= 1"),
+    "train.seed": (lambda v: 0 <= v < 2**32, "in 0..4294967295 (NumPy's seed range)"),
     "eval.batch_size": (lambda v: v >= 1, ">= 1"),
     "eval.margin": (lambda v: v >= 0, ">= 0"),
     "eval.max_new_tokens": (lambda v: v >= 1, ">= 1"),
@@ -229,20 +301,29 @@ def _coerce(value, hint, where: str):
     if origin is list:
         items = value if isinstance(value, list) else [value]
         return [str(v) for v in items]
-    if base is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    if base is float and isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as text
+    if base is float and not isinstance(value, bool) and isinstance(value, (int, float, str)):
         try:
-            return float(value)
+            number = float(value)  # YAML 1.1 reads 1e-3 (no dot) as text
+        except OverflowError:  # an int too large for a float
+            number = math.inf
         except ValueError:
-            pass
+            number = None
+        if number is not None and not math.isfinite(number):  # .inf, .nan, 1e999: pass range checks, end in NaN
+            raise MedtuneError(f"{where}: must be a finite number, got {_short(value)}")
+        if number is not None:
+            return number
     if base is int and isinstance(value, int) and not isinstance(value, bool):
         return value
     if base is bool and isinstance(value, bool):
         return value
     if base is str and isinstance(value, (str, int, float)) and not isinstance(value, bool):
         return str(value)
-    raise MedtuneError(f"{where}: expected {getattr(base, '__name__', base)}, got {value!r}")
+    raise MedtuneError(f"{where}: expected {getattr(base, '__name__', base)}, got {_short(value)}")
+
+
+def _short(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else f"{text[:60]}... ({len(text)} characters)"
 
 
 def save_config(cfg: Config, path: Path) -> None:
