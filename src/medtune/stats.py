@@ -290,3 +290,117 @@ def _expected_right_in_top_k(confidences: list[float], correct: list[bool]) -> l
         base, rate = right[-1], sum(members) / len(members)
         right.extend(base + j * rate for j in range(1, len(members) + 1))
     return right
+
+
+# Tests and power for the evaluation audits (issue 20): exact binomial test, Benjamini–Hochberg, minimum detectable
+# effects. Normal quantiles come from the standard library (statistics.NormalDist), so there is still no scipy.
+
+
+def binomial_test(k: int, n: int, p: float, alternative: str = "two-sided") -> float:
+    """Exact binomial test of H0: success probability = p, for k successes in n trials.
+
+    "greater": P(X ≥ k); "less": P(X ≤ k); "two-sided": Σ P(X = i) over every i with P(X = i) ≤ P(X = k)·(1 + 1e-7)
+    (the minimum-likelihood rule scipy.stats.binomtest and R's binom.test use). X ~ Bin(n, p); the pmf is computed
+    in log space (lgamma), so n in the tens of thousands is fine.
+    """
+    if n < 1 or not 0 <= k <= n:
+        raise ValueError(f"binomial_test needs 0 <= k <= n and n >= 1, got k={k}, n={n}")
+    if not 0.0 < p < 1.0:
+        raise ValueError(f"binomial_test needs 0 < p < 1, got {p}")
+    if alternative not in ("two-sided", "greater", "less"):
+        raise ValueError(f"alternative must be two-sided, greater or less, got {alternative!r}")
+    pmf = [_binom_pmf(i, n, p) for i in range(n + 1)]
+    if alternative == "greater":
+        return min(1.0, math.fsum(pmf[k:]))
+    if alternative == "less":
+        return min(1.0, math.fsum(pmf[: k + 1]))
+    return min(1.0, math.fsum(q for q in pmf if q <= pmf[k] * (1 + 1e-7)))
+
+
+def _binom_pmf(i: int, n: int, p: float) -> float:
+    log = math.lgamma(n + 1) - math.lgamma(i + 1) - math.lgamma(n - i + 1) + i * math.log(p) + (n - i) * math.log1p(-p)
+    return math.exp(log)
+
+
+def benjamini_hochberg(pvalues: Sequence[float]) -> list[float]:
+    """Benjamini–Hochberg (1995) adjusted p-values, in input order (what R's p.adjust(method="BH") and statsmodels'
+    multipletests(method="fdr_bh") return).
+
+    With p sorted ascending, p_(1) ≤ … ≤ p_(m): adj_(i) = min_{j ≥ i} min(1, m·p_(j) / j). Rejecting every
+    adj ≤ q controls the false discovery rate at q for independent (or positively dependent) tests.
+    """
+    m = len(pvalues)
+    if m == 0:
+        return []
+    if any(not 0.0 <= p <= 1.0 for p in pvalues):
+        raise ValueError(f"p-values must lie in [0, 1], got {list(pvalues)}")
+    order = sorted(range(m), key=lambda i: pvalues[i])
+    adjusted = [0.0] * m
+    running = 1.0
+    for rank in range(m, 0, -1):  # from the largest p down, carrying the running minimum
+        i = order[rank - 1]
+        running = min(running, m * pvalues[i] / rank)
+        adjusted[i] = running
+    return adjusted
+
+
+def _z(q: float) -> float:
+    from statistics import NormalDist
+
+    return NormalDist().inv_cdf(q)
+
+
+def mde_one_sample(n: int, p: float, alpha: float = 0.05, power: float = 0.8) -> float | None:
+    """Minimum detectable effect of a one-sample test of a proportion: the smallest δ > 0 such that a two-sided
+    level-alpha z-test of H0: π = p has the given power against π = p + δ (or p − δ, whichever is smaller), with n
+    items.
+
+    Normal approximation (Chow, Shao & Wang, Sample Size Calculations in Clinical Research, 2nd ed. 2008, §4.1;
+    Fleiss, Levin & Paik 2003, §2.5): the test detects δ when
+        √n·|δ| ≥ z_{1−α/2}·√(p(1−p)) + z_{power}·√(p₁(1−p₁)),  p₁ = p ± δ,
+    solved for δ by bisection. E.g. p = 0.5, n = 85 gives δ ≈ 0.15. None when no δ within [0, 1] is detectable
+    (tiny n); p at 0 or 1 is treated as 0.5/n from the edge so the variance is not zero.
+    """
+    if n < 1:
+        return None
+    p = min(max(p, 0.5 / n), 1 - 0.5 / n)
+    za, zb = _z(1 - alpha / 2), _z(power)
+    best = None
+    for sign in (1, -1):
+        room = (1 - p) if sign > 0 else p
+        def detects(d: float, sign: int = sign) -> bool:
+            p1 = p + sign * d
+            return math.sqrt(n) * d >= za * math.sqrt(p * (1 - p)) + zb * math.sqrt(max(0.0, p1 * (1 - p1)))
+        if detects(room):
+            d = _bisect(detects, 0.0, room)
+            best = d if best is None else min(best, d)
+    return best
+
+
+def mde_paired(n: int, discordance: float, alpha: float = 0.05, power: float = 0.8) -> float | None:
+    """Minimum detectable accuracy difference of a paired comparison (McNemar) on n items whose discordance rate
+    (share of items where exactly one system is right, ψ = p₁₀ + p₀₁) is `discordance`.
+
+    Connor (1987), "Sample size for testing differences in proportions for the paired-sample design", Biometrics
+    43:207–211: with δ = p₀₁ − p₁₀ the two-sided level-alpha McNemar test has the given power when
+        n·δ² ≥ (z_{1−α/2}·√ψ + z_{power}·√(ψ − δ²))²,
+    solved for δ ∈ (0, ψ] by bisection. More disagreement between the systems (larger ψ) means a larger MDE for the
+    same n. None when even δ = ψ (every discordant item going one way) is not detectable, or ψ = 0.
+    """
+    if n < 1 or discordance <= 0:
+        return None
+    psi = min(discordance, 1.0)
+    za, zb = _z(1 - alpha / 2), _z(power)
+
+    def detects(d: float) -> bool:
+        return n * d * d >= (za * math.sqrt(psi) + zb * math.sqrt(max(0.0, psi - d * d))) ** 2
+
+    return _bisect(detects, 0.0, psi) if detects(psi) else None
+
+
+def _bisect(ok: Callable[[float], bool], low: float, high: float, steps: int = 60) -> float:
+    """The smallest x in [low, high] with ok(x), for a predicate that is false at low and true at high (monotone)."""
+    for _ in range(steps):
+        mid = (low + high) / 2
+        low, high = (low, mid) if ok(mid) else (mid, high)
+    return high
