@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import random
-import re
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -67,6 +66,7 @@ def run(cfg: Config, quiet: bool = False, log=print) -> dict:
 def prepare_data(cfg: Config, log=print) -> tuple[list[MCQItem], list[MCQItem], dict]:
     """Training and eval items and their fingerprints. Refuses to train on a test split."""
     d = cfg.data
+    _refuse_test(d.source)  # every spelling (medqa:eval, mmlu-anatomy, test.jsonl, ...), before any file or network
     if d.source == sources.DEMO:
         train_items, eval_items = sources.load(d.source, "train"), sources.load(d.source, "eval")
         names = ("demo:train", "demo:eval")
@@ -74,7 +74,6 @@ def prepare_data(cfg: Config, log=print) -> tuple[list[MCQItem], list[MCQItem], 
         train_items, eval_items = sources.load(d.source, "train"), sources.load(d.source, "eval")
         names = (f"{d.source}:{sources.PRESETS[d.source].train_split}", f"{d.source}:{sources.PRESETS[d.source].eval_split}")
     else:
-        _refuse_test(d.source)
         items = sources.load(d.source, cop_base=d.cop_base)
         if d.eval_source:
             train_items, eval_items = items, sources.load(d.eval_source, "eval", cop_base=d.cop_base)
@@ -107,10 +106,11 @@ def prepare_data(cfg: Config, log=print) -> tuple[list[MCQItem], list[MCQItem], 
 
 
 def _refuse_test(source: str) -> None:
-    # `test` as a word of the file name (test.jsonl, mmlu_anatomy_test.csv, medqa-test-4opt), not inside one (latest_)
-    if "test" in re.split(r"[^a-z0-9]+", Path(source).stem.lower()):
-        raise MedtuneError(f"{source}: looks like a test split; medtune never trains on test data. Train on a train "
-                           "or dev file and pass the test file as data.eval_source")
+    """The rule is sources.trains_on_test; this turns its answer into the one-line error."""
+    reason = sources.trains_on_test(source)
+    if reason:
+        raise MedtuneError(f"data.source: {reason}; medtune never trains on test data. Train on a train or dev "
+                           "split or file (e.g. medqa, medqa:train) and pass the test data as data.eval_source")
 
 
 def compare(items: list[MCQItem], base: dict, tuned: dict, base_rows: list[dict], tuned_rows: list[dict]) -> dict:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -43,9 +44,7 @@ def load(source: str, split: str | None = None, cop_base: int | None = None,
          mapping: dict[str, str] | None = None) -> list[MCQItem]:
     """Items of `source` (a preset name, `demo`, or a file path); `split` selects train/eval for presets and demo,
     and `demo:train` / `medqa:train` name a split explicitly."""
-    name, _, explicit = source.partition(":")
-    if explicit in ("train", "eval") and (name == DEMO or name in PRESETS):
-        source, split = name, explicit
+    source, split = resolve(source, split)
     if source == DEMO:
         return demo_items(split)
     if source in PRESETS:
@@ -55,6 +54,44 @@ def load(source: str, split: str | None = None, cop_base: int | None = None,
         return read_file(path, cop_base=cop_base, mapping=mapping)
     names = ", ".join([DEMO, *PRESETS, *SUITES])
     raise MedtuneError(f"{source}: not a file, and not a source name ({names})")
+
+
+def resolve(source: str, split: str | None = None) -> tuple[str, str | None]:
+    """(source, split) with an explicit split read off the name: `demo:train`, `medqa:eval`, and a preset's own Hub
+    split name (`medqa:test`, `medmcqa:validation`, `medqa:train`). Anything else is a path, returned as given."""
+    name, _, explicit = source.partition(":")
+    if name == DEMO or name in PRESETS:
+        if explicit in ("train", "eval"):
+            return name, explicit
+        preset = PRESETS.get(name)
+        if preset is not None and explicit and explicit in (preset.train_split, preset.eval_split):
+            return name, "train" if explicit == preset.train_split else "eval"
+    return source, split
+
+
+def trains_on_test(source: str, split: str = "train") -> str | None:
+    """Why training on `source` (its `split`, when it has several) would train on test data, or None when it would
+    not. The one rule for every spelling, decided from the name alone: no file and no network is read.
+
+    A preset's eval split is the split its published scores are measured on (MedQA's and MMLU's Hub `test`, MedMCQA's
+    `validation`, PubMedQA's labelled set), so training on it is training on the benchmark's test, whatever it is
+    called on the Hub. A file is a test split when `test` is a word of its name (test.jsonl, medqa_test.csv,
+    x-test-4opt.jsonl; not latest_questions.jsonl)."""
+    name, which = resolve(source, split)
+    if name == DEMO:
+        return f"{source!r} is the demo set's eval split" if which == "eval" else None
+    preset = PRESETS.get(name)
+    if preset is not None:
+        if which == "eval" or preset.train_split is None or preset.train_split == "test":
+            hub = preset.eval_split if which == "eval" or preset.train_split is None else preset.train_split
+            why = f" ({preset.note})" if preset.note and preset.train_split is None else ""
+            only = "whose only data on the Hub is " if preset.train_split is None else ""
+            return f"{source!r} is a test split: {name} {only}{preset.hub_id} split {hub!r}, what its scores are " \
+                   f"measured on{why}"
+        return None
+    if "test" in re.split(r"[^a-z0-9]+", Path(source).stem.lower()):  # a word of the name, not inside one (latest_)
+        return f"{source!r} looks like a test split (`test` in its file name)"
+    return None
 
 
 def demo_items(split: str | None = None) -> list[MCQItem]:
