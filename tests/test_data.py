@@ -196,3 +196,59 @@ def test_demo_set_design():
         assert all(r["question"] != ev[0]["question"] for r in tr), fact
         assert all(r["options"] != ev[0]["options"] for r in tr), fact
     assert not overlap(train, evals)["exact"]
+
+
+# --- hostile files: one line, bounded (issue 18) --------------------------------------------------------------------
+
+DEMO_ROW = {"id": "q1", "question": "Which organ pumps blood?", "options": ["Heart", "Lung"], "answer": 0}
+
+
+@pytest.mark.parametrize("bad_id", [{"a": 1}, ["x"], True, 1.5])
+def test_an_id_that_is_not_text_or_an_integer_is_refused(tmp_path, bad_id):
+    path = write_jsonl(tmp_path / "ids.jsonl", [{**DEMO_ROW, "id": bad_id}])
+    with pytest.raises(DataError, match=r"ids.jsonl:1: id: expected text or an integer, got"):
+        read_file(path)
+    path = write_jsonl(tmp_path / "ok.jsonl", [{**DEMO_ROW, "id": 7}, {**DEMO_ROW, "id": None}])
+    assert [i.id for i in read_file(path)] == ["7", "ok-2"]
+
+
+def test_csv_error_names_a_line_the_file_has(tmp_path):
+    path = tmp_path / "big.csv"
+    path.write_text("question,A,B,answer\n" + "x" * 200_000 + ",a,b,A\n")
+    with pytest.raises(DataError, match=r"big.csv:2: csv: field larger than field limit"):
+        read_file(path)
+    path = tmp_path / "multi.csv"  # a quoted field over three lines: the next row starts on line 5
+    path.write_text('question,A,B,answer\n"one\ntwo\nthree",a,b,A\nq,a,b\n')
+    with pytest.raises(DataError, match=r"multi.csv:5: row: expected 4 columns, got 3"):
+        read_file(path)
+
+
+@pytest.mark.parametrize("name, text", [("deep.json", "[" * 100_000 + "]" * 100_000),
+                                        ("deep.jsonl", json.dumps(DEMO_ROW) + "\n" + '{"a":' * 100_000 + "1"
+                                         + "}" * 100_000 + "\n")])
+def test_json_nested_100k_deep_is_one_line(tmp_path, name, text):
+    (tmp_path / name).write_text(text)
+    with pytest.raises(DataError, match="json: nested too deeply") as e:
+        read_file(tmp_path / name)
+    assert len(e.value.problems) == 1 and name in e.value.problems[0]
+
+
+@pytest.mark.parametrize("row, expected", [
+    ({"question": "q", "final_decision": "yes", "context": "not an object"}, "context.contexts"),
+    ({"question": "q", "final_decision": 5, "context": {"contexts": ["c"]}}, "final_decision"),
+    ({"question": "q", "options": {"A": "a", "B": "b", "C": "c", "D": "d"}, "answer_idx": "A", "meta_info": {}},
+     "meta_info"),
+    ({**DEMO_ROW, "answer": "--1"}, "answer"),
+    ({**DEMO_ROW, "answer": "²"}, "answer"),
+])
+def test_wrong_types_in_any_field_are_row_errors(tmp_path, row, expected):
+    path = write_jsonl(tmp_path / "t.jsonl", [row])
+    with pytest.raises(DataError, match=f"t.jsonl:1: {expected}"):
+        read_file(path)
+
+
+def test_medmcqa_cop_of_the_wrong_type_is_a_row_error(tmp_path):
+    row = {"question": "q", "opa": "a", "opb": "b", "opc": "c", "opd": "d"}
+    path = write_jsonl(tmp_path / "m.jsonl", [{**row, "cop": 0}, {**row, "id": "2", "cop": [1]}])
+    with pytest.raises(DataError, match=r"m.jsonl:2: cop: expected an integer"):
+        read_file(path)

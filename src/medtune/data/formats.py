@@ -102,6 +102,8 @@ def _rows(path: Path, header: bool = False) -> Iterator[tuple[str, dict]]:
         except json.JSONDecodeError as e:
             problems.append(f"{path}:{n}: json: {e.msg} at column {e.colno}")
             continue
+        except RecursionError:  # the stdlib parser recurses once per [ or {
+            raise DataError([f"{path}:{n}: json: {TOO_DEEP}"]) from None
         if not isinstance(row, dict):
             problems.append(f"{path}:{n}: row: expected a JSON object, got {type(row).__name__}")
             continue
@@ -110,11 +112,16 @@ def _rows(path: Path, header: bool = False) -> Iterator[tuple[str, dict]]:
         raise DataError(problems)
 
 
+TOO_DEEP = "nested too deeply (thousands of [ or {); an item is a flat object"
+
+
 def _json_rows(path: Path, text: str) -> Iterator[tuple[str, dict]]:
     try:
         data = json.loads(text)
     except json.JSONDecodeError as e:
         raise DataError([f"{path}:{e.lineno}: json: {e.msg} at column {e.colno}"]) from None
+    except RecursionError:
+        raise DataError([f"{path}: json: {TOO_DEEP}"]) from None
     if isinstance(data, dict):  # PubMedQA ori_pqal.json: {PMID: row}
         pairs = [(f"{path}:{key}", {"__key__": key, **row} if isinstance(row, dict) else row)
                  for key, row in data.items()]
@@ -152,8 +159,8 @@ def _csv_rows(path: Path, header_given: bool) -> Iterator[tuple[str, dict]]:
             rows.append(values)
             lines.append(start)
             start = reader.line_num + 1
-    except csv.Error as e:
-        raise DataError([f"{path}:{reader.line_num + 1}: csv: {e}"]) from None
+    except csv.Error as e:  # named by the line the broken row starts on (line_num is past the end at EOF)
+        raise DataError([f"{path}:{start}: csv: {e}"]) from None
     header = [h.strip() for h in rows[0]] if rows else []
     has_header = header_given or "question" in [h.lower() for h in header]
     if not has_header:  # MMLU as published: question,A,B,C,D,answer with no header
@@ -193,7 +200,7 @@ def decide_cop_base(path: Path, rows: list[tuple[str, dict]], cop_base: int | No
         if cop_base not in (0, 1):
             raise MedtuneError(f"--cop-base must be 0 or 1, got {cop_base}")
         return cop_base
-    values = {row.get("cop") for _, row in rows}
+    values = {row.get("cop") for _, row in rows if isinstance(row.get("cop"), int)}  # the rest fail per row
     has0, has4 = 0 in values, 4 in values
     if has0 and has4:
         raise DataError([f"{path}: cop: both 0 and 4 occur, so the file mixes 0-based and 1-based answers"])
@@ -219,13 +226,26 @@ def _text(row: dict, key: str, required: bool = True) -> str | None:
 
 
 def _index(value, n: int, field: str, base: int = 0) -> int:
-    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
-        value = int(value)
+    if isinstance(value, str):
+        try:
+            value = int(value.strip())
+        except ValueError:  # "B", "--5", a superscript digit: reported below as it was written
+            pass
     if not isinstance(value, int) or isinstance(value, bool):
         raise RowError(field, f"expected an integer, got {value!r}")
     if not base <= value < n + base:
         raise RowError(field, f"{value} is out of range {base}..{n - 1 + base}")
     return value - base
+
+
+def _id(value, path: Path, where: str, field: str = "id") -> str:
+    """The row's id as text (a string or an integer as published), else `<file stem>-<line>`. An object or list as an
+    id would be written out as its Python repr and break every later lookup: refused."""
+    if value is None:
+        return _line_id(path, where)
+    if isinstance(value, bool) or not isinstance(value, (str, int)):
+        raise RowError(field, f"expected text or an integer, got {type(value).__name__}")
+    return str(value) if value else _line_id(path, where)
 
 
 def _line_id(path: Path, where: str) -> str:
@@ -243,20 +263,20 @@ def _medqa(row, where, path, **_) -> MCQItem:
     gold = row.get("answer_idx")
     if gold not in letters:
         raise RowError("answer_idx", f"expected one of {', '.join(letters)}, got {gold!r}")
-    return MCQItem(id=str(row.get("id") or _line_id(path, where)), question=_text(row, "question"), options=texts,
-                   answer=letters.index(gold), subject=row.get("meta_info") or None, benchmark="medqa")
+    return MCQItem(id=_id(row.get("id"), path, where), question=_text(row, "question"), options=texts,
+                   answer=letters.index(gold), subject=_text(row, "meta_info", False), benchmark="medqa")
 
 
 def _medqa_hub(row, where, path, **_) -> MCQItem:
     n = 5 if "ending4" in row else 4
     texts = tuple(_text(row, f"ending{i}") for i in range(n))
-    return MCQItem(id=str(row.get("id") or _line_id(path, where)), question=_text(row, "sent1"), options=texts,
+    return MCQItem(id=_id(row.get("id"), path, where), question=_text(row, "sent1"), options=texts,
                    answer=_index(row.get("label"), n, "label"), benchmark="medqa")
 
 
 def _medmcqa(row, where, path, cop_base, **_) -> MCQItem:
     texts = tuple(_text(row, k) for k in ("opa", "opb", "opc", "opd"))
-    return MCQItem(id=str(row.get("id") or _line_id(path, where)), question=_text(row, "question"), options=texts,
+    return MCQItem(id=_id(row.get("id"), path, where), question=_text(row, "question"), options=texts,
                    answer=_index(row.get("cop"), 4, "cop", base=cop_base), explanation=_text(row, "exp", False),
                    subject=_text(row, "subject_name", False), benchmark="medmcqa")
 
@@ -266,17 +286,17 @@ def _pubmedqa(row, where, path, **_) -> MCQItem:
         question, contexts, pid = _text(row, "QUESTION"), row.get("CONTEXTS"), row.get("__key__")
         explanation = _text(row, "LONG_ANSWER", False)
     else:  # Hub pqa_labeled
-        ctx = row.get("context") or {}
+        ctx = row.get("context") if isinstance(row.get("context"), dict) else {}
         question, contexts, pid = _text(row, "question"), ctx.get("contexts"), row.get("pubid")
         explanation = _text(row, "long_answer", False)
     if not isinstance(contexts, list) or not all(isinstance(c, str) for c in contexts):
         raise RowError("CONTEXTS" if "QUESTION" in row else "context.contexts", "expected a list of text")
-    decision = (row.get("final_decision") or "").strip().lower()
+    decision = (_text(row, "final_decision", False) or "").strip().lower()
     if decision not in PUBMEDQA_OPTIONS:
         raise RowError("final_decision", f"expected yes, no or maybe, got {row.get('final_decision')!r}")
     # lm-eval's pubmedqa text, contexts joined by newlines and used as written (its preprocess_pubmedqa.doc_to_text)
     text = "Abstract: " + "\n".join(contexts) + "\nQuestion: " + question
-    return MCQItem(id=str(pid or _line_id(path, where)), question=text, options=PUBMEDQA_OPTIONS,
+    return MCQItem(id=_id(pid, path, where, "pubid"), question=text, options=PUBMEDQA_OPTIONS,
                    answer=PUBMEDQA_OPTIONS.index(decision), explanation=explanation, benchmark="pubmedqa")
 
 
@@ -295,8 +315,8 @@ def _mmlu(row, where, path, subject=None, **_) -> MCQItem:
             raise RowError("choices", "expected a list of at least 2 options")
         texts = tuple(_text({"choices": c}, "choices") for c in choices)
         answer = _index(row.get("answer"), len(texts), "answer")
-        subject = row.get("subject") or subject
-    return MCQItem(id=str(row.get("id") or _line_id(path, where)), question=_text(row, "question"), options=texts,
+        subject = _text(row, "subject", False) or subject
+    return MCQItem(id=_id(row.get("id"), path, where), question=_text(row, "question"), options=texts,
                    answer=answer, subject=subject, benchmark="mmlu")
 
 
@@ -305,7 +325,7 @@ def _demo(row, where, path, **_) -> MCQItem:
     if not isinstance(options, list) or not 2 <= len(options) <= len(LETTERS):
         raise RowError("options", f"expected a list of 2-{len(LETTERS)} options")
     texts = tuple(_text({"options": o}, "options") for o in options)
-    return MCQItem(id=str(row.get("id") or _line_id(path, where)), question=_text(row, "question"), options=texts,
+    return MCQItem(id=_id(row.get("id"), path, where), question=_text(row, "question"), options=texts,
                    answer=_index(row.get("answer"), len(texts), "answer"),
                    explanation=_text(row, "explanation", False), subject=_text(row, "subject", False),
                    benchmark=str(row.get("benchmark") or "generic"))
@@ -320,6 +340,8 @@ def parse_mapping(spec: str) -> dict[str, str]:
             raise MedtuneError(f"--map {spec!r}: bad entry {part!r}; keys: question, options, answer, answer_base, "
                                "id, subject, explanation")
         mapping[key] = value
+    if mapping.get("answer_base", "0") not in ("0", "1"):
+        raise MedtuneError(f"--map {spec!r}: answer_base must be 0 or 1")
     missing = {"question", "options", "answer"} - set(mapping)
     if missing:
         raise MedtuneError(f"--map {spec!r}: missing {', '.join(sorted(missing))}")
