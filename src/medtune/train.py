@@ -31,7 +31,8 @@ from medtune.errors import MedtuneError, TrainingInterrupted
 def train(cfg: Config, items: list[MCQItem], out_dir: Path, resume: bool = False, quiet: bool = False,
           log=print, extra_meta: dict | None = None, base_model=None) -> dict:
     """Train a LoRA adapter on `items`; write it to out_dir/adapter with everything needed to trace it.
-    `base_model`: the fp32 base already in memory (run.py), trained in place instead of loading it again.
+    `base_model`: the base already in memory (run.py), trained in place instead of loading it again; the LoRA
+    layers are taken out of it again before this returns, so the caller holds the plain base (one copy throughout).
 
     Checkpoints (checkpoint.py) every `save_every` steps, or every DEFAULT_SAVE_MINUTES when it is 0, and at the end;
     SIGTERM/SIGINT write one and exit (TrainingInterrupted). Without `resume` an earlier run's checkpoints and metrics
@@ -47,9 +48,10 @@ def train(cfg: Config, items: list[MCQItem], out_dir: Path, resume: bool = False
     t = cfg.train
     out_dir = Path(out_dir)
     from medtune.doctor import preflight
-    from medtune.hardware import decide, detect, device_string, prepare_env
+    from medtune.hardware import decide, detect, prepare_env
 
     prepare_env()  # before anything initializes the GPU runtime (ROCm reads HSA_OVERRIDE_GFX_VERSION once)
+    device = _select_device(cfg.device)  # a device that is not there: one line, before anything loads
     info = detect()
     from medtune.cost import Recorder
 
@@ -61,7 +63,7 @@ def train(cfg: Config, items: list[MCQItem], out_dir: Path, resume: bool = False
     AcceleratorState._reset_state()
     accelerator = Accelerator(mixed_precision=_mixed_precision(t.dtype, policy.train_dtype),
                               gradient_accumulation_steps=t.grad_accum,
-                              cpu=cfg.device == "cpu" or device_string(info) == "cpu",
+                              cpu=device == "cpu",
                               log_with=t.report_to or None, project_dir=str(out_dir))
     set_seed(t.seed, deterministic=False)
     preflight(cfg, log if accelerator.is_main_process else (lambda *_: None), info)  # warnings before weights load
@@ -106,7 +108,39 @@ def train(cfg: Config, items: list[MCQItem], out_dir: Path, resume: bool = False
     accelerator.wait_for_everyone()
     if t.report_to:
         accelerator.end_training()
+    if base_model is not None:
+        _release_base(accelerator.unwrap_model(model), base_model)
     return summary
+
+
+def _select_device(requested: str) -> str:
+    """The policy's device (hardware.resolve_device). An explicit index (cuda:1) is made the current device for a
+    single process; under `accelerate launch` every rank takes its own local GPU, so an index is refused there."""
+    import os
+
+    from medtune.hardware import resolve_device
+
+    device = resolve_device(requested)
+    kind, _, index = device.partition(":")
+    if index:
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise MedtuneError(f"device {device}: under accelerate launch each rank uses its own local GPU; choose "
+                               "the GPUs with CUDA_VISIBLE_DEVICES (or ZE_AFFINITY_MASK) and set device=auto")
+        import torch
+
+        getattr(torch, kind).set_device(int(index))
+    return device
+
+
+def _release_base(peft_model, base) -> None:
+    """Undo what training did to run.py's in-memory base: the LoRA layers out (PEFT's unload puts the original
+    modules back), the input-grad hook and checkpointing off, the KV cache on again, the policy's attention back."""
+    peft_model.unload()
+    if getattr(base, "is_activation_checkpointing", False):  # transformers 5's names
+        base.activation_checkpointing_disable()
+    base.disable_input_require_grads()
+    base.config.use_cache = True
+    base.set_attn_implementation(getattr(base, "medtune_attn", None) or "sdpa")
 
 
 def _fill_deepspeed(accelerator, batch_size: int) -> None:
@@ -257,26 +291,38 @@ def _train_step(run: _Run, batches, tokenizer, step: int) -> tuple[float, int]:
     # reaches grad_accum; starting the count here puts that on this step's last micro-batch, also when the
     # epoch's last step has fewer micro-batches than grad_accum.
     acc.step = t.grad_accum - len(micro)
-    for batch in micro:
+    for k, batch in enumerate(micro):
         ids, mask, labels = collate(batch, tokenizer.pad_token_id, acc.device)
         with acc.accumulate(run.model):
             with acc.autocast():  # accelerate divides by grad_accum; x grad_accum keeps the step norm
                 part = _loss_sum(run.model, ids, mask, labels, first_target(batch)) * world / total * t.grad_accum
+            loss_sum += part.detach() / (world * t.grad_accum)  # on the device: one sync per step, not per batch
+            if k == len(micro) - 1:  # every micro-batch's loss is in: check it before the backward that updates
+                loss = _finite_loss(run, loss_sum, step)
             acc.backward(part)
-        loss_sum += part.detach() / (world * t.grad_accum)  # on the device: one sync per step, not per batch
         real += sum(len(ex.input_ids) for ex in batch)
-    loss = acc.reduce(loss_sum, "sum").item()
-    if not math.isfinite(loss):  # before the update: the weights and the last checkpoint stay good
-        last = f"checkpoint step {run.last_saved} is kept" if run.last_saved else "no checkpoint was written yet"
-        raise MedtuneError(
-            f"loss is {loss} at step {step + 1}: training stopped ({last}). Likely causes: fp16 overflow (use "
-            f"train.dtype=bfloat16 or float32) or a learning rate too high (train.lr={t.lr}; try a tenth)")
     optimizer, scheduler = run.optimizer, run.scheduler
     run._step_lr = scheduler.get_last_lr()[0]
     optimizer.step()  # accelerate's wrapper: the last micro-batch set sync_gradients, so this steps
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     return loss, int(acc.reduce(torch.tensor(real, device=acc.device), "sum").item())
+
+
+def _finite_loss(run: _Run, loss_sum, step: int) -> float:
+    """The step's global loss, all ranks agreeing; a non-finite one stops training before any weight changes. It runs
+    before the step's last backward because under DeepSpeed that backward is the update (accelerate's backward()
+    steps the engine at the accumulation boundary); under DDP/FSDP it also syncs the gradients. Every rank gets the
+    same reduced value, so all raise together and none is left waiting in a collective."""
+    loss = run.acc.reduce(loss_sum, "sum").item()
+    if not math.isfinite(loss):  # the weights and the last checkpoint stay good
+        t = run.cfg.train
+        last = f"checkpoint step {run.last_saved} is kept" if run.last_saved else "no checkpoint was written yet"
+        raise MedtuneError(
+            f"loss is {loss} at step {step + 1}: training stopped before the update ({last}). Likely causes: fp16 "
+            f"overflow (use train.dtype=bfloat16 or float32) or a learning rate too high (train.lr={t.lr}; try a "
+            "tenth)")
+    return loss
 
 
 def _oom_message(run: _Run, batches) -> str:
@@ -322,6 +368,22 @@ def _base_dtype(accelerator) -> str:
     return "bfloat16" if accelerator.mixed_precision == "bf16" and not sharded else "float32"
 
 
+def _as_training_base(base, dtype: str):
+    """run.py's base in the training dtype, in place. Weights evaluation held in bf16 with their fp32 values aside
+    (models.hold_in_bf16) go back to exactly those fp32 values for fp32 training, never to widened bf16 ones."""
+    import torch
+
+    from medtune.models import hold_in_bf16, hold_in_fp32
+
+    if dtype == "float32":
+        hold_in_fp32(base)
+    elif dtype == "bfloat16":
+        hold_in_bf16(base, str(base.device))
+    else:
+        base.to(getattr(torch, dtype))
+    return base
+
+
 def _lora_model(cfg: Config, accelerator, log, attn_implementation: str | None = None, base=None):
     import torch
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
@@ -335,7 +397,8 @@ def _lora_model(cfg: Config, accelerator, log, attn_implementation: str | None =
     quant = quantization_config(cfg.lora.quantize, compute)
     dtype = compute if quant else _base_dtype(accelerator)
     if base is not None and not quant:  # run.py's base, already in memory: no second read from disk
-        model = base.to(getattr(torch, dtype))
+        model = _as_training_base(base, dtype)
+        model.medtune_attn = model.config._attn_implementation  # put back by _release_base
         model.set_attn_implementation(attn_implementation or "sdpa")
     else:
         try:  # safetensors only (a pickled .bin can run code when loaded); no remote code

@@ -1,0 +1,81 @@
+"""No NaN reaches the weights on any backend.
+
+Under DDP and FSDP the optimizer steps in `optimizer.step()`, after medtune's finite-loss check. Under DeepSpeed
+accelerate's `backward()` is the update: at the accumulation boundary it calls the engine's backward and then its
+step. DeepSpeed is not installed here (no GPU), so these tests give `Accelerator.backward` DeepSpeed's semantics (the
+optimizer steps inside the boundary backward) and show that a NaN loss in any micro-batch of a step stops training
+before that backward: the LoRA weights are exactly those before the step, and the CLI prints one `error:` line."""
+
+import pytest
+import torch
+from accelerate import Accelerator
+from conftest import write_jsonl
+from test_resume import items
+from typer.testing import CliRunner
+
+from medtune import train as train_mod
+from medtune.cli import app
+
+
+@pytest.fixture
+def deepspeed_like_backward(monkeypatch):
+    """Accelerator.backward that steps the optimizer at the accumulation boundary, as accelerate's DeepSpeed path
+    does (DeepSpeedEngineWrapper.backward: engine.backward(loss); engine.step()). Records the trainable weights as
+    they were at the first backward, before any update, and the accelerator, to read its model afterwards."""
+    real = Accelerator.backward
+    seen = {}
+
+    def backward(self, loss, **kwargs):
+        model = self._models[0]
+        seen.setdefault("before", {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad})
+        seen["acc"], seen["backwards"] = self, seen.get("backwards", 0) + 1
+        real(self, loss, **kwargs)
+        if self.sync_gradients:
+            for opt in self._optimizers:
+                opt.optimizer.step()  # the engine's update, inside backward
+
+    monkeypatch.setattr(Accelerator, "backward", backward)
+    return seen
+
+
+@pytest.mark.parametrize("poisoned_micro_batch", [1, 2])  # step 1 has two micro-batches (grad_accum 2)
+def test_nan_loss_never_reaches_the_weights_when_backward_steps(tiny_model_dir, tmp_path, monkeypatch,
+                                                                deepspeed_like_backward, poisoned_micro_batch):
+    real, calls = train_mod._loss_sum, []
+
+    def poisoned(*args):
+        calls.append(1)
+        loss = real(*args)
+        return loss * float("nan") if len(calls) == poisoned_micro_batch else loss
+
+    monkeypatch.setattr(train_mod, "_loss_sum", poisoned)
+    data = write_jsonl(tmp_path / "train.jsonl", [i.to_dict() for i in items(24)])
+    sets = {"model": tiny_model_dir, "device": "cpu", "data.source": str(data), "data.train_size": 16,
+            "train.dtype": "float32", "train.batch_size": 2, "train.grad_accum": 2, "train.max_steps": 3,
+            "train.max_length": 96, "train.lr": 1e-2, "lora.r": 4, "lora.alpha": 8}
+    result = CliRunner().invoke(app, ["train", "--out", str(tmp_path / "run"), "-q",
+                                      *[x for k, v in sets.items() for x in ("--set", f"{k}={v}")]])
+    assert result.exit_code == 2, result.output
+    errors = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "loss is nan at step 1" in errors[0] and "before the update" in errors[0], result.output
+    seen = deepspeed_like_backward
+    assert seen["backwards"] == 1  # the first micro-batch's backward ran; the boundary backward (the update) did not
+    after = {n: p for n, p in seen["acc"]._models[0].named_parameters() if p.requires_grad}
+    assert after.keys() == seen["before"].keys() and after
+    for n, p in after.items():
+        assert torch.equal(p.detach(), seen["before"][n]), n  # unchanged, and so finite
+    assert not (tmp_path / "run" / "adapter").exists()
+
+
+def test_a_finite_run_with_the_stepping_backward_still_trains(tiny_model_dir, tmp_path, deepspeed_like_backward):
+    """The check itself moves no weights and skips no backward: with finite losses every micro-batch's backward runs
+    and the adapter moves."""
+    from medtune.config import load_config
+
+    cfg = load_config(None, [f"model={tiny_model_dir}", "device=cpu", "train.dtype=float32", "train.batch_size=2",
+                             "train.grad_accum=2", "train.max_steps=2", "train.max_length=96", "lora.r=4"])
+    train_mod.train(cfg, items(16), tmp_path, quiet=True, log=lambda *_: None)
+    seen = deepspeed_like_backward
+    assert seen["backwards"] == 4
+    after = {n: p for n, p in seen["acc"]._models[0].named_parameters() if p.requires_grad}
+    assert any(not torch.equal(p.detach(), seen["before"][n]) for n, p in after.items())
