@@ -60,6 +60,14 @@ def user_errors(fn):
         except MedtuneError as e:
             typer.echo(f"error: {e}", err=True)
             raise typer.Exit(2) from None
+        except Exception as e:  # last resort: a known library error (corrupt safetensors, full disk, ...) is one line
+            from medtune.errors import explain
+
+            mapped = explain(e)
+            if mapped is None:  # a bug: the traceback is the report
+                raise
+            typer.echo(f"error: {mapped}", err=True)
+            raise typer.Exit(2) from None
     return wrapper
 
 

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import errno
+import json
+import os
+
 
 class MedtuneError(Exception):
     """A problem the user can fix (bad input, bad config, missing package). The message says what to do next."""
@@ -23,3 +27,79 @@ class TrainingInterrupted(MedtuneError):
     def __init__(self, message: str, exit_code: int):
         super().__init__(message)
         self.exit_code = exit_code
+
+
+# --- the one place that maps a library's exception to one line (cli.user_errors calls it last) -----------------------
+# Library code converts what it can where it happens (with the file in hand). What escapes from inside transformers,
+# PEFT, safetensors or jinja lands here: the file is found in the raising frames' locals when the exception does not
+# carry it, so the line still names it.
+
+def explain(exc: BaseException, path: str | None = None) -> MedtuneError | None:
+    """A one-line MedtuneError for a known library error (naming the file and what to do), or None for a bug."""
+    kind, module = type(exc).__name__, type(exc).__module__ or ""
+    detail = _first_line(exc)
+    if kind == "SafetensorError":
+        where = path or _file_in_traceback(exc, (".safetensors",)) or "a .safetensors file"
+        return MedtuneError(f"{where}{_link(where)}: not a readable safetensors file ({detail}); it is truncated or not "
+                            "model weights: copy it again or re-export it")
+    if module.startswith("jinja2"):
+        where = path or "the tokenizer's chat template"
+        return MedtuneError(f"{where}: chat template failed ({kind}: {detail}); fix the tokenizer's chat_template "
+                            "or use --prompt-style harness")
+    if kind == "NoMatchingPeftModuleError":
+        return MedtuneError(f"lora.target_modules: {detail.split('. ')[0]}; use all-linear (every linear layer) or "
+                            "module names of this model, e.g. q_proj, v_proj")
+    if isinstance(exc, json.JSONDecodeError):
+        where = path or _file_in_traceback(exc, (".json", ".jsonl")) or "a JSON file"
+        return MedtuneError(f"{where}:{exc.lineno}: not valid JSON: {exc.msg} at column {exc.colno}; it is corrupt "
+                            "or truncated: restore or rewrite it")
+    if isinstance(exc, RecursionError):
+        where = path or _file_in_traceback(exc, (".json", ".jsonl", ".yaml", ".yml")) or "the input"
+        return MedtuneError(f"{where}: nested too deeply to read; it is not a file medtune wrote or expects")
+    if module.startswith("yaml"):
+        where = path or _file_in_traceback(exc, (".yaml", ".yml")) or "a YAML file"
+        mark = getattr(exc, "problem_mark", None)
+        return MedtuneError(f"{where}{f':{mark.line + 1}' if mark else ''}: not valid YAML: "
+                            f"{getattr(exc, 'problem', None) or detail}")
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        where = path or exc.filename or _file_in_traceback(exc) or "the output directory"
+        what = "disk full" if exc.errno == errno.ENOSPC else "disk quota exceeded"
+        return MedtuneError(f"{what} while writing {where}: free space at {_existing_dir(where)} and rerun (the "
+                            "files written before were left as they were)")
+    if isinstance(exc, MemoryError):
+        where = path or _file_in_traceback(exc)
+        return MedtuneError(f"out of memory{f' while reading {where}' if where else ''}: a file larger or deeper "
+                            "than it should be, or lower the batch size / --limit")
+    return None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return (text[0][:300] if text else type(exc).__name__)
+
+
+def _file_in_traceback(exc: BaseException, suffixes: tuple[str, ...] = ()) -> str | None:
+    """The innermost path-like local (a str or Path with a '/') of the frames that raised, with one of `suffixes`."""
+    from pathlib import PurePath
+
+    frames, tb = [], exc.__traceback__
+    while tb is not None:
+        frames.append(tb.tb_frame)
+        tb = tb.tb_next
+    for frame in reversed(frames):
+        for value in frame.f_locals.values():
+            if isinstance(value, (str, PurePath)) and 0 < len(str(value)) < 4096 and os.sep in str(value) \
+                    and "\n" not in str(value) and (not suffixes or str(value).endswith(suffixes)):
+                return str(value)
+    return None
+
+
+def _link(where: str) -> str:
+    return f" (a link to {os.path.realpath(where)})" if os.path.islink(where) else ""
+
+
+def _existing_dir(where: str) -> str:
+    d = os.path.abspath(where)
+    while not os.path.isdir(d) and os.path.dirname(d) != d:
+        d = os.path.dirname(d)
+    return d
