@@ -1,20 +1,36 @@
-"""`medtune compare A/results.json B/results.json`: a paired comparison of two evaluations on the same items."""
+"""`medtune compare A B`: a paired comparison of two evaluations on the same items, or (`parity=True`) a parity
+certificate that two evaluations of the same model (two devices, bf16 vs fp32) gave the same answers.
+
+A and B are eval output dirs, their results.json (predictions.jsonl sits beside it) or predictions.jsonl files.
+
+Parity tolerance defaults, from docs/benchmarks.md ("Scoring precision" and the default-vs-exact tables):
+- max |Δ log-prob| ≤ 0.6 nats per option: the largest bf16-vs-fp32 difference measured on the whole MedQA test set
+  was 0.57 nats (base model, default mode vs exact); two fp32 devices differ only by summation order, orders of
+  magnitude less. A larger difference is more than a change of precision explains.
+- prediction flip rate ≤ 1%: medtune's default mode (bf16, close calls re-scored in fp32) changed 0 of 1,273 MedQA
+  answers against fp32, while scoring a near-uniform tuned model in pure bf16 changed 94 of 406 (23%); the
+  certificate must pass the first and fail the second. 1% leaves room for exact near-ties between devices.
+Accuracy's McNemar test is reported but does not decide: a non-significant difference is not evidence of equality.
+"""
 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 from medtune import stats
 from medtune.errors import MedtuneError
 
+DEFAULT_TOLERANCE = {"max_abs_dlogprob": 0.6, "flip_rate": 0.01}
 
-def compare_files(a: Path, b: Path, as_json: bool = False) -> str:
+
+def compare_files(a: Path, b: Path, as_json: bool = False, parity: bool = False) -> str:
     rows_a, rows_b = _rows(a), _rows(b)
-    ids_a, ids_b = [r["id"] for r in rows_a], [r["id"] for r in rows_b]
-    if sorted(ids_a) != sorted(ids_b):
-        raise MedtuneError(f"{a} and {b} are not on the same items ({len(ids_a)} vs {len(ids_b)}; "
-                           f"{len(set(ids_a) ^ set(ids_b))} ids differ): a paired comparison needs the same items")
+    _same_items(rows_a, rows_b, f"{a} and {b}")
+    if parity:
+        return _parity_output(rows_a, rows_b, a, b, as_json)
+    ids_a = [r["id"] for r in rows_a]
     by_b = {r["id"]: r for r in rows_b}
     result = stats.paired_compare([r["correct"] for r in rows_a], [by_b[i]["correct"] for i in ids_a], ids_a)
     if as_json:
@@ -31,10 +47,150 @@ def compare_files(a: Path, b: Path, as_json: bool = False) -> str:
     ])
 
 
+def _parity_output(rows_a: list[dict], rows_b: list[dict], a: Path, b: Path, as_json: bool) -> str:
+    """compare_files' parity path (a helper, because compare_files' `parity` flag shadows the function's name)."""
+    cert = parity(rows_a, rows_b)
+    return json.dumps({"a": str(a), "b": str(b), **cert}, indent=1) if as_json else render_parity(cert, a, b)
+
+
+def parity(rows_a: list[dict], rows_b: list[dict], tolerance: dict | None = None) -> dict:
+    """The parity certificate of two evaluations of the same model on the same items (predictions.jsonl rows with
+    `id`, `logprobs` per letter, `pred`, `correct`). JSON-able:
+
+      n, tolerance {max_abs_dlogprob, flip_rate},
+      logprob {max, median, p99, max_item, mean}: per item, the largest |Δ log-prob| over its options; their
+        distribution (median and p99 by linear interpolation) and the item with the largest,
+      flips {n, rate, ci95 (Wilson), ids, max_margin_a}: items whose predicted letter differs, and the largest
+        top-two log-prob margin in A among them (how decided an answer that flipped was),
+      accuracy {acc_a, acc_b, diff, diff_ci, b, c, mcnemar_p} (stats.paired_compare),
+      verdict "pass" | "fail", reasons [one sentence per failed criterion], notes [a caveat when the flip rate's
+        CI upper bound exceeds its tolerance: the verdict judges the observed rate, n decides what it can rule out],
+      per_item [{id, max_abs_dlogprob, pred_a, pred_b, flip}] in A's order.
+    Refuses (MedtuneError) rows on different items or without log-probs (generation scoring has none).
+    """
+    tol = _tolerance(tolerance)
+    _same_items(rows_a, rows_b, "the two evaluations")
+    by_b = {r["id"]: r for r in rows_b}
+    per_item = [_item(r, by_b[r["id"]]) for r in rows_a]
+    deltas = [p["max_abs_dlogprob"] for p in per_item]
+    worst = max(range(len(deltas)), key=lambda i: deltas[i])
+    flipped = [p for p in per_item if p["flip"]]
+    n = len(per_item)
+    cmp = stats.paired_compare([bool(r["correct"]) for r in rows_a], [bool(by_b[r["id"]]["correct"]) for r in rows_a],
+                               [r["id"] for r in rows_a])
+    cert = {
+        "n": n,
+        "tolerance": tol,
+        "logprob": {"max": deltas[worst], "median": _quantile(deltas, 0.5), "p99": _quantile(deltas, 0.99),
+                    "mean": math.fsum(deltas) / n, "max_item": per_item[worst]["id"]},
+        "flips": {"n": len(flipped), "rate": len(flipped) / n, "ci95": list(stats.wilson_ci(len(flipped), n)),
+                  "ids": [p["id"] for p in flipped],
+                  "max_margin_a": max((_margin(r["logprobs"]) for r in rows_a if by_b[r["id"]]["pred"] != r["pred"]),
+                                      default=None)},
+        "accuracy": {k: cmp[k] for k in ("acc_a", "acc_b", "diff", "b", "c", "mcnemar_p")}
+        | {"diff_ci": list(cmp["diff_ci"])},
+        "per_item": per_item,
+    }
+    cert["reasons"] = _failures(cert)
+    cert["verdict"] = "fail" if cert["reasons"] else "pass"
+    high = cert["flips"]["ci95"][1]
+    cert["notes"] = [(f"with {n} items the flip rate's 95% CI reaches {high:.2%}, above the {tol['flip_rate']:.2%} "
+                     "tolerance: too few items to certify the rate itself")] if high > tol["flip_rate"] else []
+    return cert
+
+
+def render_parity(cert: dict, a: Path | str = "A", b: Path | str = "B") -> str:
+    """The certificate as text: the verdict first, then each figure against its tolerance."""
+    lp, fl, acc, tol = cert["logprob"], cert["flips"], cert["accuracy"], cert["tolerance"]
+    lo, hi = fl["ci95"]
+    dlo, dhi = acc["diff_ci"]
+    lines = [
+        f"parity certificate: {cert['verdict'].upper()}",
+        f"A: {a}\nB: {b}\nitems: {cert['n']}",
+        (f"max |Δ log-prob| per item: median {lp['median']:.3g}, p99 {lp['p99']:.3g}, max {lp['max']:.3g} nats "
+         f"(item {lp['max_item']}); tolerance {tol['max_abs_dlogprob']:g}"),
+        (f"predictions that differ: {fl['n']} of {cert['n']} = {fl['rate']:.2%} (95% CI [{lo:.2%}, {hi:.2%}]); "
+         f"tolerance {tol['flip_rate']:.2%}"
+         + (f"; largest A margin among them {fl['max_margin_a']:.3g} nats" if fl["max_margin_a"] is not None else "")),
+        (f"accuracy A {acc['acc_a']:.4f}, B {acc['acc_b']:.4f}; B - A = {acc['diff'] * 100:+.2f} points "
+         f"(95% CI [{dlo * 100:+.2f}, {dhi * 100:+.2f}]), McNemar exact p = {acc['mcnemar_p']:.4g} (reported, not "
+         "part of the verdict)"),
+    ]
+    if fl["ids"]:
+        lines.append(f"flipped: {', '.join(fl['ids'][:30])}{' ...' if len(fl['ids']) > 30 else ''}")
+    lines += [f"fails: {reason}" for reason in cert["reasons"]] + [f"note: {note}" for note in cert["notes"]]
+    return "\n".join(lines)
+
+
+def _tolerance(tolerance: dict | None) -> dict:
+    tol = dict(DEFAULT_TOLERANCE)
+    unknown = set(tolerance or {}) - set(tol)
+    if unknown:
+        raise ValueError(f"unknown tolerance keys {sorted(unknown)}; valid: {sorted(tol)}")
+    tol.update(tolerance or {})
+    return tol
+
+
+def _item(ra: dict, rb: dict) -> dict:
+    """One item's row of the certificate: the largest log-prob difference over its options, and whether it flipped."""
+    la, lb = ra.get("logprobs"), rb.get("logprobs")
+    if not la or not lb:
+        raise MedtuneError(f"item {ra['id']}: no per-option log-probs (generation scoring has none); parity needs "
+                           "evaluations scored with --method letter or answer")
+    if set(la) != set(lb):
+        raise MedtuneError(f"item {ra['id']}: options {sorted(la)} vs {sorted(lb)}; not the same items")
+    delta = max(abs(la[k] - lb[k]) for k in la)
+    return {"id": ra["id"], "max_abs_dlogprob": delta, "pred_a": ra["pred"], "pred_b": rb["pred"],
+            "flip": ra["pred"] != rb["pred"]}
+
+
+def _failures(cert: dict) -> list[str]:
+    tol, reasons = cert["tolerance"], []
+    if cert["logprob"]["max"] > tol["max_abs_dlogprob"]:
+        reasons.append(f"max |Δ log-prob| {cert['logprob']['max']:.3g} nats (item {cert['logprob']['max_item']}) "
+                       f"exceeds {tol['max_abs_dlogprob']:g}")
+    if cert["flips"]["rate"] > tol["flip_rate"]:
+        reasons.append(f"{cert['flips']['n']} of {cert['n']} predictions differ ({cert['flips']['rate']:.2%}), "
+                       f"over {tol['flip_rate']:.2%}")
+    return reasons
+
+
+def _margin(logprobs: dict) -> float:
+    top = sorted(logprobs.values(), reverse=True)
+    return top[0] - top[1] if len(top) > 1 else math.inf
+
+
+def _quantile(values: list[float], q: float) -> float:
+    """Linear interpolation between order statistics (numpy's default): position q·(n − 1)."""
+    s = sorted(values)
+    pos = q * (len(s) - 1)
+    lo = math.floor(pos)
+    hi = min(lo + 1, len(s) - 1)
+    return s[lo] + (s[hi] - s[lo]) * (pos - lo)
+
+
+def _same_items(rows_a: list[dict], rows_b: list[dict], what: str) -> None:
+    """One-line refusal unless both lists hold the same ids, each once."""
+    ids_a, ids_b = [r["id"] for r in rows_a], [r["id"] for r in rows_b]
+    if not ids_a:
+        raise MedtuneError(f"{what}: no predictions to compare")
+    if len(set(ids_a)) != len(ids_a) or len(set(ids_b)) != len(ids_b):
+        raise MedtuneError(f"{what}: duplicate item ids in the predictions; a paired comparison needs each item once")
+    if set(ids_a) != set(ids_b):
+        raise MedtuneError(f"{what} are not on the same items ({len(ids_a)} vs {len(ids_b)}; "
+                           f"{len(set(ids_a) ^ set(ids_b))} ids differ): a paired comparison needs the same items")
+    gold_b = {r["id"]: r.get("gold") for r in rows_b}
+    differ = [r["id"] for r in rows_a if r.get("gold") != gold_b[r["id"]]]
+    if differ:
+        raise MedtuneError(f"{what}: {len(differ)} items have different gold answers (e.g. {differ[0]}): "
+                           "not the same data")
+
+
 def _rows(path: Path) -> list[dict]:
-    """A results.json (its predictions.jsonl beside it) or a predictions.jsonl."""
+    """An eval output dir, its results.json (predictions.jsonl beside it) or a predictions.jsonl."""
     path = Path(path)
-    preds = path.with_name("predictions.jsonl") if path.name == "results.json" else path
+    preds = path / "predictions.jsonl" if path.is_dir() else (
+        path.with_name("predictions.jsonl") if path.name == "results.json" else path)
     if not preds.is_file():
-        raise MedtuneError(f"{path}: no predictions.jsonl beside it; pass an eval output dir's results.json")
+        raise MedtuneError(f"{path}: no predictions.jsonl beside it; pass an eval output dir or its results.json")
     return [json.loads(line) for line in preds.read_text().splitlines() if line.strip()]
