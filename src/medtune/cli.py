@@ -130,25 +130,27 @@ def eval_(
         from medtune.evaluate import run_suite
 
         out = out or Path("runs") / f"eval-{cfg.data.source}"
-        with claim_out_dir(out, overwrite):
-            _print_results({"suite": run_suite(cfg, out, adapter, quiet, _log(quiet))}, json_out, out)
+        with claim_out_dir(out, overwrite) as dest:  # dest: a fresh dir beside an old run, swapped in at the end
+            summary = run_suite(cfg, dest, adapter, quiet, _log(quiet))
+        _print_results({"suite": summary}, json_out, out)
         return
     out = out or Path("runs") / f"eval-{Path(cfg.data.source).stem}"
     check_out_dir(out, overwrite)
     items = sources.load(cfg.data.source, "eval", cop_base=cop_base, mapping=parse_mapping(mapping) if mapping else None)
     items = items[: cfg.data.limit] if cfg.data.limit else items
-    with claim_out_dir(out, overwrite):
-        _eval_items(items, cfg, out, adapter, quiet, json_out)
+    with claim_out_dir(out, overwrite) as dest:  # dest: a fresh dir beside an old run, swapped in at the end
+        results = _eval_items(items, cfg, dest, adapter, quiet)
+    _print_results({"eval": results}, json_out, out)
 
 
-def _eval_items(items, cfg, out: Path, adapter: str | None, quiet: bool, json_out: bool) -> None:
+def _eval_items(items, cfg, out: Path, adapter: str | None, quiet: bool) -> dict:
     from medtune.data import sources
     from medtune.evaluate import run_eval
 
     split_name = "eval" if cfg.data.source in sources.PRESETS or cfg.data.source == sources.DEMO else "file"
     results, _ = run_eval(items, cfg, out, adapter=adapter, fingerprint=sources.fingerprint(
         items, cfg.data.source, split_name), quiet=quiet, log=_log(quiet), label=Path(cfg.data.source).stem)
-    _print_results({"eval": results}, json_out, out)
+    return results
 
 
 @app.command()
@@ -165,8 +167,8 @@ def train(config: Config_ = None, sets: Set_ = None,
     log = _log(quiet)
     check_out_dir(Path(cfg.out_dir), overwrite, allow_existing=resume)
     train_items, _, data = prepare_data(cfg, log)
-    with claim_out_dir(Path(cfg.out_dir), overwrite, allow_existing=resume):
-        train_fn(cfg, train_items, Path(cfg.out_dir), resume=resume, quiet=quiet, log=log, extra_meta={"data": data})
+    with claim_out_dir(Path(cfg.out_dir), overwrite, allow_existing=resume) as dest:  # cfg keeps the final --out
+        train_fn(cfg, train_items, dest, resume=resume, quiet=quiet, log=log, extra_meta={"data": data})
 
 
 @app.command()
@@ -178,15 +180,19 @@ def run(config: Config_ = None, sets: Set_ = None,
         out: Annotated[Path | None, typer.Option(help="Run dir.")] = None,
         quiet: Quiet = False, json_out: Json = False, overwrite: Overwrite = False) -> None:
     """The main job: evaluate the base model, fine-tune, evaluate again on the same items, compare."""
+    from dataclasses import replace
+
     from medtune.run import run as run_fn
 
     cfg = _config(config, sets, model=model, out_dir=str(out) if out else None,
                   **{"data.source": data, "data.train_size": train_size})
-    with claim_out_dir(Path(cfg.out_dir), overwrite):
-        results = run_fn(cfg, quiet=quiet, log=_log(quiet))
+    with claim_out_dir(Path(cfg.out_dir), overwrite) as dest:  # dest: a fresh dir beside an old run, swapped in
+        # TODO(run.py): pass `out=dest` and keep cfg.out_dir (the recorded config then names the final --out)
+        results = run_fn(cfg if dest == Path(cfg.out_dir) else replace(cfg, out_dir=str(dest)), quiet=quiet,
+                         log=_log(quiet))
     _print_results(results, json_out, Path(cfg.out_dir))
     if not json_out:
-        typer.echo(f"report: {results['report']}")
+        typer.echo(f"report: {Path(cfg.out_dir) / Path(results['report']).relative_to(dest)}")
 
 
 @app.command()

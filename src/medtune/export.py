@@ -40,7 +40,9 @@ def export(run_dir: Path, out: Path | None = None, merge: bool = True, log=print
     if gguf:  # refused before the merge: a wrong type or architecture costs a second, and nothing is written
         _check_gguf(gguf, merge, meta["base_model"])
     items_file = _training_items(run_dir, meta) if include_training_data else None
-    with io.atomic_dir(out) as tmp:  # a crash or Ctrl-C leaves no half-written export behind
+    # Locked for the export's life (a second export to the same --out is refused, and the check is made again under
+    # the lock); a crash or Ctrl-C leaves no half-written export behind and the old one whole
+    with io.out_dir_lock(out), io.atomic_dir(io.check_out_dir(out, overwrite)) as tmp:
         if merge:
             _save_merged(meta["base_model"], adapter, tmp, log)
         else:

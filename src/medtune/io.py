@@ -1,5 +1,6 @@
 """The one place medtune writes outputs: atomic files and directories (temp name beside the target, fsync, rename), the
-"refuse a non-empty output dir unless --overwrite" rule with an early writability check, and the free-disk check.
+"refuse a non-empty output dir unless --overwrite" rule with an early writability check, the output-dir lock and
+swap (a run dir belongs to one run), and the free-disk check.
 
 A reader (or a crash) never sees half a file: the bytes go to `.NAME.tmp-<pid>` in the same directory, are flushed
 to disk, and `os.replace` swaps them in (atomic on POSIX and Windows). Directories (adapters, exports, checkpoints)
@@ -10,13 +11,21 @@ deleted only after the new one is in place.
 from __future__ import annotations
 
 import contextlib
+import errno
+import glob
 import json
 import os
 import shutil
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from medtune.errors import MedtuneError
+from medtune.errors import MedtuneError, TrainingInterrupted
+
+try:
+    import fcntl
+except ImportError:  # Windows: msvcrt.locking instead
+    fcntl = None
 
 PROBE = "write-probe"  # claim_out_dir's writability probe (a _tmp_name of it, removed at once)
 
@@ -92,12 +101,12 @@ def atomic_dir(path: Path) -> Iterator[Path]:
 def replace_dir(tmp: Path, path: Path) -> None:
     """Move an existing `path` aside, rename `tmp` into place, then delete the old one."""
     old = path.with_name(f".{path.name}.old-{os.getpid()}")
-    shutil.rmtree(old, ignore_errors=True)
-    if path.exists():
+    _remove(old)
+    if path.exists() or path.is_symlink():
         path.rename(old)
     tmp.rename(path)
     _fsync_dir(path.parent)
-    shutil.rmtree(old, ignore_errors=True)
+    _remove(old)  # a symlink moved aside goes as a link: what it pointed to is never deleted
 
 
 def describe(path: Path, limit: int = 5) -> str:
@@ -109,7 +118,9 @@ def describe(path: Path, limit: int = 5) -> str:
 
 def check_out_dir(path: Path, overwrite: bool = False, flag: str = "--out", allow_existing: bool = False) -> Path:
     """Refuse an output dir that is a file, lies under a file, can't be written, or already holds something (unless
-    `overwrite`, or `allow_existing` for `train --resume`). Creates nothing: see `claim_out_dir`."""
+    `overwrite`, or `allow_existing` for `train --resume`); when it would be replaced or written into, refuse it if it
+    or an entry in it is a symlink (medtune would change the link's target, outside --out). Creates nothing: see
+    `claim_out_dir`."""
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise MedtuneError(f"{flag} {path}: is a file, not a directory; choose a directory")
@@ -120,36 +131,185 @@ def check_out_dir(path: Path, overwrite: bool = False, flag: str = "--out", allo
         raise MedtuneError(f"{flag} {path}: {ancestor} is a file, so no directory can be created under it")
     if not os.access(ancestor, os.W_OK | os.X_OK):
         raise MedtuneError(f"{flag} {path}: {ancestor} is not writable; choose another output directory")
-    # Another process's write probe (a rank of the same `accelerate launch` claiming the dir a moment earlier) is
-    # not content: only count what is not a probe.
-    probe = _tmp_name(path / PROBE).name.rsplit("-", 1)[0]  # ".write-probe.tmp", any process id
-    content = path.is_dir() and any(not p.name.startswith(probe) for p in path.iterdir())
+    content = _content(path)
     if content and not (overwrite or allow_existing):
         raise MedtuneError(f"{flag} {path}: already exists and is not empty ({describe(path)}); pass --overwrite to "
                            "replace what medtune writes there, or choose a new directory")
+    if content or (overwrite and path.is_symlink()):
+        links = [p.name for p in content if p.is_symlink()]
+        if path.is_symlink() or links:
+            what = "is a symlink" if path.is_symlink() else f"holds symlinks ({', '.join(sorted(links)[:5])})"
+            raise MedtuneError(f"{flag} {path}: {what}; medtune never replaces or writes through a link (that would "
+                               f"change files outside {flag}). Remove the link or choose a new directory")
     return path
+
+
+def _content(path: Path) -> list[Path]:
+    # Another process's write probe (a rank of the same `accelerate launch` claiming the dir a moment earlier) is
+    # not content: only count what is not a probe.
+    probe = _tmp_name(path / PROBE).name.rsplit("-", 1)[0]  # ".write-probe.tmp", any process id
+    return [p for p in path.iterdir() if not p.name.startswith(probe)] if path.is_dir() else []
 
 
 @contextlib.contextmanager
 def claim_out_dir(path: Path, overwrite: bool = False, flag: str = "--out",
                   allow_existing: bool = False) -> Iterator[Path]:
-    """check_out_dir, then create the dir and prove it writable (a probe file) before any heavy work. If the body
-    fails and the dir was created here and is still empty, it is removed again: a refused command leaves no trace."""
-    path = check_out_dir(path, overwrite, flag, allow_existing)
-    created = not path.exists()
+    """Lock `path` for the command's life (`out_dir_lock`), check it again under the lock, prove it writable (a
+    probe file) before any heavy work, and yield the directory the command must write into:
+
+    - `path` itself when it is new or empty, or for `train --resume` (`allow_existing`: continued in place). If the
+      body fails and the dir was created here and is still empty, it is removed again: a refused command leaves no
+      trace.
+    - with `overwrite` over a non-empty `path`, a fresh `.NAME.new-<pid>` beside it: when the body succeeds it is
+      swapped in and the old run deleted (nothing of the old run is kept, so nothing stale is read back as this
+      run's); when it fails (an error, Ctrl-C, a full disk) it is deleted and the old run stays whole. A training run
+      stopped by a signal (`TrainingInterrupted`: a checkpoint was written and the user told to `--resume`) is swapped
+      in too, so the resume continues it and not the old run.
+    """
+    path = Path(path)
+    with out_dir_lock(path, flag) as main:
+        if main:
+            _recover(path)
+        check_out_dir(path, overwrite, flag, allow_existing)  # again: the dir may have changed before the lock
+        swap = overwrite and not allow_existing and bool(_content(path))
+        target = path.with_name(f".{path.name}.new-{_launch_id()}") if swap else path
+        created = not target.exists()
+        try:
+            target.mkdir(parents=True, exist_ok=True)
+            probe = _tmp_name(target / PROBE)
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as e:
+            raise MedtuneError(f"{flag} {path}: can't write there ({e.strerror or e})") from None
+        try:
+            yield target
+        except TrainingInterrupted as e:
+            if swap and main:
+                replace_dir(target, path)
+                raise TrainingInterrupted(str(e).replace(str(target), str(path)), e.exit_code) from None
+            raise
+        except BaseException:
+            if swap and main:
+                shutil.rmtree(target, ignore_errors=True)
+            elif created and target.is_dir() and not any(target.iterdir()):
+                target.rmdir()
+            raise
+        if swap and main:
+            replace_dir(target, path)
+
+
+def _recover(path: Path) -> None:
+    """Under the lock, clear what a killed medtune left beside `path`: its half-built `.NAME.new-*`/`.NAME.tmp-*`
+    dirs, and an old run moved aside (`.NAME.old-*`) - put back if the kill came between the two renames of a swap
+    (so `path` is missing), else deleted."""
+    prefix = f".{path.name}."
+    own = f"{prefix}new-{_launch_id()}"
+    for p in path.parent.glob(glob.escape(prefix) + "*"):
+        kind = p.name[len(prefix):].split("-", 1)[0]
+        if kind in ("new", "tmp") and p.name != own and p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        elif kind == "old":
+            if not path.exists() and not path.is_symlink() and p.is_dir() and not p.is_symlink():
+                p.rename(path)
+            else:
+                _remove(p)
+
+
+def _remove(p: Path) -> None:
+    """Delete a dir, or only the link when it is a symlink (never what it points to)."""
+    if p.is_symlink() or p.is_file():
+        p.unlink(missing_ok=True)
+    else:
+        shutil.rmtree(p, ignore_errors=True)
+
+
+def _launch_id() -> int:
+    """The ranks of one `accelerate launch`/torchrun are one run: they share their launcher (the parent process)."""
+    return os.getppid() if _world_size() > 1 else os.getpid()
+
+
+def _world_size() -> int:
     try:
-        path.mkdir(parents=True, exist_ok=True)
-        probe = _tmp_name(path / PROBE)
-        probe.write_bytes(b"")
-        probe.unlink()
+        return int(os.environ.get("WORLD_SIZE", "1"))
+    except ValueError:
+        return 1
+
+
+@contextlib.contextmanager
+def out_dir_lock(path: Path, flag: str = "--out") -> Iterator[bool]:
+    """Hold an exclusive lock on output dir `path` for the body: a second medtune on the same dir is refused at once
+    with one line naming the process that holds it. The lock is `flock` on `.NAME.lock` beside the dir (not in it:
+    it is no content of the run, and it outlives the swap of `claim_out_dir`); the file is removed on release.
+    Yields True in the process that owns the dir's cleanup and swap (rank 0 of a launch; the only process otherwise):
+    the other ranks of the same launch share the lock of the rank that took it."""
+    real = Path(path).resolve()  # a symlinked --out and its target are one dir
+    lock = real.with_name(f".{real.name}.lock")
+    try:
+        lock.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise MedtuneError(f"{flag} {path}: can't write there ({e.strerror or e})") from None
+    main = _world_size() <= 1 or os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")) == "0"
+    fd = _acquire(lock, path, flag)
     try:
-        yield path
-    except BaseException:
-        if created and path.is_dir() and not any(path.iterdir()):
-            path.rmdir()
+        yield main
+    finally:
+        if fd is not None:
+            if fcntl is not None:  # (Windows can't remove an open file; there the lock file stays)
+                lock.unlink(missing_ok=True)  # while still held: a process that opened the old file sees it is gone
+            os.close(fd)
+
+
+def _acquire(lock: Path, path: Path, flag: str) -> int | None:
+    """The lock file's descriptor, locked; None when another rank of this launch holds it."""
+    holder = None
+    for _ in range(100):
+        try:
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise MedtuneError(f"{flag} {path}: can't write there ({e.strerror or e})") from None
+        if _try_lock(fd):
+            try:
+                same = os.stat(lock).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:  # else its holder removed it between our open and our lock: take the new file
+                os.ftruncate(fd, 0)
+                os.write(fd, json.dumps({"pid": os.getpid(), "launch": _launch_id()}).encode())
+                return fd
+            os.close(fd)
+            continue
+        try:
+            os.lseek(fd, 0, os.SEEK_SET)
+            holder = json.loads(os.read(fd, 256) or b"null")
+        except (OSError, ValueError):
+            holder = None
+        os.close(fd)
+        if isinstance(holder, dict):
+            if _world_size() > 1 and holder.get("launch") == _launch_id():
+                return None
+            break
+        time.sleep(0.01)  # locked, but its holder has not written its pid yet
+    pid = holder.get("pid", "unknown") if isinstance(holder, dict) else "unknown"
+    raise MedtuneError(f"{flag} {path}: is in use by another medtune process (pid {pid}); wait for it to finish "
+                       f"or use another {flag}")
+
+
+def _try_lock(fd: int) -> bool:
+    if fcntl is None:  # Windows
+        import msvcrt
+
+        try:
+            msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
+        except OSError:
+            return False
+        return True
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        if e.errno in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+            return False
         raise
+    return True
 
 
 def check_free_space(path: Path, need: int, what: str) -> None:

@@ -88,9 +88,9 @@ def split_to_files(source: str, train_size: int, out: Path, seed: int = 42, cop_
     items = _load(source, cop_base, None)
     train, evals = split(items, train_size, seed)
     found = overlap(train, evals)
-    with io.claim_out_dir(out, overwrite):
+    with io.claim_out_dir(out, overwrite) as dest:  # dest: a fresh dir beside an old one, swapped in at the end
         for name, part in (("train", train), ("eval", evals)):
-            io.write_jsonl(out / f"{name}.jsonl", [i.to_dict() for i in part])
+            io.write_jsonl(dest / f"{name}.jsonl", [i.to_dict() for i in part])
     lines = [f"{len(train)} train / {len(evals)} eval items (seed {seed}, stratified by subject) -> {out}",
              f"exact duplicates between train and eval: {len(found['exact'])}",
              f"near duplicates (>= {found['threshold']:.0%} of {found['ngram']}-grams shared): {len(found['near'])}"]
