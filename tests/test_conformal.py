@@ -14,6 +14,7 @@ from medtune.conformal import (
     from_rows,
     prediction_sets,
     render,
+    set_rows,
 )
 from medtune.data.items import LETTERS, MCQItem
 from medtune.errors import MedtuneError
@@ -140,5 +141,9 @@ def test_summary_from_prediction_rows_refuses_eval_rows_in_calibration():
     assert summary["calibration"]["n"] == 500 and summary["evaluation"]["n"] == 400
     assert summary["evaluation"]["target_coverage"] == pytest.approx(0.8)
     assert "coverage" in render(summary) and "singleton" in render(summary)
+    per_item = set_rows(ev_rows, summary["calibration"])
+    assert len(per_item) == 400 and per_item[0]["id"] == "e0"
+    assert sum(r["covered"] for r in per_item) / 400 == summary["evaluation"]["coverage"]
+    assert sum(r["set_size"] for r in per_item) / 400 == pytest.approx(summary["evaluation"]["mean_set_size"])
     with pytest.raises(MedtuneError, match="calibration rows are evaluation rows"):
         conformal_summary(cal_rows, cal_rows[:10])

@@ -111,6 +111,9 @@ def test_accuracy_by_any_field_or_function():
     table = accuracy_by(rows, field=lambda r: int(r["id"][1:]) % 2, p=0.25)
     assert [r["group"] for r in table] == ["0", "1"] and sum(r["n"] for r in table) == 40
     assert table[0]["mde"] == stats.mde_one_sample(20, 0.25)
+    covered = [dict(r, covered=k < 30) for k, r in enumerate(rows)]  # another outcome field, e.g. conformal coverage
+    by_subject = {r["group"]: r for r in accuracy_by(covered, outcome="covered")}
+    assert by_subject["anatomy"]["correct"] == sum(r["covered"] for r in covered if r["subject"] == "anatomy")
 
 
 def test_before_after_by_hand_counts_mcnemar_and_bh():

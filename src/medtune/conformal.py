@@ -22,6 +22,7 @@ Public API:
   from_rows(rows)                                   -> (probs, golds)        predictions.jsonl rows to lists
   calibrate(probs, golds, alpha, method, ...)       -> {method, alpha, n, rank, qhat, randomized, seed}
   prediction_sets(probs, calibration)               -> [[option index, ...], ...]
+  set_rows(rows, calibration)                       -> [{id, subject, set (letters), set_size, covered}]
   evaluate_sets(probs, golds, calibration)          -> {coverage, coverage_ci95, mean_set_size, singleton_share,
                                                         singleton_accuracy, singleton_accuracy_ci95, ...}
   conformal_summary(cal_rows, eval_rows, alpha, method, randomized) -> calibration + evaluation in one JSON-able dict
@@ -122,6 +123,15 @@ def evaluate_sets(probs: list[list[float]], golds: list[int], calibration: dict,
         "singleton_accuracy": right / len(singles) if singles else None,
         "singleton_accuracy_ci95": list(stats.wilson_ci(right, len(singles))),
     }
+
+
+def set_rows(rows: list[dict], calibration: dict, seed: int | None = None) -> list[dict]:
+    """Per-item sets for predictions.jsonl rows: {id, subject, set (letters), set_size, covered}. Feed them to
+    subgroups.accuracy_by(..., outcome="covered") for coverage per subject (the guarantee is only marginal)."""
+    probs, golds = from_rows(rows)
+    sets = prediction_sets(probs, calibration, seed)
+    return [{"id": r["id"], "subject": r.get("subject"), "set": [LETTERS[y] for y in s], "set_size": len(s),
+             "covered": g in s} for r, s, g in zip(rows, sets, golds)]
 
 
 def conformal_summary(cal_rows: list[dict], eval_rows: list[dict], alpha: float = ALPHA, method: str = "lac",

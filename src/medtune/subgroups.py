@@ -9,7 +9,7 @@ Inputs are predictions.jsonl rows (dicts with `id`, `correct` and the grouping f
 grouped the same way with `[item.to_dict() | row for ...]`. Pure Python: the formulas live in medtune.stats.
 
 Public API:
-  accuracy_by(rows, field, p=None)                      -> [{group, n, correct, accuracy, ci95, mde, mde_text}]
+  accuracy_by(rows, field, p=None, outcome="correct")   -> [{group, n, correct, accuracy, ci95, mde, mde_text}]
   before_after_by(rows_before, rows_after, field, ...)  -> [{group, n, acc_before, acc_after, diff, diff_ci, b, c,
                                                             mcnemar_p, p_bh, discordance, mde, mde_text}]
   mde_text(mde)                                         -> the sentence printed beside a result
@@ -28,8 +28,11 @@ POWER = 0.8
 
 
 def accuracy_by(rows: list[dict], field: str | Callable[[dict], object] = "subject", p: float | None = None,
-                alpha: float = ALPHA, power: float = POWER) -> list[dict]:
+                alpha: float = ALPHA, power: float = POWER, outcome: str = "correct") -> list[dict]:
     """Accuracy per group with its Wilson 95% CI and the one-sample MDE for the group's n.
+
+    `outcome` names the boolean field counted: `correct` for predictions.jsonl, e.g. `correct_options_only` for
+    audit rows or `covered` for conformal set rows (per-subject coverage).
 
     The MDE is computed around `p` (default: the pooled accuracy of all rows), not around each group's own
     accuracy, so that it depends on n alone and a lucky group does not look better powered. It answers "how far
@@ -38,10 +41,10 @@ def accuracy_by(rows: list[dict], field: str | Callable[[dict], object] = "subje
     """
     if not rows:
         raise ValueError("accuracy_by needs at least one row")
-    centre = p if p is not None else sum(bool(r["correct"]) for r in rows) / len(rows)
+    centre = p if p is not None else sum(bool(r[outcome]) for r in rows) / len(rows)
     table = []
     for group, members in _groups(rows, field).items():
-        k, n = sum(bool(r["correct"]) for r in members), len(members)
+        k, n = sum(bool(r[outcome]) for r in members), len(members)
         mde = stats.mde_one_sample(n, centre, alpha, power)
         table.append({"group": group, "n": n, "correct": k, "accuracy": k / n, "ci95": list(stats.wilson_ci(k, n)),
                       "mde": mde, "mde_text": mde_text(mde)})
