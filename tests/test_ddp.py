@@ -8,9 +8,11 @@ the averaged DDP gradient is the single-process gradient.
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -119,3 +121,98 @@ def test_cpu_ddp_matches_single_process_with_same_global_batch(tiny_model_dir, t
         assert torch.allclose(a[k], b[k], rtol=1e-3, atol=1e-5), k
     meta = json.loads((ddp / "adapter" / "medtune.json").read_text())
     assert meta["summary"]["steps"] == STEPS and len(meta["train_ids"]) == n_train
+
+
+# --- resume under DDP: every rank's own RNG state, agreement on signals, refusal of another world size ----------------
+
+def train_args(model_dir: str, data: Path, out: Path, steps: int, *extra: str) -> list[str]:
+    """`medtune train` with dropout (under DDP each rank draws its own masks: its own RNG state must come back)."""
+    return [*sets(model_dir, data, 2, n_train=16), "--set", f"train.max_steps={steps}", "--set", "lora.dropout=0.1",
+            "--out", str(out), "--quiet", *extra]
+
+
+def launch_cmd(*args) -> list[str]:
+    """train_args under a 2-process CPU DDP launch."""
+    return [sys.executable, "-m", "accelerate.commands.accelerate_cli", "launch", "--config_file",
+            str(ROOT / "recipes" / "accelerate" / "cpu-ddp.yaml"), "--main_process_port", str(free_port()),
+            "-m", "medtune", "train", *train_args(*args)]
+
+
+def popen(cmd: list[str]) -> subprocess.Popen:
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)  # its own process group: the launcher and both ranks
+
+
+def wait_for(proc: subprocess.Popen, done, what: str, timeout: float = 300) -> None:
+    deadline = time.time() + timeout
+    while not done():
+        assert proc.poll() is None, f"exited before {what}: {proc.communicate()[1][-3000:]}"
+        assert time.time() < deadline, f"{what}: not reached"
+        time.sleep(0.01)
+
+
+def adapter_of(out: Path) -> dict:
+    return load_file(str(out / "adapter" / "adapter_model.safetensors"))
+
+
+@pytest.mark.slow  # three 2-process launches (full, killed, resumed) and a refused 1-process resume: ~2 min on 2 cores
+def test_ddp_sigkill_after_a_checkpoint_then_resume_is_bit_identical(tiny_model_dir, tmp_path):
+    data = write_jsonl(tmp_path / "train.jsonl", demo_rows(32))
+    steps = 8
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    ref = run(launch_cmd(tiny_model_dir, data, full, steps, "--set", "train.save_every=2"))
+    assert ref.returncode == 0, ref.stderr[-5000:]
+    ckpt = full / "checkpoints" / f"step-{steps:07d}"
+    assert sorted(p.name for p in ckpt.glob("rng*")) == ["rng-rank0.json", "rng-rank0.safetensors",
+                                                         "rng-rank1.json", "rng-rank1.safetensors"]
+    rank0, rank1 = (load_file(str(ckpt / f"rng-rank{r}.safetensors"))["torch_cpu"] for r in (0, 1))
+    assert not torch.equal(rank0, rank1)  # the ranks drew different dropout masks: one shared state would be wrong
+
+    proc = popen(launch_cmd(tiny_model_dir, data, cut, steps, "--set", "train.save_every=2"))
+    wait_for(proc, lambda: (cut / "checkpoints" / "step-0000002" / "state.json").is_file(), "the first checkpoint")
+    os.killpg(proc.pid, signal.SIGKILL)  # the launcher and both ranks, at once
+    proc.wait()
+    assert not (cut / "adapter").exists(), "the run finished before the kill; the test proves nothing"
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}  # one process: another world size
+    one = subprocess.run([sys.executable, "-m", "medtune", "train", *train_args(tiny_model_dir, data, cut, steps, "--set",
+                          "train.save_every=2", "--resume")], check=False, capture_output=True, text=True, env=env,
+                         cwd=ROOT, timeout=300)
+    errors = [line for line in one.stderr.splitlines() if line.startswith("error:")]
+    assert one.returncode == 2 and len(errors) == 1, one.stderr[-3000:]
+    assert "written by 2 process(es), this launch has 1" in errors[0] and "Traceback" not in one.stderr
+
+    resumed = run(launch_cmd(tiny_model_dir, data, cut, steps, "--set", "train.save_every=2", "--resume"))
+    assert resumed.returncode == 0, resumed.stderr[-5000:]
+    a, b = adapter_of(full), adapter_of(cut)
+    assert a.keys() == b.keys() and a
+    for k in a:
+        assert torch.equal(a[k], b[k]), (k, (a[k] - b[k]).abs().max())
+    assert [r["step"] for r in metrics(cut)] == list(range(1, steps + 1))
+    assert [r["loss"] for r in metrics(cut)] == [r["loss"] for r in metrics(full)]
+
+
+@pytest.mark.slow  # one 2-process launch: ~40 s on 2 cores
+def test_ddp_sigterm_to_one_rank_stops_both_at_one_step_with_one_checkpoint(tiny_model_dir, tmp_path):
+    import psutil
+
+    data = write_jsonl(tmp_path / "train.jsonl", demo_rows(32))
+    out = tmp_path / "run"
+    proc = popen(launch_cmd(tiny_model_dir, data, out, 400, "--set", "train.save_every=1000", "--set",
+                            "train.epochs=100"))
+    wait_for(proc, lambda: (out / "metrics.jsonl").is_file() and len((out / "metrics.jsonl").read_text().split()) >= 2,
+             "step 2")
+    ranks = {p.environ().get("RANK"): p for p in psutil.Process(proc.pid).children(recursive=True)
+             if p.environ().get("RANK") is not None}
+    ranks["1"].send_signal(signal.SIGTERM)  # only rank 1: rank 0 hears of it through the per-step all-reduce
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode != 0
+    lines = [line for line in err.splitlines() if line.startswith("error: SIGTERM at step")]
+    assert len(lines) == 2, err[-5000:]  # one per rank, and the same step on both
+    step = int(lines[0].split("at step ")[1].split()[0])
+    assert lines[0] == lines[1] and "checkpoint written to" in lines[0] and "--resume" in lines[0]
+    assert [p.name for p in (out / "checkpoints").iterdir()] == [f"step-{step:07d}"]  # exactly one
+    assert len(metrics(out)) == step
+    state = json.loads((out / "checkpoints" / f"step-{step:07d}" / "state.json").read_text())
+    assert state["world"] == 2 and state["step"] == step and state["data"]["train"]["n"] == 16

@@ -7,19 +7,24 @@ into place (medtune.io), the last two kept:
   optimizer.safetensors  the optimizer's per-parameter tensors (AdamW moments, step) ...
   optimizer.json         ... and its param groups (lr, betas, eps, weight decay)
   scheduler.json         the LR scheduler's state (its lambdas are rebuilt from the config, not stored)
-  rng.safetensors        torch CPU (and CUDA) generator states, per process ...
-  rng.json               ... and Python's and NumPy's
-  state.json             step, tokens seen, elapsed seconds, grad-scaler state, and the config keys that shape training
+  rng.safetensors        torch CPU (and CUDA) generator states ...
+  rng.json               ... and Python's and NumPy's; under DDP one pair per rank, rng-rank{r}.safetensors/json,
+                         gathered to rank 0 through the process group as safetensors bytes (no pickle anywhere)
+  state.json             step, tokens seen, elapsed seconds, grad-scaler state, the config keys that shape training,
+                         the world size, and the data fingerprint: the training items (ids + content) and the batch
+                         plan (the token ids of every step)
 
 Nothing is unpickled on resume: a checkpoint dir holding any other file (a planted `custom_checkpoint_0.pkl`, a
-`.bin`) is refused before anything is read. `--resume` with a different value of a training-shaping key is refused
-and the error lists the differences.
+`.bin`) is refused before anything is read. `--resume` with a different value of a training-shaping key, other
+training items, another world size or another batch plan is refused and the error says what differs.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
+import re
 import shutil
 from pathlib import Path
 
@@ -31,8 +36,10 @@ KEEP = 2  # checkpoints kept; older ones are deleted once a newer one is complet
 DEFAULT_SAVE_MINUTES = 10.0  # train.save_every = 0: a checkpoint every 10 minutes of training, and at the end
 
 # Config keys that may change between a run and its resume: they don't change what is trained.
-FREE_KEYS = {"out_dir", "device", "eval", "data.limit", "data.eval_size", "data.eval_source", "train.save_every",
-             "train.log_every", "train.report_to", "train.gradient_checkpointing"}
+# data.eval_source is not free: without it the eval items are split off `source`, so it decides the training items.
+FREE_KEYS = {"out_dir", "device", "eval", "data.limit", "data.eval_size", "train.save_every", "train.log_every",
+             "train.report_to", "train.gradient_checkpointing"}
+RNG_FILE = re.compile(r"rng(-rank\d+)?\.(safetensors|json)")
 
 
 def shaping_config(cfg_dict: dict) -> dict:
@@ -56,13 +63,14 @@ def estimate_size(params) -> int:
     return sum(p.numel() for p in params) * 4 * 3 + (1 << 20)
 
 
-def save(out_dir: Path, step: int, model, optimizer, scheduler, state: dict, scaler=None, rank: int = 0,
-         world: int = 1) -> Path:
-    """Write checkpoint `step` (main process writes the shared files; every rank its RNG state). Returns its dir."""
+def save(out_dir: Path, step: int, model, optimizer, scheduler, state: dict, scaler=None,
+         rng: list[bytes] | None = None) -> Path:
+    """Write checkpoint `step` (the main process; weights and optimizer are the same on every DDP rank). `rng`: every
+    rank's RNG state (gather_rng), rank r's at index r; None: this process's own. Returns the checkpoint's dir."""
     from safetensors.torch import save_file
 
-    root = Path(out_dir) / "checkpoints"
-    final = root / f"step-{step:07d}"
+    final = checkpoint_dir(out_dir, step)
+    root = final.parent
     trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
     io.check_free_space(root, estimate_size(trainable.values()), f"checkpoint step-{step:07d}")
     with io.atomic_dir(final) as tmp:
@@ -71,12 +79,23 @@ def save(out_dir: Path, step: int, model, optimizer, scheduler, state: dict, sca
         save_file(tensors, str(tmp / "optimizer.safetensors"))
         io.write_json(tmp / "optimizer.json", groups)
         io.write_json(tmp / "scheduler.json", _jsonable(scheduler.state_dict()))
-        _save_rng(tmp, rank, world)
-        io.write_json(tmp / "state.json", {**state, "step": step, "world": world,
+        rng = rng if rng is not None else [rng_state()]
+        for rank, blob in enumerate(rng):
+            _save_rng(tmp, f"-rank{rank}" if len(rng) > 1 else "", blob)
+        io.write_json(tmp / "state.json", {**state, "step": step, "world": len(rng),
                                            "scaler": scaler.state_dict() if scaler is not None else None})
     for old in sorted(p for p in root.glob("step-*") if p.is_dir())[:-KEEP]:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def checkpoint_dir(out_dir: Path, step: int) -> Path:
+    return Path(out_dir) / "checkpoints" / f"step-{step:07d}"
+
+
+def read_state(ckpt: Path) -> dict:
+    """A checkpoint's state.json (step, world, data fingerprint, ...)."""
+    return _read_json(ckpt / "state.json")
 
 
 def remove_stale(out_dir: Path) -> None:
@@ -93,21 +112,65 @@ def latest(out_dir: Path) -> Path | None:
     return done[-1] if done else None
 
 
-def check(ckpt: Path, cfg_dict: dict) -> dict:
-    """Refuse a checkpoint that holds anything but medtune's safetensors/JSON files, or whose training-shaping config
-    differs from `cfg_dict`; return its state.json."""
-    unexpected = sorted(p.name for p in ckpt.iterdir() if p.name not in FILES and not p.name.startswith("rng"))
+def check(ckpt: Path, cfg_dict: dict, data: dict | None = None) -> dict:
+    """Refuse a checkpoint that holds anything but medtune's safetensors/JSON files, whose training-shaping config
+    differs from `cfg_dict`, or whose training items differ from `data` (data_fingerprint); return its state.json."""
+    unexpected = sorted(p.name for p in ckpt.iterdir() if p.name not in FILES and not RNG_FILE.fullmatch(p.name))
     if unexpected:
         raise MedtuneError(f"{ckpt}: holds {', '.join(unexpected)}, which medtune never writes (a pickle can run code "
                            "when loaded); refusing to resume from it. Delete that file or the checkpoint")
-    state = _read_json(ckpt / "state.json")
+    state = read_state(ckpt)
     saved, now = state.get("config") or {}, shaping_config(cfg_dict)
     diff = [f"{k}: {saved.get(k, '(unset)')!r} -> {now.get(k, '(unset)')!r}" for k in sorted(set(saved) | set(now))
             if saved.get(k) != now.get(k)]
     if diff:
         raise MedtuneError(f"--resume: the config differs from the checkpoint's ({'; '.join(diff)}); resume with the "
                            "same values, or start a new run (--overwrite or another --out)")
+    if data is not None:
+        saved = (state.get("data") or {}).get("train")
+        if saved != data:
+            was = f"{saved['n']} items, sha256 {saved['sha256'][:12]}" if saved else "none recorded (an older medtune)"
+            raise MedtuneError(f"--resume: the training data differs from the checkpoint's ({was}; now {data['n']} "
+                               f"items, sha256 {data['sha256'][:12]}); resume with the same data files and data.* "
+                               "values, or start a new run (--overwrite or another --out)")
     return state
+
+
+def check_world(state: dict, world: int) -> None:
+    """Refuse to resume with another number of processes: the global batch (batch_size x world), the batch plan and
+    the per-rank RNG states all depend on it."""
+    saved = state.get("world", 1)
+    if saved != world:
+        raise MedtuneError(f"--resume: the checkpoint was written by {saved} process(es), this launch has {world}; "
+                           f"resume with the same number (accelerate launch --num_processes {saved}), or start a new "
+                           "run (--overwrite or another --out)")
+
+
+def check_plan(state: dict, plan_sha256: str) -> None:
+    """Refuse to resume into another batch plan (same items and config, but e.g. another tokenizer or medtune)."""
+    saved = (state.get("data") or {}).get("plan")
+    if saved != plan_sha256:
+        raise MedtuneError(f"--resume: the batch plan (the token ids of every step) differs from the checkpoint's "
+                           f"({(saved or 'none recorded')[:12]} -> {plan_sha256[:12]}: another tokenizer or medtune "
+                           "version?); resume with the same model and medtune, or start a new run")
+
+
+def data_fingerprint(items) -> dict:
+    """The training items as resume must find them: how many, and a sha256 of every item's id and content in order."""
+    digest = hashlib.sha256()
+    for item in items:
+        digest.update(json.dumps(item.to_dict(), sort_keys=True, ensure_ascii=False).encode() + b"\n")
+    return {"n": len(items), "sha256": digest.hexdigest()}
+
+
+def plan_fingerprint(plan) -> str:
+    """sha256 of the batch plan: every step's micro-batches' token ids and target starts, in order."""
+    digest = hashlib.sha256()
+    for s, step in enumerate(plan):
+        for m, micro in enumerate(step):
+            for ex in micro:
+                digest.update(f"{s}.{m}:{ex.prompt_len}:{','.join(map(str, ex.input_ids))}\n".encode())
+    return digest.hexdigest()
 
 
 def load(ckpt: Path, model, optimizer, scheduler, scaler=None, rank: int = 0) -> dict:
@@ -129,7 +192,7 @@ def load(ckpt: Path, model, optimizer, scheduler, scaler=None, rank: int = 0) ->
     state = _read_json(ckpt / "state.json")
     if scaler is not None and state.get("scaler"):
         scaler.load_state_dict(state["scaler"])
-    _load_rng(ckpt, rank)
+    _load_rng(ckpt, f"-rank{rank}" if state.get("world", 1) > 1 else "")
     return state
 
 
@@ -157,31 +220,59 @@ def _optimizer_from(tensors: dict, meta: dict) -> dict:
     return {"state": state, "param_groups": groups}
 
 
-def _save_rng(tmp: Path, rank: int, world: int) -> None:
+def rng_state() -> bytes:
+    """This process's RNG states (torch CPU and CUDA, Python, NumPy) as one safetensors blob: bytes that can cross the
+    process group (gather_rng) and be written as-is, with nothing pickled."""
     import numpy as np
     import torch
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     tensors = {"torch_cpu": torch.get_rng_state()}
     if torch.cuda.is_available():
         for i, s in enumerate(torch.cuda.get_rng_state_all()):
             tensors[f"cuda_{i}"] = s
-    suffix = f"-rank{rank}" if world > 1 else ""
-    save_file(tensors, str(tmp / f"rng{suffix}.safetensors"))
     kind, keys, pos, has_gauss, gauss = np.random.get_state()
-    io.write_json(tmp / f"rng{suffix}.json", {"python": _jsonable(random.getstate()),
-                                             "numpy": [kind, keys.tolist(), pos, has_gauss, gauss]})
+    meta = json.dumps({"python": _jsonable(random.getstate()), "numpy": [kind, keys.tolist(), pos, has_gauss, gauss]})
+    tensors["json"] = torch.frombuffer(bytearray(meta.encode()), dtype=torch.uint8)
+    return save(tensors)
 
 
-def _load_rng(ckpt: Path, rank: int) -> None:
+def gather_rng(accelerator) -> list[bytes]:
+    """Every rank's rng_state(), rank r's at index r, on every rank (a collective: all ranks must call it). The blobs
+    travel as uint8 tensors through accelerate's gather, padded to the longest."""
+    import torch
+
+    blob = rng_state()
+    if accelerator.num_processes == 1:
+        return [blob]
+    data = torch.frombuffer(bytearray(blob), dtype=torch.uint8)
+    sizes = accelerator.gather(torch.tensor([data.numel()], device=accelerator.device)).tolist()
+    padded = torch.zeros(max(sizes), dtype=torch.uint8)
+    padded[: data.numel()] = data
+    rows = accelerator.gather(padded.to(accelerator.device)).cpu().view(len(sizes), -1)
+    return [rows[r, :n].numpy().tobytes() for r, n in enumerate(sizes)]
+
+
+def _save_rng(tmp: Path, suffix: str, blob: bytes) -> None:
+    from safetensors.torch import load, save_file
+
+    tensors = load(blob)
+    meta = json.loads(tensors.pop("json").numpy().tobytes().decode())
+    save_file(tensors, str(tmp / f"rng{suffix}.safetensors"))
+    io.write_json(tmp / f"rng{suffix}.json", meta)
+
+
+def _load_rng(ckpt: Path, suffix: str) -> None:
     import numpy as np
     import torch
     from safetensors.torch import load_file
 
-    suffix = f"-rank{rank}" if (ckpt / f"rng-rank{rank}.json").is_file() else ""
+    if not (ckpt / f"rng{suffix}.safetensors").is_file() or not (ckpt / f"rng{suffix}.json").is_file():
+        raise MedtuneError(f"{ckpt}: rng{suffix}.safetensors/json missing (this process's RNG state); resume from an "
+                           "earlier checkpoint or start a new run")
     tensors = load_file(str(ckpt / f"rng{suffix}.safetensors"))
     torch.set_rng_state(tensors["torch_cpu"])
-    cuda = [tensors[k] for k in sorted(tensors) if k.startswith("cuda_")]
+    cuda = [tensors[k] for k in sorted((k for k in tensors if k.startswith("cuda_")), key=lambda k: int(k[5:]))]
     if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(cuda)
     states = _read_json(ckpt / f"rng{suffix}.json")

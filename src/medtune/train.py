@@ -57,7 +57,7 @@ def train(cfg: Config, items: list[MCQItem], out_dir: Path, resume: bool = False
 
     recorder = Recorder("train")  # wall time, device, energy -> out_dir/cost.json
     policy = decide(info)
-    ckpt = _checkpoint_to_resume(out_dir, cfg, log) if resume else None  # refused before the model loads
+    ckpt = _checkpoint_to_resume(out_dir, cfg, log, items) if resume else None  # refused before the model loads
     # A second train() in one process (a notebook, a test session) may ask for another precision; accelerate keeps
     # the first one's state and refuses. Reset it (the process-group state, PartialState, is kept).
     AcceleratorState._reset_state()
@@ -65,6 +65,7 @@ def train(cfg: Config, items: list[MCQItem], out_dir: Path, resume: bool = False
                               gradient_accumulation_steps=t.grad_accum,
                               cpu=device == "cpu",
                               log_with=t.report_to or None, project_dir=str(out_dir))
+    _check_launch(accelerator, ckpt, resume)  # world size and backend are known only now; still before weights load
     set_seed(t.seed, deterministic=False)
     preflight(cfg, log if accelerator.is_main_process else (lambda *_: None), info)  # warnings before weights load
     model, tokenizer = _lora_model(cfg, accelerator, log, _attention(cfg, info, policy), base_model)
@@ -80,7 +81,7 @@ def train(cfg: Config, items: list[MCQItem], out_dir: Path, resume: bool = False
     if t.report_to:
         accelerator.init_trackers("medtune", config=_flat(cfg.to_dict()))
     run = _Run(accelerator, model, optimizer, scheduler, cfg, out_dir, steps, log)
-    run.begin(ckpt, items)
+    run.begin(ckpt, items, plan)
     progress = _progress(steps, run.step, quiet or not accelerator.is_main_process)
     model.train()
     loss = run.loss  # the checkpoint's, when a finished run is resumed
@@ -88,8 +89,9 @@ def train(cfg: Config, items: list[MCQItem], out_dir: Path, resume: bool = False
         for step in range(run.step, steps):
             loss, real = _guarded_step(run, plan[step], tokenizer, step, len(items))
             run.finish_step(step + 1, loss, real, progress)
-            if signals.received is not None:
-                run.interrupt(signals.received)
+            stop = run.stop_signal(signals.received)  # the ranks agree, so all stop after this same step
+            if stop:
+                run.interrupt(stop)
             if run.due(step + 1):
                 run.save(step + 1)
     progress.close()
@@ -156,17 +158,33 @@ def _fill_deepspeed(accelerator, batch_size: int) -> None:
         ds["gradient_clipping"] = 0.0  # DeepSpeed's "off"
 
 
-def _checkpoint_to_resume(out_dir: Path, cfg: Config, log) -> Path | None:
-    """The checkpoint to resume from, checked; None (start at step 0, said so) when a run was stopped before its first
-    checkpoint was complete."""
+def _checkpoint_to_resume(out_dir: Path, cfg: Config, log, items: list[MCQItem]) -> Path | None:
+    """The checkpoint to resume from, checked against the config and the training items; None (start at step 0, said
+    so) when a run was stopped before its first checkpoint was complete."""
     from medtune import checkpoint
 
     ckpt = checkpoint.latest(out_dir)
     if ckpt is None:
         log(f"note: --resume: no complete checkpoint under {out_dir / 'checkpoints'}; starting from step 0")
         return None
-    checkpoint.check(ckpt, cfg.to_dict())
+    checkpoint.check(ckpt, cfg.to_dict(), checkpoint.data_fingerprint(items))
     return ckpt
+
+
+def _check_launch(accelerator, ckpt: Path | None, resume: bool) -> None:
+    """What `--resume` can only check once accelerate has started: the backend and the number of processes."""
+    from medtune import checkpoint
+
+    if resume and _sharded(accelerator):
+        raise MedtuneError("--resume: medtune writes no checkpoints under FSDP/DeepSpeed (their optimizer state is "
+                           "sharded), so there is nothing to resume; start the run again without --resume, or train "
+                           "under DDP (recipes/accelerate/multi-gpu-ddp.yaml) for resumable checkpoints")
+    if ckpt is not None:
+        checkpoint.check_world(checkpoint.read_state(ckpt), accelerator.num_processes)
+
+
+def _sharded(accelerator) -> bool:
+    return accelerator.distributed_type.name in ("FSDP", "DEEPSPEED", "MEGATRON_LM")
 
 
 class _Run:
@@ -181,20 +199,24 @@ class _Run:
         self.t0 = self.last_time = time.time()
         self.last_saved: int | None = None
         self._step_lr = float("nan")  # the rate the last step ran at (set by _train_step before the update)
-        self.sharded = accelerator.distributed_type.name in ("FSDP", "DEEPSPEED", "MEGATRON_LM")
+        self.sharded = _sharded(accelerator)
+        self.data: dict = {}  # the data fingerprint every checkpoint records (begin)
 
-    def begin(self, ckpt: Path | None, items: list[MCQItem]) -> None:
+    def begin(self, ckpt: Path | None, items: list[MCQItem], plan) -> None:
         from medtune import checkpoint
 
+        self.data = {"train": checkpoint.data_fingerprint(items), "plan": checkpoint.plan_fingerprint(plan)}
         if self.acc.is_main_process:
             checkpoint.remove_stale(self.out_dir)  # temp dirs of saves a kill interrupted
         if ckpt is not None:
+            checkpoint.check_plan(checkpoint.read_state(ckpt), self.data["plan"])  # needs the tokenizer: checked here
             state = checkpoint.load(ckpt, self.acc.unwrap_model(self.model), self.optimizer, self.scheduler,
-                                    self.acc.scaler, self.acc.process_index)
+                                    self.acc.scaler, self.acc.process_index)  # each rank its own RNG state
             self.step = self.start = self.last_saved = state["step"]
             self.tokens, self.loss = state.get("tokens", 0), state.get("loss", float("nan"))
             self.t0 = time.time() - state.get("elapsed_s", 0.0)  # throughput continues across the interruption
-            self.log(f"resumed from {ckpt} (step {self.step})")
+            if self.acc.is_main_process:
+                self.log(f"resumed from {ckpt} (step {self.step})")
         if self.acc.is_main_process:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             if ckpt is not None:
@@ -236,33 +258,50 @@ class _Run:
         return due
 
     def save(self, step: int) -> Path | None:
+        """Checkpoint `step` (every rank must call it: the RNG states are gathered); its dir, None under FSDP/DeepSpeed
+        where no checkpoint is written."""
         from medtune import checkpoint
 
         if self.sharded:
-            if self.last_saved is None:
+            if self.last_saved is None and self.acc.is_main_process:
                 self.log("note: checkpoints are not written under FSDP/DeepSpeed (sharded optimizer state); "
                          "an interrupted run starts again")
             self.last_saved = step
             return None
-        path = None
+        rng = checkpoint.gather_rng(self.acc)  # every rank's own RNG state, to rank 0 (DDP ranks' dropout differs)
+        path = checkpoint.checkpoint_dir(self.out_dir, step)
         if self.acc.is_main_process:
             state = {"tokens": self.tokens, "elapsed_s": time.time() - self.t0, "loss": self.loss,
-                     "config": checkpoint.shaping_config(self.cfg.to_dict())}
+                     "config": checkpoint.shaping_config(self.cfg.to_dict()), "data": self.data}
             path = checkpoint.save(self.out_dir, step, self.acc.unwrap_model(self.model), self.optimizer,
-                                   self.scheduler, state, self.acc.scaler, self.acc.process_index,
-                                   self.acc.num_processes)
+                                   self.scheduler, state, self.acc.scaler, rng)
         self.acc.wait_for_everyone()
         self.last_saved, self.last_time = step, time.time()
         return path
 
+    def stop_signal(self, received: int | None) -> int | None:
+        """The signal to stop on after this step, the same on every rank: a SIGTERM/SIGINT that reached any rank
+        (one all-reduce per step under DDP), so all ranks checkpoint at the same step boundary."""
+        if self.acc.num_processes > 1:
+            import torch
+
+            received = int(self.acc.reduce(torch.tensor(received or 0, device=self.acc.device), "max").item()) or None
+        return received
+
     def interrupt(self, signum: int) -> None:
         import signal
 
-        path = self.save(self.step) if self.last_saved != self.step else self.out_dir / "checkpoints"
+        from medtune import checkpoint
+
         name = signal.Signals(signum).name
-        raise TrainingInterrupted(
-            f"{name} at step {self.step} of {self.steps}: checkpoint written to {path}. Resume with `medtune train "
-            f"--resume --out {self.out_dir}` and the same --config/--set values", 128 + signum)
+        if self.sharded:
+            said = "no checkpoint is written under FSDP/DeepSpeed, so the run must start again (without --resume)"
+        else:
+            path = self.save(self.step) if self.last_saved != self.step else \
+                checkpoint.checkpoint_dir(self.out_dir, self.step)
+            said = (f"checkpoint written to {path}. Resume with `medtune train --resume --out {self.out_dir}` and the "
+                    "same --config/--set values (and, under accelerate launch, the same number of processes)")
+        raise TrainingInterrupted(f"{name} at step {self.step} of {self.steps}: {said}", 128 + signum)
 
 
 def _guarded_step(run: _Run, batches, tokenizer, step: int, n_items: int) -> tuple[float, int]:
