@@ -46,3 +46,42 @@ def test_deepspeed_recipes_load_and_validate(monkeypatch, name, stage):
     assert ds["train_micro_batch_size_per_gpu"] == 8  # prepare() raises on `auto` without a DataLoader
     assert ds["gradient_clipping"] == 0.0  # no clipping, as without DeepSpeed
     _fill_deepspeed(SimpleNamespace(state=SimpleNamespace(deepspeed_plugin=None)), batch_size=8)  # no-op elsewhere
+
+
+# --- resume and interrupts under FSDP / DeepSpeed: refused, and said truthfully ---------------------------------------
+# medtune writes no checkpoints there (the optimizer state is sharded, and gathering it whole would need
+# torch.distributed.checkpoint or DeepSpeed's own pickled files): `--resume` is refused in one line before any weights
+# load, and SIGTERM says that nothing was written.
+
+@pytest.mark.parametrize("backend", ["DEEPSPEED", "FSDP"])
+def test_resume_is_refused_under_sharded_backends(backend):
+    from accelerate.utils import DistributedType
+
+    from medtune.errors import MedtuneError
+    from medtune.train import _check_launch
+
+    acc = SimpleNamespace(distributed_type=getattr(DistributedType, backend), num_processes=2)
+    with pytest.raises(MedtuneError, match=r"^--resume: medtune writes no checkpoints under FSDP/DeepSpeed.*without "
+                                           r"--resume.*DDP") as e:
+        _check_launch(acc, None, resume=True)
+    assert "\n" not in str(e.value)
+    _check_launch(acc, None, resume=False)  # a fresh run is fine
+
+
+@pytest.mark.parametrize("backend", ["DEEPSPEED", "FSDP"])
+def test_sigterm_under_sharded_backends_says_no_checkpoint_was_written(backend, tmp_path):
+    import signal
+
+    from accelerate.utils import DistributedType
+
+    from medtune.errors import TrainingInterrupted
+    from medtune.train import _Run
+
+    acc = SimpleNamespace(distributed_type=getattr(DistributedType, backend), num_processes=1, is_main_process=True)
+    run = _Run(acc, None, None, None, None, tmp_path, 10, lambda *_: None)
+    run.step = 3
+    with pytest.raises(TrainingInterrupted, match=r"^SIGTERM at step 3 of 10: no checkpoint is written under "
+                                                  r"FSDP/DeepSpeed, so the run must start again") as e:
+        run.interrupt(signal.SIGTERM)
+    assert e.value.exit_code == 128 + signal.SIGTERM and "checkpoint written" not in str(e.value)
+    assert not (tmp_path / "checkpoints").exists()

@@ -106,6 +106,66 @@ def test_resume_with_another_config_lists_the_differences(checkpointed, tiny_mod
     checkpoint.check(ckpt, same.to_dict())  # save_every and eval settings may change
 
 
+def _no_model(*args, **kwargs):
+    raise AssertionError("the model was loaded before the refusal")
+
+
+def test_resume_with_other_training_data_is_refused_before_the_model_loads(checkpointed, tiny_model_dir,
+                                                                          monkeypatch):
+    out, _ = checkpointed
+    monkeypatch.setattr(train_mod, "_lora_model", _no_model)
+    sets = {"train.max_steps": 4, "train.save_every": 2}
+    edited = items()
+    edited[5] = MCQItem(**{**edited[5].to_dict(), "explanation": "Another explanation."})  # same ids, new content
+    for changed in (items(23), edited):
+        with pytest.raises(MedtuneError, match=r"^--resume: the training data differs from the checkpoint's \(24 items, "
+                                               r"sha256 \w{12}; now 2[34] items"):
+            train_mod.train(cfg_for(tiny_model_dir, out, **sets), changed, out, resume=True, quiet=True,
+                            log=lambda *_: None)
+    # the eval source decides the split of `source`, so it is not free to change either
+    with pytest.raises(MedtuneError, match=r"differs.*data\.eval_source: None -> 'other\.jsonl'"):
+        train_mod.train(cfg_for(tiny_model_dir, out, **sets, **{"data.eval_source": "other.jsonl"}), items(), out,
+                        resume=True, quiet=True, log=lambda *_: None)
+
+
+def test_resume_with_another_world_size_or_batch_plan_is_refused(checkpointed, tiny_model_dir, tmp_path,
+                                                                 monkeypatch):
+    out, _ = checkpointed
+    run = tmp_path / "run"
+    shutil.copytree(out, run)
+    sets = {"train.max_steps": 4, "train.save_every": 2}
+    state_file = checkpoint.latest(run) / "state.json"
+    state = json.loads(state_file.read_text())
+    assert state["world"] == 1 and state["data"]["train"]["n"] == 24 and len(state["data"]["plan"]) == 64
+    state_file.write_text(json.dumps({**state, "world": 2}))
+    with monkeypatch.context() as m:
+        m.setattr(train_mod, "_lora_model", _no_model)  # refused as soon as accelerate knows the world size
+        with pytest.raises(MedtuneError, match=r"written by 2 process\(es\), this launch has 1; resume with the same "
+                                               r"number \(accelerate launch --num_processes 2\)"):
+            train_mod.train(cfg_for(tiny_model_dir, run, **sets), items(), run, resume=True, quiet=True,
+                            log=lambda *_: None)
+    state_file.write_text(json.dumps(state))
+    real_plan = train_mod.batch_plan  # same items and config, another plan (as another tokenizer would give)
+    monkeypatch.setattr(train_mod, "batch_plan", lambda *a, **k: list(reversed(real_plan(*a, **k))))
+    with pytest.raises(MedtuneError, match=r"^--resume: the batch plan .* differs from the checkpoint's"):
+        train_mod.train(cfg_for(tiny_model_dir, run, **sets), items(), run, resume=True, quiet=True,
+                        log=lambda *_: None)
+
+
+def test_only_medtunes_rng_files_pass_the_check(checkpointed, tmp_path):
+    out, cfg = checkpointed
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(checkpoint.latest(out), ckpt)
+    for name in ("rng-rank0.json", "rng-rank1.safetensors"):
+        (ckpt / name).write_text("{}")
+        checkpoint.check(ckpt, cfg.to_dict())
+    for name in ("rng.pkl", "rng-rank0.bin", "rngstate.pt"):  # `rng` at the start is not enough
+        (ckpt / name).write_bytes(b"")
+        with pytest.raises(MedtuneError, match=f"holds {name}"):
+            checkpoint.check(ckpt, cfg.to_dict())
+        (ckpt / name).unlink()
+
+
 def test_nan_loss_stops_at_once_and_keeps_the_last_checkpoint(tiny_model_dir, tmp_path, monkeypatch):
     real, calls = train_mod._loss_sum, []
 
