@@ -14,7 +14,10 @@ The training target is `<letter>. <option text>` (the bare continuation, e.g. ` 
 
 from __future__ import annotations
 
+import functools
 import re
+import threading
+import time
 
 from medtune.data.items import LETTERS, MCQItem
 from medtune.errors import MedtuneError
@@ -107,8 +110,142 @@ def clean_explanation(text: str | None) -> str | None:
 def _chat(tokenizer, messages: list[dict]) -> str:
     if tokenizer is None or not getattr(tokenizer, "chat_template", None):
         raise MedtuneError("prompt style 'chat' needs a tokenizer with a chat template; use --prompt-style harness")
+    import jinja2
+
     # enable_thinking=False turns Qwen3's thinking off; other templates ignore the extra variable.
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, enable_thinking=False)
+    options = {"add_generation_prompt": True, "enable_thinking": False}
+    name = getattr(tokenizer, "name_or_path", None) or "the tokenizer"
+    try:
+        template = tokenizer.get_chat_template()
+        # A template is code from the model's files: render it once under a budget, with the same inputs, before
+        # transformers renders it (its sandbox stops escapes, not a 10^5 x 10^5 loop). Same inputs, same path.
+        _render_bounded(template, messages, {**tokenizer.special_tokens_map, **options})
+        return tokenizer.apply_chat_template(messages, tokenize=False, **options)
+    except jinja2.TemplateError as e:  # syntax, raise_exception, undefined, sandbox violations, includes, budget
+        detail = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
+        raise MedtuneError(f"{name}: its chat template failed ({type(e).__name__}: {detail}); fix chat_template in "
+                           "its tokenizer_config.json or use --prompt-style harness") from None
+    except RecursionError:
+        raise MedtuneError(f"{name}: its chat template recurses without end; fix chat_template in its "
+                           "tokenizer_config.json or use --prompt-style harness") from None
+
+
+# The render budget. Steps: every loop iteration and every macro call in a template counts one (the embedded model's
+# template takes < 100 per prompt); a 10^5 x 10^5 loop stops in a tenth of a second. Size: the rendered text, every
+# `~` join, every `*` repetition and every integer a filter or method gets (a width, a count) stay under
+# TEMPLATE_MAX_CHARS, so a string that doubles in a loop stops at 10 MB, not at the machine's memory.
+TEMPLATE_STEPS = 100_000
+TEMPLATE_SECONDS = 2.0
+TEMPLATE_MAX_CHARS = 10_000_000
+
+
+def _render_bounded(template: str, messages: list[dict], variables: dict) -> str:
+    _BUDGET.steps, _BUDGET.deadline = 0, time.monotonic() + TEMPLATE_SECONDS  # per thread: serve renders in several
+    return _bounded_template(template).render(messages=messages, tools=None, documents=None, **variables)
+
+
+_BUDGET = threading.local()
+
+
+@functools.lru_cache(maxsize=8)
+def _bounded_template(template: str):
+    import jinja2
+    from transformers.utils.chat_template_utils import _compile_jinja_template
+
+    # transformers' sandbox (its filters, globals, extensions) from an empty template: compiling this one there would
+    # fold constants such as 'x' * 10**10 at compile time, before any budget applies.
+    base = _compile_jinja_template("").environment
+    env = _bounded_env_class()(trim_blocks=True, lstrip_blocks=True, loader=jinja2.DictLoader({}),  # no includes
+                               extensions=[type(ext) for ext in base.extensions.values()])
+    env.filters.update({name: _sized(f) for name, f in base.filters.items()})
+    env.globals.update(base.globals)
+    return env.from_string(template)
+
+
+def _too_big(what: str):
+    from jinja2.exceptions import SecurityError
+
+    return SecurityError(f"{what} over {TEMPLATE_MAX_CHARS} characters; a chat prompt is a few thousand")
+
+
+def _check_sizes(args, kwargs) -> None:
+    for v in (*args, *kwargs.values()):
+        if isinstance(v, int) and abs(v) > TEMPLATE_MAX_CHARS:
+            raise _too_big(f"a width or count of {v} would build text")
+
+
+def _sized(f):
+    """A filter that refuses a huge integer argument (`center(10**9)`, `indent(10**9)`); keeps jinja's pass_* mark."""
+    @functools.wraps(f)
+    def checked(*args, **kwargs):
+        _check_sizes(args, kwargs)
+        return f(*args, **kwargs)
+    return checked
+
+
+def _joined(parts, join=None) -> str:
+    out, n = [], 0
+    for part in parts:
+        n += len(part) if isinstance(part, str) else 0
+        if n > TEMPLATE_MAX_CHARS:
+            raise _too_big("the rendered text is")
+        out.append(part)
+    return (join or "".join)(out)
+
+
+@functools.cache
+def _bounded_env_class():
+    """An ImmutableSandboxedEnvironment whose compiled templates call `environment.step()` first in every loop body
+    and every function (macro) body, join text through `_joined`, and refuse huge `*` and `**`. Built on first use:
+    jinja2 is imported only for the chat style."""
+    import ast
+
+    from jinja2 import runtime
+    from jinja2.exceptions import SecurityError
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    step = ast.parse("environment.step()").body[0]
+    rebind = ast.parse("str_join = environment.str_join\nmarkup_join = environment.markup_join").body
+
+    class Steps(ast.NodeTransformer):
+        def _visit_body(self, node):
+            self.generic_visit(node)
+            node.body.insert(0, ast.copy_location(ast.Expr(step.value), node))
+            return node
+
+        visit_For = visit_AsyncFor = visit_While = visit_FunctionDef = visit_AsyncFunctionDef = _visit_body
+
+    class Bounded(ImmutableSandboxedEnvironment):
+        intercepted_binops = frozenset({"*", "**"})
+        concat = staticmethod(_joined)  # the rendered text and every {% set %} / macro buffer
+        str_join = staticmethod(lambda seq: _joined(map(str, seq)))  # `a ~ b`
+        markup_join = staticmethod(lambda seq: _joined(seq, runtime.markup_join))
+
+        def _compile(self, source: str, filename: str):
+            tree = Steps().visit(ast.parse(source, filename))
+            tree.body[1:1] = rebind  # after `from jinja2.runtime import ...`: `~` joins through the sized helpers
+            return compile(ast.fix_missing_locations(tree), filename, "exec")
+
+        def step(self) -> None:
+            _BUDGET.steps += 1
+            if _BUDGET.steps > TEMPLATE_STEPS or (_BUDGET.steps % 1024 == 0 and time.monotonic() > _BUDGET.deadline):
+                raise SecurityError(f"rendering took over {TEMPLATE_STEPS} loop steps or {TEMPLATE_SECONDS:g} s; "
+                                    "a chat template renders one conversation in a few hundred")
+
+        def call(self, context, obj, /, *args, **kwargs):
+            _check_sizes(args, kwargs)  # 'x'.center(10**9)
+            return super().call(context, obj, *args, **kwargs)
+
+        def call_binop(self, context, operator, left, right):
+            if operator == "**" and isinstance(right, (int, float)) and abs(right) > 1024:
+                raise SecurityError(f"exponent {right} is too large for a chat template")
+            if operator == "*":
+                for seq, n in ((left, right), (right, left)):
+                    if isinstance(seq, (str, list, tuple)) and isinstance(n, int) and len(seq) * n > TEMPLATE_MAX_CHARS:
+                        raise _too_big("a repetition builds")
+            return super().call_binop(context, operator, left, right)
+
+    return Bounded
 
 
 # Overlong items: one rule for training and evaluation (train.py and evaluate.py both call fit_prompt).
