@@ -37,29 +37,22 @@ class Loaded:
     mode: str  # exact or fast
     headline: dict | None = None  # the results.json headline of the adapter's or export's eval, when one exists
     info: dict = field(default_factory=dict)
-    generator: object = None  # the model that writes explanations: a bf16 copy where the device has native bf16
-
-
-def _generator(model):
-    """Greedy decoding of a small model is bound by memory bandwidth: a bf16 copy of the weights halves the bytes
-    read per token (measured here: ask p50 3.95 s -> see docs/benchmarks.md). Only the explanation uses it; the answer
-    and its probabilities always come from the scoring model (eval's exact numbers)."""
-    import copy
-
-    from medtune.scoring import _fast_dtype
-
-    dtype = _fast_dtype(next(model.parameters()).device)
-    return copy.deepcopy(model).to(dtype) if dtype is not None else model
 
 
 def load(model: str = "embedded", adapter: str | None = None, method: str | None = None, mode: str = "exact",
-         prompt_style: str | None = None, device: str = "cpu", log=print) -> Loaded:
+         prompt_style: str | None = None, device: str = "auto", log=print) -> Loaded:
     """Base model, base + adapter (an adapter dir or a run dir holding adapter/), or a merged export dir.
+
+    The weights are held once on the policy's device (`device`: auto or an explicit one), in bf16 where bf16 is
+    native: the explanation decodes from them directly (greedy decoding is bound by memory bandwidth, and bf16 halves
+    the bytes per token), while the answer and its probabilities are computed in fp32 in exact mode
+    (scoring.fp32_compute), so they equal eval's exact numbers.
 
     The prompt style saved with the adapter or export wins (scoring with another style measures something else).
     The scoring method defaults to the one its results.json was measured with, so the numbers shown beside the
     headline come from the same scoring; otherwise `letter`, eval's default."""
     from medtune.evaluate import adapter_style
+    from medtune.hardware import resolve_device
     from medtune.models import load_model
     from medtune.prompts import check_style
 
@@ -69,6 +62,7 @@ def load(model: str = "embedded", adapter: str | None = None, method: str | None
         raise MedtuneError(f"{adapter}: no such adapter directory")
     if mode not in ("exact", "fast"):
         raise MedtuneError(f"unknown mode {mode!r}; choose exact or fast")
+    device = resolve_device(device)  # a missing device is one line, before any model loads
     headline = find_headline(model, adapter)
     if method is None:
         method = (headline or {}).get("method", "letter-logprob").removesuffix("-logprob")
@@ -80,7 +74,7 @@ def load(model: str = "embedded", adapter: str | None = None, method: str | None
     if saved_from:
         style = adapter_style(saved_from, style, log)
     m, tokenizer, _ = load_model(model, adapter=adapter, device=device, log=log, merge=True)
-    return Loaded(m, tokenizer, model, adapter, style, method, mode, headline, generator=_generator(m))
+    return Loaded(m, tokenizer, model, adapter, style, method, mode, headline)
 
 
 def make_item(question: str, options: list[str], item_id: str = "asked") -> MCQItem:
@@ -135,8 +129,7 @@ def answer(loaded: Loaded, item: MCQItem, max_new_tokens: int = MAX_NEW_TOKENS, 
     if explain:
         text, capped = explanation(loaded, item, choice, max_new_tokens)
         out["explanation"], out["explanation_hit_cap"] = text, capped
-        out["explanation_dtype"] = str(next(loaded.generator.parameters()).dtype).removeprefix("torch.") \
-            if loaded.generator is not None else None
+        out["explanation_dtype"] = str(loaded.model.get_input_embeddings().weight.dtype).removeprefix("torch.")
     return out
 
 
@@ -153,7 +146,7 @@ def explanation(loaded: Loaded, item: MCQItem, choice: int, max_new_tokens: int)
     else:  # ` B. text\nExplanation: ...`, as prompts.build_target writes it for training
         prefix = build_target(chosen, loaded.style, "answer") + "\nExplanation:"
     ids = tok(build_prompt(item, loaded.style, tok) + prefix, add_special_tokens=False, return_tensors="pt").input_ids
-    gen = loaded.generator if loaded.generator is not None else loaded.model
+    gen = loaded.model
     device = next(gen.parameters()).device
     with torch.inference_mode():
         out = gen.generate(input_ids=ids.to(device), attention_mask=torch.ones_like(ids).to(device),

@@ -27,6 +27,8 @@ CopBase = Annotated[int | None, typer.Option("--cop-base", help="MedMCQA `cop` b
 Map = Annotated[str | None, typer.Option("--map", help="Column mapping: question=q,options=a|b|c|d,answer=label")]
 Overwrite = Annotated[bool, typer.Option("--overwrite", help="Write into a non-empty output dir (replaces what "
                                                             "medtune writes there).")]
+Device = Annotated[str | None, typer.Option("--device", help="auto (the policy's choice: the GPU torch sees, else the "
+                                                         "CPU), cpu, cuda, cuda:N, xpu, xpu:N or mps.")]
 
 
 NO_DEVICE = {"compare", "data"}  # never touch a GPU; every other command, present or future, is prepared
@@ -111,17 +113,19 @@ def eval_(
     prompt_style: Annotated[str | None, typer.Option(help="harness or chat.")] = None,
     batch_size: Annotated[int | None, typer.Option(help="Questions per forward pass.")] = None,
     cop_base: CopBase = None, mapping: Map = None, config: Config_ = None, sets: Set_ = None, quiet: Quiet = False,
-    json_out: Json = False, overwrite: Overwrite = False,
+    json_out: Json = False, overwrite: Overwrite = False, device: Device = None,
 ) -> None:
     """Score a model (optionally with an adapter) on MCQ items: accuracy with CI, letter baselines, calibration."""
     from medtune.data import sources
     from medtune.data.formats import parse_mapping
+    from medtune.hardware import resolve_device
     from medtune.prompts import check_style
 
-    cfg = _config(config, sets, model=model, prompt_style=prompt_style, **{
+    cfg = _config(config, sets, model=model, prompt_style=prompt_style, device=device, **{
         "data.source": data, "data.limit": limit, "eval.mode": mode, "eval.permute": permute,
         "eval.batch_size": batch_size, "eval.method": method})
     check_style(cfg.prompt_style)
+    resolve_device(cfg.device)  # a device that is not there: one line, before any data or model is read
     if adapter:
         from medtune.models import check_adapter
 
@@ -158,12 +162,14 @@ def _eval_items(items, cfg, out: Path, adapter: str | None, quiet: bool) -> dict
 def train(config: Config_ = None, sets: Set_ = None,
           out: Annotated[Path | None, typer.Option(help="Run dir (adapter, checkpoints, metrics).")] = None,
           resume: Annotated[bool, typer.Option(help="Continue from the last complete checkpoint in --out.")] = False,
-          quiet: Quiet = False, overwrite: Overwrite = False) -> None:
+          quiet: Quiet = False, overwrite: Overwrite = False, device: Device = None) -> None:
     """LoRA fine-tune on the training part of the data; writes RUN/adapter and RUN/metrics.jsonl."""
+    from medtune.hardware import resolve_device
     from medtune.run import prepare_data
     from medtune.train import train as train_fn
 
-    cfg = _config(config, sets, out_dir=str(out) if out else None)
+    cfg = _config(config, sets, out_dir=str(out) if out else None, device=device)
+    resolve_device(cfg.device)
     log = _log(quiet)
     check_out_dir(Path(cfg.out_dir), overwrite, allow_existing=resume)
     train_items, _, data = prepare_data(cfg, log)
@@ -178,14 +184,16 @@ def run(config: Config_ = None, sets: Set_ = None,
         data: Annotated[str | None, typer.Option(help="demo, a preset (medmcqa, medqa) or a file.")] = None,
         train_size: Annotated[int | None, typer.Option(help="Training items.")] = None,
         out: Annotated[Path | None, typer.Option(help="Run dir.")] = None,
-        quiet: Quiet = False, json_out: Json = False, overwrite: Overwrite = False) -> None:
+        quiet: Quiet = False, json_out: Json = False, overwrite: Overwrite = False, device: Device = None) -> None:
     """The main job: evaluate the base model, fine-tune, evaluate again on the same items, compare."""
     from dataclasses import replace
 
+    from medtune.hardware import resolve_device
     from medtune.run import run as run_fn
 
-    cfg = _config(config, sets, model=model, out_dir=str(out) if out else None,
+    cfg = _config(config, sets, model=model, out_dir=str(out) if out else None, device=device,
                   **{"data.source": data, "data.train_size": train_size})
+    resolve_device(cfg.device)
     with claim_out_dir(Path(cfg.out_dir), overwrite) as dest:  # dest: a fresh dir beside an old run, swapped in
         # TODO(run.py): pass `out=dest` and keep cfg.out_dir (the recorded config then names the final --out)
         results = run_fn(cfg if dest == Path(cfg.out_dir) else replace(cfg, out_dir=str(dest)), quiet=quiet,
@@ -203,12 +211,13 @@ def export(run_dir: Path, out: Annotated[Path | None, typer.Option(help="Default
                help="Also ship the training items (RUN/train_items.jsonl); by default only ids and hashes.")] = False,
            gguf: Annotated[str | None, typer.Option(help="Also write model.<type>.gguf (f16 or q8_0) for llama.cpp "
                                                           "and Ollama, with a Modelfile, verified.")] = None,
-           overwrite: Overwrite = False) -> None:
+           overwrite: Overwrite = False, device: Device = None) -> None:
     """Write a merged safetensors model (or the adapter) with a model card: base, data, recipe, results, limits."""
     from medtune.export import export as export_fn
+    from medtune.hardware import resolve_device
 
     path = export_fn(run_dir, out, merge=merge, log=_log(), overwrite=overwrite,
-                     include_training_data=include_training_data, gguf=gguf)
+                     include_training_data=include_training_data, gguf=gguf, device=resolve_device(device))
     typer.echo(f"exported: {path}")
 
 
@@ -301,7 +310,7 @@ def ask(question: Annotated[str | None, typer.Option(help="The question (or a JS
         model: ModelOpt = "embedded", adapter: AdapterOpt = None, method: MethodOpt = None, mode: ModeOpt = "exact",
         prompt_style: StyleOpt = None,
         max_new_tokens: Annotated[int, typer.Option(help="Explanation length cap (tokens); 0: no explanation.")] = 96,
-        json_out: Json = False) -> None:
+        json_out: Json = False, device: Device = None) -> None:
     """Ask one question: the scored answer, every option's probability (eval's scoring) and a greedy explanation."""
     from medtune import ask as ask_mod
 
@@ -313,7 +322,7 @@ def ask(question: Annotated[str | None, typer.Option(help="The question (or a JS
         item = ask_mod.make_item(question, option or [])
     if max_new_tokens < 0:
         raise MedtuneError("--max-new-tokens must be 0 or more")
-    loaded = ask_mod.load(model, adapter, method, mode, prompt_style, log=_log(json_out))
+    loaded = ask_mod.load(model, adapter, method, mode, prompt_style, device=device, log=_log(json_out))
     result = ask_mod.answer(loaded, item, max_new_tokens, explain=max_new_tokens > 0)
     typer.echo(json.dumps(result, indent=1) if json_out else ask_mod.render(result))
 
@@ -328,7 +337,8 @@ def predict(source: Annotated[str, typer.Argument(help="A file, `demo`, `demo:tr
             csv_out: Annotated[bool, typer.Option("--csv", help="Also write the same rows as OUT.csv.")] = False,
             chunk: Annotated[int, typer.Option(help="Items scored and appended at a time (bounds memory).")] = 64,
             limit: Annotated[int | None, typer.Option(help="The first N items only.")] = None,
-            cop_base: CopBase = None, mapping: Map = None, quiet: Quiet = False, json_out: Json = False) -> None:
+            cop_base: CopBase = None, mapping: Map = None, quiet: Quiet = False, json_out: Json = False,
+            device: Device = None) -> None:
     """Score every item of a source into predictions.jsonl (letter, probabilities), streamed and resumable."""
     from medtune import ask as ask_mod
     from medtune.data import sources
@@ -337,9 +347,12 @@ def predict(source: Annotated[str, typer.Argument(help="A file, `demo`, `demo:tr
 
     if limit is not None and limit < 1:
         raise MedtuneError("--limit must be 1 or more")
+    from medtune.hardware import resolve_device
+
+    device = resolve_device(device)  # before the data is read or the model loads
     items = sources.load(source, "eval", cop_base=cop_base, mapping=parse_mapping(mapping) if mapping else None)
     items = items[:limit] if limit else items
-    loaded = ask_mod.load(model, adapter, method, mode, prompt_style, log=_log(quiet))
+    loaded = ask_mod.load(model, adapter, method, mode, prompt_style, device=device, log=_log(quiet))
     summary = predict_fn(loaded, items, out, source, chunk, csv_out, quiet, _log(quiet))
     typer.echo(json.dumps(summary, indent=1) if json_out else
                f"{summary['new']} new, {summary['skipped']} already written: {summary['out']}"
@@ -356,14 +369,15 @@ def serve(model: ModelOpt = "embedded", adapter: AdapterOpt = None, method: Meth
           share: Annotated[bool, typer.Option(help="Also open a public Gradio share link (prints a warning).")] = False,
           concurrency: Annotated[int, typer.Option(help="Questions answered at once.")] = 1,
           max_queue: Annotated[int, typer.Option(help="Waiting questions beyond this get 'busy'.")] = 16,
-          max_new_tokens: Annotated[int, typer.Option(help="Explanation length cap (tokens).")] = 96) -> None:
+          max_new_tokens: Annotated[int, typer.Option(help="Explanation length cap (tokens).")] = 96,
+          device: Device = None) -> None:
     """A local web page to ask the model questions (Gradio), with probabilities, explanation and disclaimer."""
     from medtune import ask as ask_mod
     from medtune.serve import serve as serve_fn
 
     if max_new_tokens < 1:
         raise MedtuneError("--max-new-tokens must be 1 or more")
-    loaded = ask_mod.load(model, adapter, method, mode, prompt_style, log=_log())
+    loaded = ask_mod.load(model, adapter, method, mode, prompt_style, device=device, log=_log())
     serve_fn(loaded, host, port, share, concurrency, max_queue, max_new_tokens, log=_log())
 
 

@@ -196,7 +196,7 @@ SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constan
               "inverse_sqrt")  # transformers' SchedulerType names that need no extra arguments
 CHOICES: dict[str, tuple[str, ...]] = {
     "prompt_style": ("harness", "chat", "seed"),
-    "device": ("auto", "cpu", "cuda", "mps", "xpu", "cuda:N"),
+    "device": ("auto", "cpu", "cuda", "cuda:N", "xpu", "xpu:N", "mps"),  # hardware.DEVICES
     "data.select": ("random", "first"),
     "lora.quantize": ("none", "8bit", "4bit"),
     "train.scheduler": SCHEDULERS,
@@ -261,8 +261,8 @@ def _get(cfg: Config, key: str):
 
 
 def _choice_ok(key: str, value: str, valid: tuple[str, ...]) -> bool:
-    if key == "device" and value.startswith("cuda:"):
-        return value[5:].isdigit()
+    if key == "device" and value.startswith(("cuda:", "xpu:")):
+        return value[4:].lstrip(":").isdigit()
     return value in valid
 
 

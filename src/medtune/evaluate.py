@@ -19,6 +19,7 @@ def run_eval(items: list[MCQItem], cfg, out_dir: Path | None, adapter: str | Non
     """Score `items`, write predictions.jsonl and results.json to out_dir (if given); return results and rows."""
     import time
 
+    from medtune.hardware import resolve_device
     from medtune.models import load_model
     from medtune.report import environment, metrics
 
@@ -27,7 +28,7 @@ def run_eval(items: list[MCQItem], cfg, out_dir: Path | None, adapter: str | Non
 
     recorder = Recorder("eval")  # wall time, device, energy -> out_dir/cost.json
     style = adapter_style(adapter, cfg.prompt_style, log) if adapter else cfg.prompt_style
-    model, tokenizer, path = loaded or load_model(cfg.model, adapter=adapter, device=_device(cfg), log=log,
+    model, tokenizer, path = loaded or load_model(cfg.model, adapter=adapter, device=resolve_device(cfg.device), log=log,
                                                   merge=cfg.eval.merge_adapter)
     contamination = contamination_check(items, adapter, log) if adapter else None
     e = cfg.eval
@@ -122,14 +123,6 @@ def _generate_eval(items, cfg, out_dir, model, tokenizer, style, path, adapter, 
                "wall_s": round(time.time() - started, 2), "environment": environment()}
     _write(out_dir, rows, results, recorder)
     return results, rows
-
-
-def _device(cfg) -> str:
-    if cfg.device != "auto":
-        return cfg.device
-    from medtune.hardware import detect, device_string
-
-    return device_string(detect())
 
 
 def adapter_style(adapter: str, requested: str, log) -> str:

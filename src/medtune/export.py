@@ -27,11 +27,11 @@ TAGS = ["medical", "multiple-choice", "lora", "medtune"]
 
 
 def export(run_dir: Path, out: Path | None = None, merge: bool = True, log=print, overwrite: bool = False,
-           include_training_data: bool = False, gguf: str | None = None) -> Path:
+           include_training_data: bool = False, gguf: str | None = None, device: str = "cpu") -> Path:
     """Write RUN's adapter, merged into its base model (default, to RUN/merged) or as-is (to RUN/export), with a model
     card and medtune.json; return the export directory. No training text and no path of this machine goes in, unless
     `include_training_data` ships RUN/train_items.jsonl (an explicit opt-in). `gguf` (f16, q8_0) adds a verified GGUF
-    and an Ollama Modelfile."""
+    and an Ollama Modelfile. The merge runs in fp32 on `device`."""
     run_dir = Path(run_dir)
     adapter = run_dir / "adapter"
     meta = _adapter_meta(adapter)
@@ -44,7 +44,7 @@ def export(run_dir: Path, out: Path | None = None, merge: bool = True, log=print
     # the lock); a crash or Ctrl-C leaves no half-written export behind and the old one whole
     with io.out_dir_lock(out), io.atomic_dir(io.check_out_dir(out, overwrite)) as tmp:
         if merge:
-            _save_merged(meta["base_model"], adapter, tmp, log)
+            _save_merged(meta["base_model"], adapter, tmp, log, device)
         else:
             for f in adapter.iterdir():  # the adapter's own files; nothing else from the run dir
                 if f.is_file() and f.name not in ("medtune.json", "README.md"):
@@ -176,13 +176,13 @@ def check_no_local_paths(directory: Path, extra: list[Path]) -> None:
                 raise RuntimeError(f"export bug: {name} names a local path ({found[0]}); nothing was exported")
 
 
-def _save_merged(base_model: str, adapter: Path, tmp: Path, log) -> str:
+def _save_merged(base_model: str, adapter: Path, tmp: Path, log, device: str = "cpu") -> str:
     """Base (fp32) + adapter -> merge_and_unload -> save_pretrained, with the adapter's tokenizer (its chat template)."""
     from medtune.models import load_model
 
     # load_model = resolve + fp32 from_pretrained + attach_adapter; the tokenizer comes from the adapter dir.
     # Merging in fp32 keeps the merged weights equal to base + B·A·scale to float rounding.
-    model, tokenizer, path = load_model(base_model, adapter=str(adapter), dtype="float32", device="cpu", log=log)
+    model, tokenizer, path = load_model(base_model, adapter=str(adapter), dtype="float32", device=device, log=log)
     log(f"merging {adapter} into {path}")
     merged = model.merge_and_unload()
     size = sum(p.numel() * p.element_size() for p in merged.state_dict().values())

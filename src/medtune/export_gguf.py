@@ -285,7 +285,7 @@ def verify(merged_dir: Path, gguf_path: Path, gguf_type: str, prompt_style: str,
 
     items = sources.load(sources.DEMO, "eval")[:limit]
     scores = {}
-    model, tokenizer, _ = load_model(str(merged_dir), log=log)
+    model, tokenizer, _ = load_model(str(merged_dir), dtype="float32", log=log)  # rounded in place: fp32
     encoded = encode(items, prompt_style, tokenizer)
     for label in ("merged", "rounded"):
         if label == "rounded":
@@ -294,7 +294,7 @@ def verify(merged_dir: Path, gguf_path: Path, gguf_type: str, prompt_style: str,
         scores[label] = score(model, encoded, batch_size=16, mode="exact")[0]
     del model
     log("verifying the GGUF: scoring the demo eval set with the GGUF, read by transformers")
-    model, tokenizer, _ = load_model(str(gguf_path), log=log)
+    model, tokenizer, _ = load_model(str(gguf_path), dtype="float32", log=log)
     scores["gguf"] = score(model, encode(items, prompt_style, tokenizer), batch_size=16, mode="exact")[0]
     del model
     writer = _compare(scores["rounded"], scores["gguf"], WRITER_TOLERANCE)

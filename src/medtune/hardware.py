@@ -164,8 +164,12 @@ def decide(info: DeviceInfo, overrides: dict | None = None) -> Policy:
     overrides = _check_overrides(overrides or {})
     train, why = _native_dtype(info)
     reasons = {"train_dtype": why}
-    evald, reasons["eval_dtype"] = (train, "same as training") if info.kind != "cpu" else (
-        "float32", "fp32 on CPU: exact scores (the evaluator's own fast mode re-scores close calls in fp32)")
+    if info.bf16:
+        evald, reasons["eval_dtype"] = "bfloat16", ("native bf16: evaluation holds the weights once, in bf16; exact "
+                                                    "figures (exact mode, fast mode's close calls) are computed in "
+                                                    "fp32 from them, layer by layer")
+    else:
+        evald, reasons["eval_dtype"] = "float32", f"{info.kind} without native bf16: fp32 weights and fp32 scores"
     if "train_dtype" in overrides:
         train, reasons["train_dtype"] = overrides["train_dtype"], f"set by user (automatic: {train})"
     if "eval_dtype" in overrides:
@@ -201,6 +205,75 @@ def prepare_env(torch: Any = None, host: Host | None = None) -> dict[str, str]:
 def device_string(info: DeviceInfo) -> str:
     """The torch device for this kind: ROCm is driven through torch's "cuda" device."""
     return {"rocm": "cuda"}.get(info.kind, info.kind)
+
+
+DEVICES = ("auto", "cpu", "cuda", "cuda:N", "xpu", "xpu:N", "mps")
+
+
+def resolve_device(requested: str | None = "auto", torch: Any = None) -> str:
+    """The torch device a command runs on: `auto` picks the accelerator torch sees (CUDA/ROCm, then XPU, then MPS)
+    or the CPU; an explicit `cuda`, `cuda:N`, `xpu[:N]`, `mps` or `cpu` is honoured when it exists and refused in
+    one line when it does not. Called before any model loads."""
+    if torch is None:
+        import torch
+    requested = (requested or "auto").strip().lower()
+    kind, _, index = requested.partition(":")
+    if kind == "auto" and not index:
+        if torch.cuda.is_available():
+            return "cuda"
+        if hasattr(torch, "xpu") and torch.xpu.is_available():
+            return "xpu"
+        if hasattr(torch.backends, "mps") and torch.backends.mps.is_available():
+            return "mps"
+        return "cpu"
+    if kind not in ("cpu", "cuda", "xpu", "mps") or (index and (not index.isdigit() or kind in ("cpu", "mps"))):
+        raise MedtuneError(f"--device {requested!r} is not a device; choose one of: {', '.join(DEVICES)}")
+    if kind == "cpu":
+        return "cpu"
+    if kind == "mps":
+        if not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+            raise MedtuneError("--device mps: this machine has no Apple GPU that torch can use; use --device cpu")
+        return "mps"
+    backend = torch.cuda if kind == "cuda" else getattr(torch, "xpu", None)
+    count = backend.device_count() if backend is not None and backend.is_available() else 0
+    if count == 0:
+        build = ("a CPU-only build" if kind == "cuda" and not (torch.version.cuda or getattr(torch.version, "hip", None))
+                 else "a build that sees no such GPU")
+        name = "CUDA or ROCm GPU" if kind == "cuda" else "Intel GPU (XPU)"
+        raise MedtuneError(f"--device {requested}: torch {torch.__version__} sees no {name} ({build}); run "
+                           "`medtune env` for what this machine has, or use --device cpu")
+    if index and int(index) >= count:
+        raise MedtuneError(f"--device {requested}: torch sees {count} {kind} device(s), numbered 0-{count - 1}")
+    return requested
+
+
+def native_bf16(device: str, torch: Any = None) -> bool:
+    """THE bf16 decision, for the policy, scoring, training and `ask`: does `device` run bf16 natively? The same
+    tables as detect(): sm80+ and the bf16 ROCm archs; oneDNN's check on CPUs (AVX512-BF16/AMX); a probe on MPS/XPU.
+    Emulated bf16 (sm70/75, where torch.cuda.is_bf16_supported() is True, or a CPU without AVX512-BF16) counts as
+    none: it would be slower than fp32."""
+    if torch is None:
+        import torch
+    kind, _, index = str(device).partition(":")
+    if kind == "cpu":
+        return _cpu_bf16(torch)
+    if kind == "cuda":
+        props = torch.cuda.get_device_properties(int(index or torch.cuda.current_device()))
+        if getattr(torch.version, "hip", None):
+            kfd = sorted(set(_kfd_archs()))
+            gfx = kfd[0] if len(kfd) == 1 else _strip(props.gcnArchName)
+            return _gpu_dtype("rocm", None, gfx)[0] == "bfloat16"
+        return _gpu_dtype("cuda", (props.major, props.minor), None)[0] == "bfloat16"
+    if kind == "mps":
+        return _mps_bf16(torch)
+    if kind == "xpu":
+        return bool(torch.xpu.is_bf16_supported()) if hasattr(torch.xpu, "is_bf16_supported") else True
+    return False
+
+
+def weights_dtype(device: str, torch: Any = None) -> str:
+    """How evaluation holds the weights on `device`: once, in bf16 where bf16 is native, else fp32."""
+    return "bfloat16" if native_bf16(device, torch) else "float32"
 
 
 def report(info: DeviceInfo, policy: Policy, findings: list) -> dict:

@@ -245,7 +245,8 @@ def _examples(run_dir: Path, results: dict, items: dict, tuned_rows: list[dict],
 def explain_items(run_dir: Path, results: dict, items: list, log, loaded=None) -> list[dict]:
     """Greedy answer + explanation for a few items with the run's tuned model (generate.py, the eval's own code)."""
     from medtune.config import load_config
-    from medtune.evaluate import _device, adapter_style
+    from medtune.evaluate import adapter_style
+    from medtune.hardware import resolve_device
     from medtune.generate import generate_rows
     from medtune.models import load_model
 
@@ -254,7 +255,7 @@ def explain_items(run_dir: Path, results: dict, items: list, log, loaded=None) -
     if not adapter.is_dir():
         raise MedtuneError(f"{adapter}: no adapter, so there is no tuned model to explain with")
     style = adapter_style(str(adapter), results["tuned"]["prompt_style"], log)
-    model, tokenizer = loaded or load_model(cfg.model, adapter=str(adapter), device=_device(cfg), log=log)[:2]
+    model, tokenizer = loaded or load_model(cfg.model, adapter=str(adapter), device=resolve_device(cfg.device), log=log)[:2]
     return generate_rows(model, tokenizer, items, style, EXPLAIN_TOKENS, len(items))
 
 

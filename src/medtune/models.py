@@ -114,39 +114,83 @@ def load_tokenizer(path: str, padding_side: str = "left"):
     from transformers import AutoTokenizer
 
     where, kwargs = _pretrained(path)
-    tokenizer = AutoTokenizer.from_pretrained(where, **kwargs)
+    # no code from a model's or an adapter's tokenizer_config.json `auto_map`, whatever it asks
+    tokenizer = AutoTokenizer.from_pretrained(where, trust_remote_code=False, **kwargs)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = padding_side
     return tokenizer
 
 
-def load_model(name: str, adapter: str | None = None, dtype: str = "float32", device: str = "cpu",
+def load_model(name: str, adapter: str | None = None, dtype: str | None = None, device: str = "cpu",
                attn_implementation: str | None = None, log=print, merge: bool = False):
-    """(model, tokenizer, resolved path). With an adapter, the tokenizer saved beside it wins (same chat template)."""
+    """(model, tokenizer, resolved path). With an adapter, the tokenizer saved beside it wins (same chat template).
+
+    The weights are held once on `device`, in `dtype` (None: the device policy, hardware.weights_dtype: bf16 where
+    bf16 is native, else fp32). Held in bf16, a checkpoint saved in higher precision keeps its fp32 values in host
+    memory (`hold_in_bf16`), so that fp32 scoring (scoring.fp32_compute) reproduces fp32 weights exactly."""
     import torch
     from transformers import AutoModelForCausalLM
 
+    from medtune.hardware import weights_dtype
+
     if adapter:
         check_adapter(adapter)  # before the model loads: a bad adapter is refused in a second, not after a minute
+    dtype = dtype or weights_dtype(device)
     path = resolve(name, log=log)
     where, kwargs = _pretrained(path)
+    # bf16 holding reads the checkpoint in its own dtype ("auto"): a bf16 checkpoint is never widened on the way in
+    load_dtype = "auto" if dtype == "bfloat16" and not kwargs else getattr(torch, dtype)
     try:
         # safetensors only: a pickled checkpoint (.bin) can run code when loaded. No remote code unless asked for.
         # A `.gguf` file is read by transformers' own GGUF loader (no pickle either).
-        model = AutoModelForCausalLM.from_pretrained(where, dtype=getattr(torch, dtype), trust_remote_code=False,
+        model = AutoModelForCausalLM.from_pretrained(where, dtype=load_dtype, trust_remote_code=False,
                                                      attn_implementation=attn_implementation,
                                                      **(kwargs or {"use_safetensors": True}))
     except (OSError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise MedtuneError(f"{name}: could not load the model ({first}). medtune loads safetensors weights only; "
                            "offline, use `embedded` or a local dir.") from None
+    if dtype == "bfloat16":
+        hold_in_bf16(model, device)
+    model.to(device)
     tokenizer = load_tokenizer(adapter if adapter and (Path(adapter) / "tokenizer_config.json").is_file() else path)
     if adapter:
         model = attach_adapter(model, adapter, base=(name, path), log=log)
-        if merge:  # same function, plain linear layers: evaluation runs at the base model's speed
-            model = model.merge_and_unload()
-    return model.to(device).eval(), tokenizer, path
+        if merge and dtype == "float32":  # same function, plain linear layers: evaluation runs at the base model's speed
+            model = model.merge_and_unload()  # (bf16 weights keep the adapter apart: merging would round W + BA)
+    return model.eval(), tokenizer, path
+
+
+def hold_in_bf16(model, device: str = "cpu") -> None:
+    """Hold every floating parameter in bf16 on `device`; one saved in higher precision keeps its fp32 value on the
+    Parameter (`medtune_fp32`, in host memory), which fp32 scoring swaps in layer by layer. Nothing is copied twice on
+    the device; on a CPU the fp32 values are the loaded tensors themselves."""
+    import torch
+
+    for param in model.parameters():
+        if param.is_floating_point() and param.dtype != torch.bfloat16:
+            param.medtune_fp32 = param.data.float().cpu()
+            param.data = param.data.to(device=device, dtype=torch.bfloat16)
+
+
+def hold_in_fp32(model) -> None:
+    """The inverse of hold_in_bf16: every parameter back to fp32, from its kept fp32 value where it has one."""
+    import torch
+
+    for param in model.parameters():
+        master = getattr(param, "medtune_fp32", None)
+        if master is not None:
+            param.data = master.to(param.device)
+            del param.medtune_fp32
+        elif param.is_floating_point():
+            param.data = param.data.to(torch.float32)
+
+
+def held_in_bf16(model) -> bool:
+    import torch
+
+    return model.get_input_embeddings().weight.dtype == torch.bfloat16
 
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")

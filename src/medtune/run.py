@@ -16,38 +16,50 @@ from medtune.errors import MedtuneError
 
 
 def run(cfg: Config, quiet: bool = False, log=print) -> dict:
-    """The base weights are read from disk once: the base evaluations (every method), training (on an in-memory copy)
-    and the tuned evaluations (the saved adapter attached to the same weights) all use that one load."""
-    import copy
+    """The base weights are held once: the base evaluations (every method), training (LoRA layers injected into that
+    same model, then taken out) and the tuned evaluations (the saved adapter attached to it) all use one load, in the
+    device policy's dtype. QLoRA trains on its own quantized load, so the evaluation copy is dropped meanwhile."""
+    import gc
 
     from medtune.doctor import preflight
-    from medtune.evaluate import _device, run_eval
-    from medtune.models import attach_adapter, load_model, load_tokenizer
+    from medtune.evaluate import run_eval
+    from medtune.hardware import resolve_device, weights_dtype
+    from medtune.models import attach_adapter, held_in_bf16, hold_in_bf16, load_model, load_tokenizer
     from medtune.report import environment, write_json
     from medtune.train import train
 
     started = time.time()
     out = Path(cfg.out_dir)
+    device = resolve_device(cfg.device)
     train_items, eval_items, data = prepare_data(cfg, log)
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "config.yaml")
     log(f"data: {len(train_items)} training and {len(eval_items)} eval items ({data['eval']['source']})")
     preflight(cfg, log)  # the doctor's warnings for this training (dtype, memory) before the base evaluation
-    model, tokenizer, path = load_model(cfg.model, device=_device(cfg), log=log)
+    model, tokenizer, path = load_model(cfg.model, device=device, log=log)
     methods = [cfg.eval.method, *[m for m in cfg.eval.extra_methods if m != cfg.eval.method]]
-    subs = {m: replace(cfg, eval=replace(cfg.eval, method=m)) for m in methods}
-    dirs = {m: ("", "") if m == cfg.eval.method else (f"-{m}", f" {m}") for m in methods}
-    base = {m: run_eval(eval_items, subs[m], out / f"base{dirs[m][0]}", loaded=(model, tokenizer, path),
-                        fingerprint=data["eval"], quiet=quiet, log=log, label=f"base{dirs[m][1]}") for m in methods}
-    summary = train(cfg, train_items, out, quiet=quiet, log=log, extra_meta={"data": data},
-                    base_model=copy.deepcopy(model))  # a copy in memory: LoRA layers are injected into it in place
+    method_cfgs = {m: replace(cfg, eval=replace(cfg.eval, method=m)) for m in methods}
+    suffix = {m: "" if m == cfg.eval.method else f"-{m}" for m in methods}  # base/, base-answer/, ...
+    base = {m: run_eval(eval_items, method_cfgs[m], out / f"base{suffix[m]}", loaded=(model, tokenizer, path),
+                        fingerprint=data["eval"], quiet=quiet, log=log, label=f"base{suffix[m].replace('-', ' ')}")
+            for m in methods}
+    if cfg.lora.quantize != "none":
+        del model
+        gc.collect()
+        summary = train(cfg, train_items, out, quiet=quiet, log=log, extra_meta={"data": data})
+        model = load_model(cfg.model, device=device, log=log)[0]
+    else:
+        summary = train(cfg, train_items, out, quiet=quiet, log=log, extra_meta={"data": data}, base_model=model)
+        if weights_dtype(device) == "bfloat16" and not held_in_bf16(model):
+            hold_in_bf16(model, device)  # fp32 training (train.dtype=float32) widened it: back to the eval holding
     adapter = str(out / "adapter")
     tuned_model = attach_adapter(model, adapter)
-    tuned_model = (tuned_model.merge_and_unload() if cfg.eval.merge_adapter else tuned_model).eval()
+    merge = cfg.eval.merge_adapter and not held_in_bf16(model)  # bf16 weights keep the adapter apart (no rounding)
+    tuned_model = (tuned_model.merge_and_unload() if merge else tuned_model).eval()
     tuned_tok = load_tokenizer(adapter) if (out / "adapter" / "tokenizer_config.json").is_file() else tokenizer
-    tuned = {m: run_eval(eval_items, subs[m], out / f"tuned{dirs[m][0]}", adapter=adapter,
+    tuned = {m: run_eval(eval_items, method_cfgs[m], out / f"tuned{suffix[m]}", adapter=adapter,
                          loaded=(tuned_model, tuned_tok, path), fingerprint=data["eval"], quiet=quiet, log=log,
-                         label=f"tuned{dirs[m][1]}") for m in methods}
+                         label=f"tuned{suffix[m].replace('-', ' ')}") for m in methods}
     first = cfg.eval.method
     results = {"kind": "run", "config": cfg.to_dict(), "data": data, "base": base[first][0], "tuned": tuned[first][0],
                "train": summary, "comparison": compare(eval_items, base[first][0], tuned[first][0], base[first][1],

@@ -12,13 +12,16 @@ benchmark defines (prompts.continuations): " A" ... " D" for lettered options, "
 When every continuation is a single token that leaves the prompt's tokens unchanged (the normal case), one forward pass
 over the prompt gives all options; otherwise each option's tokens are scored after the prompt's KV cache.
 
-Modes: `exact` runs in float32. `fast` runs a bf16 copy of the weights where the device supports it, then re-scores in
-float32 every question whose top-two margin is below `margin`, so that no decided answer can differ from exact mode.
+Modes: `exact` computes in float32. `fast` computes in bf16 where the weights are held in bf16 (models.load_model does
+that where bf16 is native), then re-scores in float32 every question whose top-two margin is below `margin`, so that no
+decided answer can differ from exact mode. The weights are held once, in one dtype: float32 scoring of bf16-held
+weights is a compute choice (`fp32_compute`: each layer's weights are widened while that layer runs, from the fp32
+values kept in host memory for a higher-precision checkpoint, or from the bf16 values themselves), not a second copy.
 """
 
 from __future__ import annotations
 
-import copy
+import contextlib
 import math
 from dataclasses import dataclass
 
@@ -57,7 +60,9 @@ def score_items(model, tokenizer, items: list[MCQItem], style: str, method: str 
     margin = default_margin(method) if margin is None else margin
     scores, rescored = score(model, encoded, batch_size, mode, margin, progress)
     rows = predictions(items, scores, rescored, encoded=encoded, method=method, mode=mode)
-    bf16 = mode == "fast" and _fast_dtype(next(model.parameters()).device) is not None
+    from medtune.models import held_in_bf16
+
+    bf16 = mode == "fast" and held_in_bf16(model)
     for row, again, enc in zip(rows, rescored, encoded):
         if enc.cut:
             row["question_cut_chars"] = enc.cut
@@ -86,37 +91,113 @@ def score(model, encoded: list[Encoded], batch_size: int = 16, mode: str = "fast
     """Log-likelihood of every option of every question, and whether each was re-scored in fp32 (fast mode).
 
     Fast mode scores a probe of questions in bf16 first: a model with near-uniform letter probabilities (typical
-    right after fine-tuning) puts most questions within the margin, and then exact mode is cheaper, so it switches."""
-    device = next(model.parameters()).device
-    fast_dtype = _fast_dtype(device) if mode == "fast" else None
-    if fast_dtype is None:
-        return _score_batched(model, encoded, batch_size, progress), [False] * len(encoded)
-    # The fast pass runs on a bf16 copy of the weights (no per-batch casts); the fp32 model stays for re-scoring.
-    fast_model = _fp32_head(copy.deepcopy(model).to(fast_dtype), model)
-    scores = _score_batched(fast_model, encoded[:PROBE], batch_size, None)
+    right after fine-tuning) puts most questions within the margin, and then exact mode is cheaper, so it switches.
+    Weights held in fp32 (no native bf16) are scored in fp32 in both modes."""
+    from medtune.models import held_in_bf16
+
+    exact = [False] * len(encoded)
+    if mode != "fast" or not held_in_bf16(model):
+        with fp32_compute(model):
+            return _score_batched(model, encoded, batch_size, progress), exact
+    with fp32_head(model):
+        scores = _score_batched(model, encoded[:PROBE], batch_size, None)
     if sum(margin_of(s) < margin for s in scores) > MAX_CLOSE * len(scores):
-        del fast_model
-        return _score_batched(model, encoded, batch_size, progress), [True] * len(encoded)
-    scores += _score_batched(fast_model, encoded[PROBE:], batch_size, progress)
+        with fp32_compute(model):
+            return _score_batched(model, encoded, batch_size, progress), [True] * len(encoded)
     if progress is not None:
-        progress.update(min(PROBE, len(encoded)))
-    del fast_model
-    rescored = [False] * len(encoded)
+        progress.update(min(PROBE, len(encoded)))  # the probe counts: the bar's rate (and ETA) includes it
+    with fp32_head(model):
+        scores += _score_batched(model, encoded[PROBE:], batch_size, progress)
+    rescored = list(exact)
     close = [i for i in range(len(encoded)) if _decisions_close(scores[i], encoded[i], margin)]
-    for i, lp in zip(close, _score_batched(model, [encoded[i] for i in close], batch_size, None)):
-        scores[i], rescored[i] = lp, True
+    with fp32_compute(model):
+        for i, lp in zip(close, _score_batched(model, [encoded[i] for i in close], batch_size, None)):
+            scores[i], rescored[i] = lp, True
     return scores, rescored
 
 
-def _fp32_head(fast_model, model):
-    """The bf16 copy keeps the vocabulary projection in fp32 (it runs at one position per question, so it costs
-    nothing): the projection over ~50k-150k logits is where bf16 rounding moves log-probs most."""
+HEAD_CHUNK = 16384  # vocabulary rows widened to fp32 at a time: 16384 x 4096 x 4 B = 256 MiB at most
+
+
+@contextlib.contextmanager
+def fp32_head(model):
+    """The vocabulary projection in fp32 (it runs at one position per question, so it costs nothing): that projection
+    over ~50k-150k logits is where bf16 rounding moves log-probs most. Computed in row chunks from the fp32 values
+    (or the widened bf16 ones), so no fp32 copy of the whole (often tied) embedding matrix is ever made."""
     import torch
 
-    head = copy.deepcopy(model.get_output_embeddings())
-    head.register_forward_pre_hook(lambda _module, args: (args[0].to(torch.float32), *args[1:]))
-    fast_model.set_output_embeddings(head)
-    return fast_model
+    head = model.get_output_embeddings()
+    if head.weight.dtype == torch.float32 and getattr(head.weight, "medtune_fp32", None) is None:
+        yield  # already fp32
+        return
+
+    def forward(x):
+        weight = getattr(head.weight, "medtune_fp32", None)
+        weight = head.weight if weight is None else weight
+        x = x.to(torch.float32)
+        parts = [torch.nn.functional.linear(x, weight[i: i + HEAD_CHUNK].to(x.device, torch.float32))
+                 for i in range(0, weight.shape[0], HEAD_CHUNK)]
+        out = torch.cat(parts, dim=-1)
+        return out if head.bias is None else out + head.bias.to(x.device, torch.float32)
+
+    head.forward = forward  # an instance attribute: nn.Module.__call__ finds it before the class's forward
+    try:
+        yield
+    finally:
+        del head.forward
+
+
+@contextlib.contextmanager
+def fp32_compute(model):
+    """Run `model` in fp32 from weights held in bf16, one layer at a time: while a module runs, its own parameters
+    are swapped for their fp32 values (the host copy kept by models.hold_in_bf16, moved to the device, or the bf16
+    value widened, which is exact), its floating inputs are widened, and the bf16 parameters are put back when it
+    returns. Embedding lookups are widened after the lookup (exact, and no fp32 copy of the table); the vocabulary
+    projection goes through fp32_head. Only one layer's fp32 weights exist at a time. A no-op for fp32 weights."""
+    import torch
+
+    from medtune.models import held_in_bf16
+
+    if not held_in_bf16(model):
+        yield
+        return
+    head = model.get_output_embeddings()
+    handles = []
+
+    def widen(value):
+        return value.to(torch.float32) if torch.is_tensor(value) and value.is_floating_point() else value
+
+    def before(module, args, kwargs):
+        module.medtune_bf16 = dict(module._parameters)
+        for name, param in module.medtune_bf16.items():
+            if param is not None and param.is_floating_point():
+                master = getattr(param, "medtune_fp32", None)
+                module._parameters[name] = param.float() if master is None else master.to(param.device)
+        return tuple(widen(a) for a in args), {k: widen(v) for k, v in kwargs.items()}
+
+    def after(module, args, output):
+        module._parameters.update(module.medtune_bf16)
+        del module.medtune_bf16
+
+    def lookup(module, args, output):
+        master = getattr(module.weight, "medtune_fp32", None)
+        if master is None:
+            return output.to(torch.float32)
+        return torch.nn.functional.embedding(args[0].to(master.device), master).to(output.device)
+
+    for module in model.modules():
+        if module is head or not any(p is not None for p in module._parameters.values()):
+            continue
+        if isinstance(module, torch.nn.Embedding):
+            handles.append(module.register_forward_hook(lookup))
+        else:
+            handles += [module.register_forward_pre_hook(before, with_kwargs=True), module.register_forward_hook(after)]
+    try:
+        with fp32_head(model):
+            yield
+    finally:
+        for h in handles:
+            h.remove()
 
 
 def margin_of(values: list[float]) -> float:
@@ -146,25 +227,6 @@ def _score_batched(model, encoded: list[Encoded], batch_size: int, progress) -> 
         if progress is not None:
             progress.update(1)
     return out
-
-
-def _fast_dtype(device):
-    import torch
-
-    if device.type == "cpu":
-        return torch.bfloat16 if torch.backends.mkldnn.is_available() and _cpu_bf16() else None
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
-    return None
-
-
-def _cpu_bf16() -> bool:
-    try:
-        import torch
-
-        return torch.ops.mkldnn._is_mkldnn_bf16_supported()
-    except (AttributeError, RuntimeError):
-        return False
 
 
 def _score_single(model, encoded: list[Encoded], batch_size: int, progress) -> list[list[float]]:
@@ -241,14 +303,15 @@ def _left_pad(seqs: list[list[int]]):
 
 
 def score_reference(model, e: Encoded) -> list[float]:
-    """Token by token, one forward pass per option, as lm-evaluation-harness does: the slow reference."""
+    """Token by token, one forward pass per option, in fp32, as lm-evaluation-harness does: the slow reference."""
     import torch
 
     device = next(model.parameters()).device
     result = []
     for cont in e.options:
         ids = torch.tensor([e.context + cont[:-1] if cont else e.context], device=device)
-        logprobs = torch.log_softmax(model(input_ids=ids).logits[0].float(), dim=-1)
+        with fp32_compute(model):
+            logprobs = torch.log_softmax(model(input_ids=ids).logits[0].float(), dim=-1)
         start = len(e.context) - 1
         result.append(sum(logprobs[start + k, tok].item() for k, tok in enumerate(cont)))
     return result
