@@ -169,7 +169,7 @@ def test_share_warns_and_host_is_loopback_by_default(monkeypatch):
     from medtune import serve
 
     calls, logged = {}, []
-    monkeypatch.setattr(serve, "build", lambda loaded, n: _FakePage(calls))
+    monkeypatch.setattr(serve, "build", lambda loaded, n, guard: _FakePage(calls))
     serve.serve(None, share=True, log=logged.append)
     assert calls["launch"]["server_name"] == "127.0.0.1" and calls["launch"]["share"] is True
     assert any("public link" in line for line in logged)
@@ -187,3 +187,56 @@ class _FakePage:
 
     def launch(self, **kw):
         self.calls["launch"] = kw
+        return self
+
+
+class _Fake:  # what serve.model_line reads from ask.Loaded
+    model_name, adapter, method, mode, style, headline = "fake", None, "letter", "exact", "harness", None
+
+
+@pytest.mark.slow  # gradio starts in this process; ~10 s
+def test_abandoned_queue_joins_lose_their_places(monkeypatch):
+    """Issue 18: 17 joins whose answers were never read kept a real question waiting 104 s. Here each question takes
+    2 s (a stand-in for the model); 16 joins are dropped unread (8 raw queue joins, 8 `/call/ask` POSTs without the
+    GET). The real question must be answered in a few seconds, and no abandoned question may reach the model."""
+    import httpx
+
+    from medtune import serve
+
+    computed = []
+
+    def slow_answer(loaded, item, max_new_tokens):
+        computed.append(item.question)
+        time.sleep(2)
+        return {"probs": {"A": 0.7, "B": 0.3}, "answer": "A", "answer_text": item.options[0],
+                "scoring": {"method": "letter", "mode": "exact"}, "explanation": "because"}
+
+    monkeypatch.setattr(ask, "answer", slow_answer)
+    port = _free_port()
+    page = serve.serve(_Fake(), port=port, max_queue=16, abandon_s=1.0, block=False, log=lambda *_: None)
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        fn_index = next(fn._id for fn in page.fns.values() if fn.api_name == "ask")
+        joined = 0
+        with httpx.Client(timeout=10) as http:
+            for k in range(8):  # joins whose answer stream is never opened
+                r = http.post(url + "gradio_api/queue/join", json={
+                    "data": [f"abandoned {k}?", "a\nb"], "fn_index": fn_index, "session_hash": f"gone{k}",
+                    "event_data": None, "trigger_id": None})
+                joined += r.status_code == 200
+            for k in range(8):  # REST calls whose GET never comes
+                r = http.post(url + "gradio_api/call/ask", json={"data": [f"abandoned call {k}?", "a\nb"]})
+                joined += r.status_code == 200
+        assert joined == 16
+        started = time.time()
+        head, _, _, result = _client(url).predict("Real question?", "yes\nno", api_name="/ask")
+        waited = time.time() - started
+        assert result["answer"] == "A" and head.startswith("### Answer: A. yes")
+        assert waited < 8, f"the real question waited {waited:.1f} s behind abandoned joins"
+        assert computed == ["Real question?"], computed  # no abandoned question reached the model
+        with httpx.Client(timeout=30) as http:  # the REST API still works when its GET comes right after the POST
+            event = http.post(url + "gradio_api/call/ask", json={"data": ["Via curl?", "a\nb"]}).json()["event_id"]
+            body = http.get(url + f"gradio_api/call/ask/{event}").text
+        assert "event: complete" in body and "Via curl?" in computed
+    finally:
+        page.close()

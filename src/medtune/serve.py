@@ -4,12 +4,15 @@ probabilities are `ask.answer()`'s, i.e. eval's scoring, so the page shows the n
 Safe by default: binds 127.0.0.1; no public share link unless --share (with a warning); analytics off and no asset
 from a CDN or font service (the browser test records every request the page makes); greedy decoding; input limits
 checked before the model runs; a queue with a concurrency limit and a maximum size, so a crowd gets "busy" instead of
-exhausting memory. The page always shows the disclaimer.
+exhausting memory; and a queued question whose client is not waiting for the answer loses its place (`QueueGuard`), so
+joins that are never read can't hold the queue. The page always shows the disclaimer.
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
+import time
 
 from medtune.ask import MAX_OPTION_CHARS, MAX_OPTIONS, MAX_QUESTION_CHARS, MIN_OPTIONS, Loaded
 from medtune.errors import MedtuneError
@@ -29,14 +32,16 @@ def _quiet_network() -> None:
     os.environ.setdefault("GRADIO_SSR_MODE", "False")
 
 
-def build(loaded: Loaded, max_new_tokens: int = 96):
+def build(loaded: Loaded, max_new_tokens: int = 96, guard: QueueGuard | None = None):
     """The page: disclaimer, model card line, question form, answer with a probability bar chart, explanation."""
     _quiet_network()
     import gradio as gr
 
     from medtune.ask import answer, make_item
 
-    def ask_fn(question: str, options: str):
+    def ask_fn(question: str, options: str, request: gr.Request):
+        if guard is not None and not guard.wait_for_listener(request.session_hash):
+            raise gr.Error("nobody is waiting for this answer (the client went away); it was not computed")
         try:
             item = make_item(question, (options or "").splitlines())
             result = answer(loaded, item, max_new_tokens)
@@ -48,6 +53,8 @@ def build(loaded: Loaded, max_new_tokens: int = 96):
                 f"probability {result['probs'][result['answer']]:.1%} ({s['method']}, {s['mode']} mode)")
         cap = " [stopped at the length cap]" if result.get("explanation_hit_cap") else ""
         return head, bars, result.get("explanation", "") + cap, result
+
+    ask_fn.__annotations__["request"] = gr.Request  # gradio passes the request by this type (a string here otherwise)
 
     with gr.Blocks(analytics_enabled=False, title="medtune: ask the model") as page:
         gr.Markdown(DISCLAIMER_MD, elem_id="disclaimer")
@@ -94,8 +101,10 @@ def model_line(loaded: Loaded) -> str:
 
 
 def serve(loaded: Loaded, host: str = "127.0.0.1", port: int = 7860, share: bool = False, concurrency: int = 1,
-          max_queue: int = 16, max_new_tokens: int = 96, log=print) -> None:
-    """Build the page and serve it until interrupted."""
+          max_queue: int = 16, max_new_tokens: int = 96, log=print, abandon_s: float | None = None,
+          block: bool = True):
+    """Build the page and serve it until interrupted (`block=False`: return the running page; `page.close()` stops
+    it). A queued question whose client has had no answer stream open for `abandon_s` seconds loses its place."""
     if concurrency < 1 or max_queue < 1:
         raise MedtuneError("--concurrency and --max-queue must be 1 or more")
     if share:
@@ -103,9 +112,100 @@ def serve(loaded: Loaded, host: str = "127.0.0.1", port: int = 7860, share: bool
             "and read what is typed. Never enter patient data.")
     if host not in ("127.0.0.1", "localhost", "::1"):
         log(f"warning: serving on {host}: other machines on this network can reach the page")
-    page = build(loaded, max_new_tokens)
+    guard = QueueGuard(ABANDON_S if abandon_s is None else abandon_s)
+    page = build(loaded, max_new_tokens, guard)
     # Requests beyond max_queue waiting get a "queue is full" answer at once: a crowd sees "busy", memory stays flat.
     page.queue(max_size=max_queue, default_concurrency_limit=concurrency)
     log(f"serving on http://{host}:{port} (Ctrl-C stops it)")
     page.launch(server_name=host, server_port=port, share=share, show_error=True, ssr_mode=False, pwa=False,
-                mcp_server=False, enable_monitoring=False, quiet=True, css=CSS)
+                mcp_server=False, enable_monitoring=False, quiet=True, css=CSS, prevent_thread_lock=not block,
+                app_kwargs={"middleware": guard.middleware(page)})
+    return page
+
+
+ABANDON_S = 5.0  # how long a queued question may wait with nobody reading its answer (the browser and gradio_client
+# open their answer stream milliseconds after joining; `curl` users of /call/ask run the GET right after the POST)
+
+
+class QueueGuard:
+    """Queued questions nobody will read lose their place.
+
+    Gradio 6 drops a session's queued questions when its answer stream (`queue/data`, or the GET of `/call/<api>`)
+    closes, but a join that never opens one keeps its place until it has been computed: 17 such joins kept a real
+    question waiting 104 s (issue 18). An ASGI middleware counts the open answer streams per session; a sweep on the
+    server's event loop removes questions queued for more than `abandon_s` seconds whose session has none, and a
+    question that reaches the model with nobody listening is refused instead of computed (`wait_for_listener`)."""
+
+    def __init__(self, abandon_s: float):
+        self.abandon_s = abandon_s
+        self.open: dict[str, int] = {}  # session hash (or /call event id) -> answer streams open now
+        self.dropped = 0
+        self._sweeper: asyncio.Task | None = None
+
+    def listening(self, *keys: str | None) -> bool:
+        return any(self.open.get(k) for k in keys if k)
+
+    def wait_for_listener(self, session: str | None) -> bool:
+        """In the worker thread, before the model runs: is (or, within abandon_s, will) anyone read this answer?"""
+        deadline = time.monotonic() + self.abandon_s
+        while not self.listening(session):
+            if time.monotonic() > deadline:
+                self.dropped += 1
+                return False
+            time.sleep(0.02)
+        return True
+
+    def middleware(self, page) -> list:
+        from starlette.middleware import Middleware
+
+        return [Middleware(_StreamCounter, guard=self, page=page)]
+
+    async def sweep(self, queue) -> None:
+        """Every abandon_s / 4 seconds: drop the queued questions of sessions that stopped (or never started)
+        listening; their message queues go too, so a client that comes back late gets an error, not a hang."""
+        while True:
+            await asyncio.sleep(max(self.abandon_s / 4, 0.05))
+            now = time.monotonic()
+            stale = [e for q in list(queue.event_queue_per_concurrency_id.values()) for e in list(q.queue)
+                     if now - e.enqueue_time > self.abandon_s and not self.listening(e.session_hash, e._id)]
+            for session in {e.session_hash for e in stale}:
+                await queue.clean_events(session_hash=session)
+                if not queue.pending_event_ids_session.get(session):
+                    queue.pending_messages_per_session.pop(session, None)
+            self.dropped += len(stale)
+
+
+class _StreamCounter:
+    """ASGI middleware: counts each open answer stream for QueueGuard, and starts its sweep on the first request."""
+
+    def __init__(self, app, guard: QueueGuard, page):
+        self.app, self.guard, self.page = app, guard, page
+
+    async def __call__(self, scope, receive, send):
+        if self.guard._sweeper is None and scope["type"] in ("http", "websocket"):
+            self.guard._sweeper = asyncio.get_running_loop().create_task(self.guard.sweep(self.page._queue))
+        key = _stream_key(scope)
+        if key is None:
+            return await self.app(scope, receive, send)
+        self.guard.open[key] = self.guard.open.get(key, 0) + 1
+        try:
+            return await self.app(scope, receive, send)
+        finally:
+            self.guard.open[key] -= 1
+            if not self.guard.open[key]:
+                del self.guard.open[key]
+
+
+def _stream_key(scope) -> str | None:
+    """The session an answer stream reads: GET .../queue/data?session_hash=S, or GET .../call/<api>/<event id>."""
+    if scope["type"] != "http" or scope.get("method") != "GET":
+        return None
+    path = scope.get("path", "")
+    if path.endswith("/queue/data"):
+        from urllib.parse import parse_qs
+
+        return (parse_qs(scope.get("query_string", b"").decode("latin-1")).get("session_hash") or [None])[0]
+    parts = path.rstrip("/").split("/")
+    if len(parts) >= 4 and "call" in parts[-4:-2]:  # .../call/ask/ID and .../call/v2/ask/ID
+        return parts[-1]
+    return None
