@@ -64,8 +64,7 @@ def explain(exc: BaseException, path: str | None = None) -> MedtuneError | None:
     if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
         where = path or exc.filename or _file_in_traceback(exc) or "the output directory"
         what = "disk full" if exc.errno == errno.ENOSPC else "disk quota exceeded"
-        return MedtuneError(f"{what} while writing {where}: free space at {_existing_dir(where)} and rerun (the "
-                            "files written before were left as they were)")
+        return MedtuneError(f"{what} while writing {where}: free space at {_existing_dir(where)} and rerun")
     if isinstance(exc, MemoryError):
         where = path or _file_in_traceback(exc)
         return MedtuneError(f"out of memory{f' while reading {where}' if where else ''}: a file larger or deeper "

@@ -1,0 +1,295 @@
+"""Issue 18: bounded work and one line. Hostile chat templates stop within a budget; library errors that escape from
+transformers, PEFT, safetensors or jinja (corrupt or truncated weights, a symlink to a non-model file, a corrupt
+state.json, a full disk, a target module that matches nothing) end in one `error:` line naming the file, exit 2, no
+traceback. Everything goes through the CLI, as a user meets it."""
+
+import errno
+import json
+import os
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from medtune.cli import app
+from medtune.data.items import MCQItem
+from medtune.errors import MedtuneError, explain
+
+runner = CliRunner()
+DEMO = {"id": "q1", "question": "Which organ pumps blood?", "options": ["Heart", "Lung", "Liver", "Skin"], "answer": 0}
+
+
+def one_line(result, *expected) -> str:
+    """Exit 2, exactly one `error:` line and it is the last, no traceback; returns that line."""
+    out = result.output
+    assert result.exit_code == 2, out
+    assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
+    assert "Traceback" not in out
+    errors = [line for line in out.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and out.rstrip().endswith(errors[0]), out
+    for text in expected:
+        assert text in errors[0], (text, errors[0])
+    if os.environ.get("MEDTUNE_SHOW"):
+        print("\nSHOW", errors[0])
+    return errors[0]
+
+
+@pytest.fixture(scope="module")
+def adapter(tmp_path_factory, tiny_model_dir) -> Path:
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path_factory.mktemp("adapter") / "adapter"
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj"], task_type="CAUSAL_LM")).save_pretrained(out)
+    return out
+
+
+@pytest.fixture
+def good(tmp_path) -> str:
+    path = tmp_path / "good.jsonl"
+    path.write_text(json.dumps(DEMO) + "\n")
+    return str(path)
+
+
+# --- chat templates ------------------------------------------------------------------------------------------------
+
+HOSTILE_TEMPLATES = {
+    "loop-1e5x1e5": ("{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}x", "loop steps"),
+    "macro-2^60": ("{% macro f(n) %}{% if n > 0 %}{{ f(n-1) }}{{ f(n-1) }}{% endif %}{% endmacro %}{{ f(60) }}",
+                   "loop steps"),
+    "recursion": ("{% macro f(n) %}{{ f(n) }}{% endmacro %}{{ f(1) }}", "recurses"),
+    "string-bomb": ("{{ 'x' * 10000000000 }}", "repetition"),
+    "list-bomb": ("{{ ([1] * 100000) * 100000 }}", "repetition"),
+    "width-bomb": ("{{ 'x'|center(1000000000) }}", "width or count"),
+    "method-width": ("{{ 'x'.ljust(1000000000) }}", "width or count"),
+    "doubling": ("{% set ns = namespace(s='x') %}{% for i in range(60) %}{% set ns.s = ns.s ~ ns.s %}{% endfor %}"
+                 + "{{ ns.s }}", "rendered text"),
+    "output-loop": ("{% set s = 'x' * 9000000 %}{% for i in range(1000) %}{{ s }}{% endfor %}", "rendered text"),
+    "raise_exception": ("{{ raise_exception('System role not supported') }}", "System role not supported"),
+    "include": ("{% include 'secrets.txt' %}", "TemplateNotFound"),
+    "sandbox": ("{{ ''.__class__.__mro__[1].__subclasses__() }}", "SecurityError"),
+    "syntax": ("{% for %}", "TemplateSyntaxError"),
+    "undefined": ("{{ foo.bar }}", "UndefinedError"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(HOSTILE_TEMPLATES))
+def test_hostile_chat_template_stops_within_budget_in_one_line(tokenizer_dir, name):
+    from transformers import AutoTokenizer
+
+    from medtune.prompts import build_prompt
+
+    template, expected = HOSTILE_TEMPLATES[name]
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    tok.chat_template = template
+    item = MCQItem(id="x", question="Q?", options=("a", "b"), answer=0)
+    started = time.monotonic()
+    with pytest.raises(MedtuneError) as e:
+        build_prompt(item, "chat", tok)
+    assert time.monotonic() - started < 5
+    message = str(e.value)
+    assert "\n" not in message and expected in message and "chat template" in message
+    assert tokenizer_dir in message and "--prompt-style harness" in message
+
+
+def test_budgeted_render_equals_transformers_render(tokenizer_dir):
+    from transformers import AutoTokenizer
+
+    from medtune.prompts import _render_bounded, build_prompt
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    item = MCQItem(id="x", question="Which organ?", options=("Heart", "Lung"), answer=0)
+    messages = [{"role": "user", "content": "Which organ?"}]
+    options = {"add_generation_prompt": True, "enable_thinking": False}
+    assert _render_bounded(tok.get_chat_template(), messages, {**tok.special_tokens_map, **options}) == \
+        tok.apply_chat_template(messages, tokenize=False, **options)
+    started = time.monotonic()
+    for _ in range(200):
+        build_prompt(item, "chat", tok)
+    assert time.monotonic() - started < 5  # the budget costs little per prompt
+
+
+def test_eval_with_a_looping_chat_template_is_one_line_and_writes_nothing(tiny_model_dir, tmp_path, good):
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    cfg_path = model / "tokenizer_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["chat_template"] = HOSTILE_TEMPLATES["loop-1e5x1e5"][0]
+    cfg_path.write_text(json.dumps(cfg))
+    (model / "chat_template.jinja").unlink(missing_ok=True)
+    started = time.monotonic()
+    result = runner.invoke(app, ["eval", "--model", str(model), "--data", good, "--out", str(tmp_path / "out"),
+                                 "--prompt-style", "chat"])
+    one_line(result, str(model), "chat template", "loop steps")
+    assert time.monotonic() - started < 60 and not (tmp_path / "out").exists()
+
+
+# --- weights that are not safetensors, truncated, or a link to something else --------------------------------------
+
+def _variant(src: Path, dst: Path, name: str, how: str) -> Path:
+    shutil.copytree(src, dst)
+    f = dst / name
+    if how == "garbage":
+        f.write_bytes(b"this is not a safetensors file\n" * 20)
+    elif how == "truncated":
+        f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    elif how == "symlink":
+        target = dst.parent / f"notes-{dst.name}.txt"
+        target.write_text("a text file, not model weights\n" * 10)
+        f.unlink()
+        os.symlink(target, f)
+    return f
+
+
+@pytest.mark.parametrize("how", ["garbage", "truncated", "symlink"])
+def test_adapter_weights_not_safetensors_truncated_or_a_link_are_one_line(adapter, tmp_path, tiny_model_dir, good,
+                                                                          how):
+    f = _variant(adapter, tmp_path / "ad", "adapter_model.safetensors", how)
+    result = runner.invoke(app, ["eval", "--model", tiny_model_dir, "--data", good, "--out", str(tmp_path / "out"),
+                                 "--adapter", str(tmp_path / "ad")])
+    line = one_line(result, str(f), "not a readable safetensors file")
+    assert ("a link to" in line) == (how == "symlink")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("how", ["garbage", "truncated"])
+def test_model_weights_not_safetensors_or_truncated_are_one_line(tiny_model_dir, tmp_path, good, how):
+    f = _variant(Path(tiny_model_dir), tmp_path / "m", "model.safetensors", how)
+    result = runner.invoke(app, ["eval", "--model", str(tmp_path / "m"), "--data", good, "--out",
+                                 str(tmp_path / "out")])
+    one_line(result, str(f), "not a readable safetensors file")
+    assert not (tmp_path / "out").exists()
+
+
+def test_adapter_config_nested_100k_deep_is_one_line(adapter, tmp_path, tiny_model_dir, good):
+    shutil.copytree(adapter, tmp_path / "ad")
+    (tmp_path / "ad" / "adapter_config.json").write_text("[" * 100_000 + "]" * 100_000)
+    result = runner.invoke(app, ["eval", "--model", tiny_model_dir, "--data", good, "--out", str(tmp_path / "out"),
+                                 "--adapter", str(tmp_path / "ad")])
+    one_line(result, "adapter_config.json")
+
+
+def test_data_file_nested_100k_deep_is_one_line_through_the_cli(tmp_path):
+    (tmp_path / "deep.json").write_text("[" * 100_000 + "]" * 100_000)
+    one_line(runner.invoke(app, ["data", "validate", str(tmp_path / "deep.json")]), "deep.json", "nested too deeply")
+
+
+# --- checkpoints (checkpoint.py is read through the CLI only) --------------------------------------------------------
+
+@pytest.mark.parametrize("state", ["{\"step\": 1, \"config\": ", "\x00\x01binary", "[" * 100_000])
+def test_corrupt_state_json_is_one_line(tmp_path, tiny_model_dir, state):
+    ckpt = tmp_path / "run" / "checkpoints" / "step-0000001"
+    ckpt.mkdir(parents=True)
+    (ckpt / "state.json").write_text(state)
+    before = sorted(p.name for p in ckpt.iterdir())
+    result = runner.invoke(app, ["train", "--resume", "--set", f"model={tiny_model_dir}", "--set", "device=cpu",
+                                 "--out", str(tmp_path / "run")])
+    one_line(result, "state.json")
+    assert sorted(p.name for p in ckpt.iterdir()) == before
+
+
+# --- LoRA targets ----------------------------------------------------------------------------------------------------
+
+def test_target_modules_matching_nothing_is_one_line(tmp_path, tiny_model_dir):
+    result = runner.invoke(app, ["train", "--set", f"model={tiny_model_dir}", "--set", "device=cpu", "--set",
+                                 "lora.target_modules=[no_such_proj]", "--set", "train.max_steps=1", "--set",
+                                 "data.train_size=8", "--out", str(tmp_path / "run")])
+    one_line(result, "lora.target_modules", "no_such_proj", "all-linear")
+    assert not (tmp_path / "run" / "adapter").exists()
+
+
+# --- a full disk -----------------------------------------------------------------------------------------------------
+
+@pytest.fixture(params=["tmpfs", "simulated"])
+def full_disk(request, tmp_path, monkeypatch):
+    """A directory on a full filesystem: a 1 MiB tmpfs filled up (where this test may mount one: root, Linux), and
+    a simulated one where every medtune write (medtune.io.write_bytes, the one helper) raises ENOSPC."""
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    if request.param == "simulated":
+        from medtune import io
+
+        def no_space(path, data):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+
+        monkeypatch.setattr(io, "write_bytes", no_space)
+        yield mnt
+        return
+    if not (shutil.which("mount") and os.geteuid() == 0 and subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)], check=False, capture_output=True
+    ).returncode == 0):
+        pytest.skip("cannot mount a tmpfs here (needs root); the simulated case covers it")
+    free = shutil.disk_usage(mnt).free
+    (mnt / "filler").write_bytes(b"\0" * (free - 3 * 4096))  # room for the lock and probe files, not for results
+    yield mnt
+    subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+@pytest.fixture
+def many(tmp_path) -> str:
+    """50 items: their predictions (~20 KB) do not fit in what the full disk has left."""
+    path = tmp_path / "many.jsonl"
+    path.write_text("".join(json.dumps({**DEMO, "id": f"q{i}"}) + "\n" for i in range(50)))
+    return str(path)
+
+
+def test_full_disk_in_eval_is_one_line(full_disk, tiny_model_dir, many):
+    out = full_disk / "eval"
+    one_line(runner.invoke(app, ["eval", "--model", tiny_model_dir, "--data", many, "--out", str(out)]),
+             "disk full", str(full_disk), "free space")
+    assert not (out / "results.json").exists()
+
+
+def test_full_disk_in_predict_is_one_line(full_disk, tiny_model_dir, many):
+    one_line(runner.invoke(app, ["predict", many, "--model", tiny_model_dir, "--out", str(full_disk / "p.jsonl")]),
+             "disk full", str(full_disk), "free space")
+
+
+def test_full_disk_in_export_no_merge_is_one_line(full_disk, adapter, tiny_model_dir, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(adapter, run / "adapter")
+    (run / "adapter" / "medtune.json").write_text(json.dumps({"base_model": tiny_model_dir,
+                                                               "prompt_style": "harness"}))
+    one_line(runner.invoke(app, ["export", str(run), "--no-merge", "--out", str(full_disk / "export")]),
+             "disk full", "free space")
+    assert not (full_disk / "export").exists()
+
+
+# --- the mapping itself ----------------------------------------------------------------------------------------------
+
+def test_explain_maps_each_library_error_and_leaves_bugs_alone(tmp_path):
+    import jinja2
+    import yaml
+    from safetensors import SafetensorError
+
+    def raised(fn):
+        try:
+            fn()
+        except Exception as e:  # noqa: BLE001 (the test collects whatever the library raises)
+            return e
+        raise AssertionError("did not raise")
+
+    bad = tmp_path / "w.safetensors"
+    bad.write_bytes(b"\xff" * 64)
+    from safetensors.torch import load_file
+
+    cases = {
+        "safetensors": (raised(lambda: load_file(str(bad))), str(bad)),
+        "jinja": (jinja2.exceptions.TemplateSyntaxError("bad", 1), "chat template"),
+        "json": (raised(lambda: json.loads("{")), "not valid JSON"),
+        "recursion": (RecursionError("maximum recursion depth exceeded"), "nested too deeply"),
+        "yaml": (raised(lambda: yaml.safe_load("a: [")), "not valid YAML"),
+        "enospc": (OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "x")), "disk full"),
+        "edquot": (OSError(errno.EDQUOT, "Disk quota exceeded", str(tmp_path / "x")), "quota"),
+        "memory": (MemoryError(), "out of memory"),
+    }
+    assert isinstance(cases["safetensors"][0], SafetensorError)
+    for name, (exc, expected) in cases.items():
+        mapped = explain(exc)
+        assert isinstance(mapped, MedtuneError) and expected in str(mapped) and "\n" not in str(mapped), name
+    for bug in (KeyError("x"), ValueError("y"), TypeError("z"), OSError(errno.EACCES, "denied")):
+        assert explain(bug) is None
