@@ -65,11 +65,11 @@ def test_a_second_process_on_the_same_out_exits_2_with_one_line(holder, tmp_path
     out, proc = holder
     data = jsonl(tmp_path / "items.jsonl", rows(8))
     done = subprocess.run([sys.executable, "-m", "medtune", "data", "split", str(data), "--train-size", "4", "--out",
-                           str(out)], capture_output=True, text=True, env=ENV, timeout=120)
+                           str(out)], check=False, capture_output=True, text=True, env=ENV, timeout=120)
     assert done.returncode == 2, done.stderr
     assert done.stderr.strip().splitlines() == [
-        f"error: --out {out}: is in use by another medtune process (pid {proc.pid}); wait for it to finish or use "
-        "another --out"]
+        (f"error: --out {out}: is in use by another medtune process (pid {proc.pid}); wait for it to finish or use "
+         "another --out")]
     assert not (out / "train.jsonl").exists()
     # train --resume takes the same lock (checked in this process: flock locks conflict across open files too)
     with pytest.raises(MedtuneError, match=f"in use by another medtune process \\(pid {proc.pid}\\)"), \
@@ -164,6 +164,18 @@ def test_leftovers_of_a_killed_swap_are_cleared_under_the_lock(tmp_path):
     assert (out / "results.json").is_file() and beside(out) == []
 
 
+def test_overwrite_of_the_current_directory_is_refused(tmp_path, monkeypatch):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "results.json").write_text("{}")
+    monkeypatch.chdir(tmp_path / "run")
+    for out in (Path("."), tmp_path):
+        with pytest.raises(MedtuneError, match="is the current directory"), io.claim_out_dir(out, overwrite=True):
+            pass
+    with io.claim_out_dir(Path("."), allow_existing=True) as dest:  # in place (train --resume) is fine
+        assert dest == Path(".")
+    assert (tmp_path / "run" / "results.json").is_file() and beside(tmp_path / "run") == []
+
+
 def test_eval_overwrite_on_a_full_disk_leaves_the_old_run_whole(tiny_model_dir, tmp_path, monkeypatch):
     data = jsonl(tmp_path / "items.jsonl", rows(6))
     out = tmp_path / "out"
@@ -181,7 +193,7 @@ def test_eval_overwrite_on_a_full_disk_leaves_the_old_run_whole(tiny_model_dir, 
 
     monkeypatch.setattr(io, "write_bytes", full)
     result = runner.invoke(app, [*args, "--overwrite"])
-    assert result.exit_code != 0
+    assert result.exit_code == 2 and [x for x in result.output.splitlines() if x.startswith("error:")], result.output
     assert snapshot(out) == old and beside(out) == []  # byte-identical results.json and predictions.jsonl
     monkeypatch.setattr(io, "write_bytes", real)
     assert runner.invoke(app, [*args, "--overwrite"]).exit_code == 0

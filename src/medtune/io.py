@@ -168,11 +168,15 @@ def claim_out_dir(path: Path, overwrite: bool = False, flag: str = "--out",
     """
     path = Path(path)
     with out_dir_lock(path, flag) as main:
+        where = Path(os.path.abspath(path))  # `.` and `..` have no name to put a sibling beside
         if main:
-            _recover(path)
+            _recover(where)
         check_out_dir(path, overwrite, flag, allow_existing)  # again: the dir may have changed before the lock
         swap = overwrite and not allow_existing and bool(_content(path))
-        target = path.with_name(f".{path.name}.new-{_launch_id()}") if swap else path
+        if swap and where in (Path.cwd(), *Path.cwd().parents):
+            raise MedtuneError(f"{flag} {path}: is the current directory (or holds it); --overwrite replaces a run "
+                               "dir as a whole, so run medtune from outside it or choose a new directory")
+        target = where.with_name(f".{where.name}.new-{_launch_id()}") if swap else path
         created = not target.exists()
         try:
             target.mkdir(parents=True, exist_ok=True)
@@ -185,7 +189,7 @@ def claim_out_dir(path: Path, overwrite: bool = False, flag: str = "--out",
             yield target
         except TrainingInterrupted as e:
             if swap and main:
-                replace_dir(target, path)
+                replace_dir(target, where)
                 raise TrainingInterrupted(str(e).replace(str(target), str(path)), e.exit_code) from None
             raise
         except BaseException:
@@ -195,7 +199,7 @@ def claim_out_dir(path: Path, overwrite: bool = False, flag: str = "--out",
                 target.rmdir()
             raise
         if swap and main:
-            replace_dir(target, path)
+            replace_dir(target, where)
 
 
 def _recover(path: Path) -> None:
@@ -247,7 +251,7 @@ def out_dir_lock(path: Path, flag: str = "--out") -> Iterator[bool]:
     try:
         lock.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise MedtuneError(f"{flag} {path}: can't write there ({e.strerror or e})") from None
+        raise MedtuneError(f"{flag} {path}: can't create {lock.parent} ({e.strerror or e})") from None
     main = _world_size() <= 1 or os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")) == "0"
     fd = _acquire(lock, path, flag)
     try:
@@ -266,7 +270,8 @@ def _acquire(lock: Path, path: Path, flag: str) -> int | None:
         try:
             fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as e:
-            raise MedtuneError(f"{flag} {path}: can't write there ({e.strerror or e})") from None
+            raise MedtuneError(f"{flag} {path}: can't write its lock file {lock} ({e.strerror or e}); medtune needs "
+                               "to write beside the output dir: choose one inside a writable directory") from None
         if _try_lock(fd):
             try:
                 same = os.stat(lock).st_ino == os.fstat(fd).st_ino
