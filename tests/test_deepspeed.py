@@ -57,15 +57,15 @@ def test_deepspeed_recipes_load_and_validate(monkeypatch, name, stage):
 def test_resume_is_refused_under_sharded_backends(backend):
     from accelerate.utils import DistributedType
 
+    from medtune.checkpoint import check_launch
     from medtune.errors import MedtuneError
-    from medtune.train import _check_launch
 
     acc = SimpleNamespace(distributed_type=getattr(DistributedType, backend), num_processes=2)
     with pytest.raises(MedtuneError, match=r"^--resume: medtune writes no checkpoints under FSDP/DeepSpeed.*without "
                                            r"--resume.*DDP") as e:
-        _check_launch(acc, None, resume=True)
+        check_launch(acc, None, resume=True)
     assert "\n" not in str(e.value)
-    _check_launch(acc, None, resume=False)  # a fresh run is fine
+    check_launch(acc, None, resume=False)  # a fresh run is fine
 
 
 @pytest.mark.parametrize("backend", ["DEEPSPEED", "FSDP"])

@@ -136,6 +136,22 @@ def check(ckpt: Path, cfg_dict: dict, data: dict | None = None) -> dict:
     return state
 
 
+def check_launch(accelerator, ckpt: Path | None, resume: bool) -> None:
+    """What `--resume` can check only once accelerate has started (before any weights load): the backend, and the
+    number of processes against the checkpoint's."""
+    if resume and sharded(accelerator):
+        raise MedtuneError("--resume: medtune writes no checkpoints under FSDP/DeepSpeed (their optimizer state is "
+                           "sharded), so there is nothing to resume; start the run again without --resume, or train "
+                           "under DDP (recipes/accelerate/multi-gpu-ddp.yaml) for resumable checkpoints")
+    if ckpt is not None:
+        check_world(read_state(ckpt), accelerator.num_processes)
+
+
+def sharded(accelerator) -> bool:
+    """FSDP, DeepSpeed (and Megatron) shard the optimizer state: medtune writes no checkpoints there."""
+    return accelerator.distributed_type.name in ("FSDP", "DEEPSPEED", "MEGATRON_LM")
+
+
 def check_world(state: dict, world: int) -> None:
     """Refuse to resume with another number of processes: the global batch (batch_size x world), the batch plan and
     the per-rank RNG states all depend on it."""
@@ -329,6 +345,18 @@ class Signals:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 self.previous[sig] = signal.signal(sig, self._handle)
         return self
+
+    def agreed(self, accelerator) -> int | None:
+        """The signal to stop on after this step, the same on every rank: one that reached any rank (one all-reduce
+        per step under DDP; torchrun may forward a signal to one worker, or a user may signal one), so all ranks
+        checkpoint at the same step boundary and none waits alone in a collective."""
+        received = self.received
+        if accelerator.num_processes > 1:
+            import torch
+
+            flag = torch.tensor(received or 0, device=accelerator.device)
+            received = int(accelerator.reduce(flag, "max").item()) or None
+        return received
 
     def _handle(self, signum, frame):
         if self.received is not None:

@@ -65,7 +65,7 @@ def train(cfg: Config, items: list[MCQItem], out_dir: Path, resume: bool = False
                               gradient_accumulation_steps=t.grad_accum,
                               cpu=device == "cpu",
                               log_with=t.report_to or None, project_dir=str(out_dir))
-    _check_launch(accelerator, ckpt, resume)  # world size and backend are known only now; still before weights load
+    checkpoint.check_launch(accelerator, ckpt, resume)  # world size, backend: known only now; before weights load
     set_seed(t.seed, deterministic=False)
     preflight(cfg, log if accelerator.is_main_process else (lambda *_: None), info)  # warnings before weights load
     model, tokenizer = _lora_model(cfg, accelerator, log, _attention(cfg, info, policy), base_model)
@@ -89,7 +89,7 @@ def train(cfg: Config, items: list[MCQItem], out_dir: Path, resume: bool = False
         for step in range(run.step, steps):
             loss, real = _guarded_step(run, plan[step], tokenizer, step, len(items))
             run.finish_step(step + 1, loss, real, progress)
-            stop = run.stop_signal(signals.received)  # the ranks agree, so all stop after this same step
+            stop = signals.agreed(accelerator)  # the same on every rank: all stop after this same step
             if stop:
                 run.interrupt(stop)
             if run.due(step + 1):
@@ -171,26 +171,12 @@ def _checkpoint_to_resume(out_dir: Path, cfg: Config, log, items: list[MCQItem])
     return ckpt
 
 
-def _check_launch(accelerator, ckpt: Path | None, resume: bool) -> None:
-    """What `--resume` can only check once accelerate has started: the backend and the number of processes."""
-    from medtune import checkpoint
-
-    if resume and _sharded(accelerator):
-        raise MedtuneError("--resume: medtune writes no checkpoints under FSDP/DeepSpeed (their optimizer state is "
-                           "sharded), so there is nothing to resume; start the run again without --resume, or train "
-                           "under DDP (recipes/accelerate/multi-gpu-ddp.yaml) for resumable checkpoints")
-    if ckpt is not None:
-        checkpoint.check_world(checkpoint.read_state(ckpt), accelerator.num_processes)
-
-
-def _sharded(accelerator) -> bool:
-    return accelerator.distributed_type.name in ("FSDP", "DEEPSPEED", "MEGATRON_LM")
-
-
 class _Run:
     """The state a resume must continue: step, token counter, elapsed time, checkpoints and metrics.jsonl."""
 
     def __init__(self, accelerator, model, optimizer, scheduler, cfg: Config, out_dir: Path, steps: int, log):
+        from medtune import checkpoint
+
         self.acc, self.model, self.optimizer, self.scheduler = accelerator, model, optimizer, scheduler
         self.cfg, self.out_dir, self.steps, self.log = cfg, out_dir, steps, log
         self.metrics = out_dir / "metrics.jsonl"
@@ -199,7 +185,7 @@ class _Run:
         self.t0 = self.last_time = time.time()
         self.last_saved: int | None = None
         self._step_lr = float("nan")  # the rate the last step ran at (set by _train_step before the update)
-        self.sharded = _sharded(accelerator)
+        self.sharded = checkpoint.sharded(accelerator)
         self.data: dict = {}  # the data fingerprint every checkpoint records (begin)
 
     def begin(self, ckpt: Path | None, items: list[MCQItem], plan) -> None:
@@ -278,15 +264,6 @@ class _Run:
         self.acc.wait_for_everyone()
         self.last_saved, self.last_time = step, time.time()
         return path
-
-    def stop_signal(self, received: int | None) -> int | None:
-        """The signal to stop on after this step, the same on every rank: a SIGTERM/SIGINT that reached any rank
-        (one all-reduce per step under DDP), so all ranks checkpoint at the same step boundary."""
-        if self.acc.num_processes > 1:
-            import torch
-
-            received = int(self.acc.reduce(torch.tensor(received or 0, device=self.acc.device), "max").item()) or None
-        return received
 
     def interrupt(self, signum: int) -> None:
         import signal
