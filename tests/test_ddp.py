@@ -4,6 +4,10 @@ Both ranks must finish, only rank 0 may write, and the run must equal a single p
 (per-device batch 2 x 2 processes against batch 4): train.batch_plan builds global micro-batches of batch_size x world,
 rank r trains on examples r, r + world, ... of each, and the loss is normalized by the step's global target tokens, so
 the averaged DDP gradient is the single-process gradient.
+
+Resume under DDP: every rank's own RNG state is saved and restored (a run killed after a checkpoint resumes to the
+bit-identical adapter, with dropout on), a 1-process resume of a 2-process run is refused in one line, and a SIGTERM
+that reaches one rank stops both after the same step with exactly one checkpoint.
 """
 
 import json
