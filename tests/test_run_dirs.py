@@ -241,3 +241,26 @@ def test_run_overwrite_neither_reads_nor_keeps_a_stale_generate_dir_or_cost(tiny
     assert "extra" not in spent["parts"] and spent["wall_s"] < time.time() - started + 1
     res = json.loads((out / "results.json").read_text())
     assert res["kind"] == "run" and f"report: {out / 'report.html'}" in result.output
+
+
+@pytest.mark.slow  # `accelerate launch` of two gloo ranks on the CPU: ~50 s
+def test_two_ranks_of_one_launch_share_the_lock_and_swap_once(tiny_model_dir, tmp_path):
+    import socket
+
+    data = jsonl(tmp_path / "train.jsonl", rows(32))
+    out = tmp_path / "ddp"
+    (out / "stale").mkdir(parents=True)
+    (out / "results.json").write_text("{}")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    values = {"model": tiny_model_dir, "device": "cpu", "data.source": data, "data.train_size": 16,
+              "train.batch_size": 2, "train.max_steps": 2, "train.dtype": "float32", "train.max_length": 128}
+    done = subprocess.run([sys.executable, "-m", "accelerate.commands.accelerate_cli", "launch", "--config_file",
+                           str(ROOT / "recipes" / "accelerate" / "cpu-ddp.yaml"), "--main_process_port", str(port),
+                           "-m", "medtune", "train", *[a for k, v in values.items() for a in ("--set", f"{k}={v}")],
+                           "--out", str(out), "--quiet", "--overwrite"], check=False, capture_output=True, text=True,
+                          timeout=900, cwd=ROOT, env={**ENV, "ACCELERATE_USE_CPU": "1"})
+    assert done.returncode == 0, done.stderr[-5000:]
+    assert (out / "adapter" / "adapter_model.safetensors").is_file() and not (out / "stale").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ddp", "train.jsonl"]  # no lock, temp or old dir left
