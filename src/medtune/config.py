@@ -157,7 +157,7 @@ def _load_yaml(text: str, where: str):
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         at = f"{where}:{mark.line + 1}" if mark and not where.startswith("--set") else where
-        problem = str(getattr(e, "problem", None) or e)
+        problem = (str(getattr(e, "problem", None) or e).strip().splitlines() or ["?"])[0]  # one line
         raise MedtuneError(f"{at}: {problem}" if isinstance(e, _Refused) else f"{at}: not valid YAML: {problem}") \
             from None
     except RecursionError:
@@ -269,7 +269,8 @@ def _choice_ok(key: str, value: str, valid: tuple[str, ...]) -> bool:
 def _build(cls, raw: dict, where: str):
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
-    unknown = sorted(set(raw) - set(names))
+    unknown = sorted(k if isinstance(k, str) and k.isprintable() and k.strip() == k and k else repr(k)
+                     for k in raw if k not in names)  # a key of "\n" or 1 is shown as its repr, on one line
     if unknown:
         raise MedtuneError(f"{where}: unknown key(s) {', '.join(unknown)}; valid keys: {', '.join(names)}")
     values = {}
