@@ -476,3 +476,37 @@ def test_training_and_scoring_cut_overlong_items_by_the_same_rule(tokenizer_dir,
         assert text.startswith(f"Question: {CUT_MARK}") and text.endswith("Which drug is first line?\nA. Aspirin\n"
                                                                             "B. Heparin\nC. Insulin\nD. Saline\nAnswer:")
     assert tok.decode(ex.input_ids[ex.prompt_len:]).startswith(" B. Heparin")  # the answer is never cut
+
+
+# --- issue 18: bounded work and one line (docs/reliability.md section 4b) ------------------------------------------
+
+def _issue18_files(d: Path) -> None:
+    bomb = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
+        f"{n}: &{n} [{', '.join([f'*{p}'] * 9)}]\n" for p, n in zip("abcdefgh", "bcdefghi"))
+    (d / "bomb.yaml").write_text(bomb + "lora:\n  target_modules: *i\n")
+    (d / "dupkey.yaml").write_text("train:\n  lr: 0.1\n  lr: 0.2\n")
+    (d / "inflr.yaml").write_text("train:\n  lr: .inf\n")
+    (d / "infwd.yaml").write_text("train:\n  weight_decay: .inf\n")
+    jsonl(d / "objid.jsonl", [{**DEMO, "id": {"a": 1}}])
+    (d / "deep.jsonl").write_text('{"a":' * 100_000 + "1" + "}" * 100_000 + "\n")
+    (d / "bigfield.csv").write_text("question,A,B,answer\n" + "x" * 200_000 + ",a,b,A\n")
+
+
+CASES_18 = [
+    ("yaml-alias-bomb", lambda w: _train(w) + ["-c", _d(w, "bomb.yaml")], ["bomb.yaml:", "alias bomb"]),
+    ("yaml-duplicate-key", lambda w: _train(w) + ["-c", _d(w, "dupkey.yaml")], ["dupkey.yaml:3", "duplicate key 'lr'"]),
+    ("lr-inf", lambda w: _train(w) + ["-c", _d(w, "inflr.yaml")], ["lr", "finite"]),
+    ("weight-decay-inf", lambda w: _train(w) + ["-c", _d(w, "infwd.yaml")], ["weight_decay", "finite"]),
+    ("lora-r-1e9", lambda w: _train(w, "lora.r=1000000000"), ["lora.r", "1000000000", "out of range"]),
+    ("seed-outside-numpy", lambda w: _train(w, "train.seed=4294967296"), ["train.seed", "0..4294967295"]),
+    ("data-seed-negative", lambda w: _train(w, "data.seed=-1"), ["data.seed", "0..4294967295"]),
+    ("id-is-an-object", lambda w: ["data", "validate", _d(w, "objid.jsonl")], ["objid.jsonl:1", "id: expected text"]),
+    ("json-100k-deep", lambda w: _eval(w, _d(w, "deep.jsonl")), ["deep.jsonl:1", "nested too deeply"]),
+    ("csv-line-it-has", lambda w: ["data", "validate", _d(w, "bigfield.csv")], ["bigfield.csv:2", "csv"]),
+]
+
+
+@pytest.mark.parametrize("case", [pytest.param(c, id=c[0]) for c in CASES_18])
+def test_issue18_bad_input_one_line_exit_2_nothing_written(world, case):
+    _issue18_files(world["d"])
+    test_bad_input_one_line_exit_2_nothing_written(world, case)
