@@ -107,8 +107,9 @@ def test_nota_skipped_items_and_ambiguous_options():
     rows = audit_rows(items, [0, 1, 2, 3], [0] * 4, [0, None, 0, 3], [[0], [1], [2], [3]])
     assert rows[1]["pred_nota"] is None and rows[1]["correct_nota"] is None
     assert rows[2]["nota_ambiguous"] and not rows[0]["nota_ambiguous"]
-    nota = audit_summary(items, rows)["nota"]
-    assert nota["n"] == 3 and nota["n_ambiguous"] == 1
+    summary = audit_summary(items, rows)
+    assert summary["nota"]["n"] == 3 and summary["nota"]["n_ambiguous"] == 1
+    assert summary["rotations"] is None and "rotations" not in render(summary)  # no item was rotated
 
 
 @pytest.fixture(scope="module")
@@ -125,7 +126,7 @@ def test_run_audit_on_tiny_model_equals_scoring_each_variant(tiny):
     model, tok = tiny
     items = _items(4) + [MCQItem(id="pq", question="Abstract: a trial.\nQuestion: Does it work?",
                                  options=("yes", "no", "maybe"), answer=1, benchmark="pubmedqa")]
-    rotated = [it.permuted(o) for it in items for o in rotations(it)]
+    rotated = [it.permuted(o) for it in items[:4] for o in rotations(it)]
     variants = items + [options_only(i) for i in items] + [none_of_the_others(i) for i in items[:4]] + rotated
     # one call, batch_size 1: each prompt scored alone, so batch composition cannot move a near tie
     flat = [LETTERS.index(r["pred"]) for r in score_items(model, tok, variants, "harness", mode="exact", batch_size=1)]
@@ -137,7 +138,7 @@ def test_run_audit_on_tiny_model_equals_scoring_each_variant(tiny):
     assert [r["pred_nota"] for r in rows[:4]] == [LETTERS[p] for p in nota]
     assert rows[4]["pred_nota"] is None  # PubMedQA lists no lettered options under the harness style
     start = 0
-    for it, row in zip(items, rows):
+    for it, row in zip(items[:4], rows):
         orders = rotations(it)
         expected = [order[p] for order, p in zip(orders, rot[start: start + len(orders)])]
         start += len(orders)
@@ -147,4 +148,5 @@ def test_run_audit_on_tiny_model_equals_scoring_each_variant(tiny):
     assert summary["options_only"]["correct"] == sum(r["correct_options_only"] for r in rows)
     assert summary["options_only"]["chance"] == pytest.approx((4 / 4 + 1 / 3) / 5)
     assert not summary["options_only"]["chance_exact"]
-    assert summary["rotations"]["changed"] == sum(r["flips"] > 0 for r in rows)
+    assert rows[4]["rotation_choices"] == [rows[4]["pred_full"]]  # unlettered options are not rotated
+    assert summary["rotations"]["changed"] == sum(r["flips"] > 0 for r in rows) and summary["rotations"]["n"] == 4

@@ -57,7 +57,8 @@ def run_audit(model, tokenizer, items: list[MCQItem], style: str = "harness", me
     from medtune.scoring import rotations, score_items
 
     nota_at = [k for k, it in enumerate(items) if lettered(it, style)]
-    rotated = [(k, order) for k, it in enumerate(items) for order in rotations(it)[1:]]
+    # unlettered options (PubMedQA's yes/no/maybe under harness) are scored by their words: order cannot matter
+    rotated = [(k, order) for k in nota_at for order in rotations(items[k])[1:]]
     batch = (list(items) + [options_only(it) for it in items] + [none_of_the_others(items[k]) for k in nota_at]
              + [items[k].permuted(order) for k, order in rotated])
     preds = [LETTERS.index(r["pred"]) for r in score_items(model, tokenizer, batch, style, method, mode,
@@ -138,9 +139,12 @@ def _nota(rows: list[dict]) -> dict | None:
             "n_ambiguous": sum(r["nota_ambiguous"] for r in scored)}
 
 
-def _rotations(rows: list[dict]) -> dict:
+def _rotations(all_rows: list[dict]) -> dict | None:
     """Per-position accuracy over every rotation, flip rates per gold position over the non-identity rotations,
-    and the share of items whose prediction changes under any rotation."""
+    and the share of items whose prediction changes under any rotation; over the items that were rotated."""
+    rows = [r for r in all_rows if len(r["rotation_choices"]) > 1]
+    if not rows:
+        return None
     by_pos: dict[str, list[bool]] = {}
     flip_pos: dict[str, list[bool]] = {}
     for r in rows:
@@ -153,7 +157,7 @@ def _rotations(rows: list[dict]) -> dict:
     rotated = sum(len(r["rotation_choices"]) - 1 for r in rows)
     every = [all(r["rotation_correct"]) for r in rows]
     return {
-        "changed": changed, "changed_share": changed / len(rows), "changed_ci95": list(stats.wilson_ci(changed, len(rows))),
+        "n": len(rows), "changed": changed, "changed_share": changed / len(rows), "changed_ci95": list(stats.wilson_ci(changed, len(rows))),
         "flip_rate": sum(r["flips"] for r in rows) / rotated if rotated else 0.0,
         "accuracy_all_rotations": sum(every) / len(rows),
         "mean_rotation_accuracy": sum(sum(r["rotation_correct"]) / len(r["rotation_correct"]) for r in rows) / len(rows),
@@ -179,8 +183,10 @@ def render(summary: dict) -> str:
         lines.append(f"none of the other answers: accuracy {nota['accuracy']:.3f} [{nlo:.3f}, {nhi:.3f}] vs "
                      f"{nota['accuracy_full']:.3f} with the original text: drop {nota['drop'] * 100:.1f} points, "
                      f"McNemar p = {nota['vs_full']['mcnemar_p']:.3g} (n = {nota['n']})")
+    if rot is None:
+        return "\n".join(lines)
     by_pos = ", ".join(f"{p} {v['accuracy']:.2f}" for p, v in rot["accuracy_by_gold_position"].items())
-    lines.append(f"rotations: {rot['changed']} of {summary['n']} items ({rot['changed_share']:.1%}) change their answer "
+    lines.append(f"rotations: {rot['changed']} of {rot['n']} items ({rot['changed_share']:.1%}) change their answer "
                  f"under some rotation; {rot['flip_rate']:.1%} of rotated predictions flip; accuracy by gold position: "
                  f"{by_pos}")
     return "\n".join(lines)
