@@ -293,3 +293,17 @@ def test_explain_maps_each_library_error_and_leaves_bugs_alone(tmp_path):
         assert isinstance(mapped, MedtuneError) and expected in str(mapped) and "\n" not in str(mapped), name
     for bug in (KeyError("x"), ValueError("y"), TypeError("z"), OSError(errno.EACCES, "denied")):
         assert explain(bug) is None
+
+
+@pytest.mark.slow
+def test_truncated_checkpoint_weights_are_one_line_on_resume(tmp_path, tiny_model_dir):
+    """A real 2-step run with a checkpoint per step; the newest checkpoint's weights cut to 50 bytes."""
+    argv = ["train", "--set", f"model={tiny_model_dir}", "--set", "device=cpu", "--set", "train.max_steps=2", "--set",
+            "train.save_every=1", "--set", "data.train_size=8", "--set", "train.batch_size=4", "--out",
+            str(tmp_path / "run"), "--quiet"]
+    assert runner.invoke(app, argv).exit_code == 0
+    last = max((tmp_path / "run" / "checkpoints").iterdir())
+    weights = last / "adapter.safetensors"
+    weights.write_bytes(weights.read_bytes()[:50])
+    one_line(runner.invoke(app, [*argv, "--resume"]), str(weights), "not a readable safetensors file",
+             "resume from the one before")

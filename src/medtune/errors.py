@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 
 
 class MedtuneError(Exception):
@@ -40,8 +41,10 @@ def explain(exc: BaseException, path: str | None = None) -> MedtuneError | None:
     detail = _first_line(exc)
     if kind == "SafetensorError":
         where = path or _file_in_traceback(exc, (".safetensors",)) or "a .safetensors file"
+        todo = ("delete this checkpoint to resume from the one before" if re.search(r"checkpoints/step-\d+/", where)
+                else "copy it again or re-export it")
         return MedtuneError(f"{where}{_link(where)}: not a readable safetensors file ({detail}); it is truncated or not "
-                            "model weights: copy it again or re-export it")
+                            f"model weights: {todo}")
     if module.startswith("jinja2"):
         where = path or "the tokenizer's chat template"
         return MedtuneError(f"{where}: chat template failed ({kind}: {detail}); fix the tokenizer's chat_template "
@@ -63,6 +66,7 @@ def explain(exc: BaseException, path: str | None = None) -> MedtuneError | None:
                             f"{getattr(exc, 'problem', None) or detail}")
     if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
         where = path or exc.filename or _file_in_traceback(exc) or "the output directory"
+        where = re.sub(r"(^|/)\.([^/]+)\.tmp-\d+(?=/|$)", r"\1\2", str(where))  # io's temp names: the final one
         what = "disk full" if exc.errno == errno.ENOSPC else "disk quota exceeded"
         return MedtuneError(f"{what} while writing {where}: free space at {_existing_dir(where)} and rerun")
     if isinstance(exc, MemoryError):
