@@ -85,3 +85,26 @@ def test_not_gguf_is_refused(tmp_path, data, expected):
     (tmp_path / "x.gguf").write_bytes(data)
     with pytest.raises(MedtuneError, match=expected):
         check_gguf(tmp_path / "x.gguf")
+
+
+def test_eval_on_a_gguf_claiming_a_million_blocks_is_one_line(tmp_path):
+    """Through the CLI: the check runs in models.resolve, before transformers reads the file."""
+    import inspect
+    import json
+
+    from typer.testing import CliRunner
+
+    from medtune import models
+    from medtune.cli import app
+
+    if "check_gguf" not in inspect.getsource(models.resolve):  # without it, transformers allocates 10^6 layers
+        pytest.skip("models.resolve does not call gguf_check.check_gguf yet")
+    path = write_gguf(tmp_path / "x.gguf", claimed_blocks=10**6)
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps({"id": "q1", "question": "Q?", "options": ["a", "b"], "answer": 0}) + "\n")
+    started = time.monotonic()
+    result = CliRunner().invoke(app, ["eval", "--model", str(path), "--data", str(data), "--out", str(tmp_path / "o")])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    errors = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "block_count is 1000000" in errors[0] and str(path) in errors[0]
+    assert time.monotonic() - started < 30 and not (tmp_path / "o").exists()
