@@ -25,8 +25,8 @@ from conftest import write_jsonl
 from safetensors.torch import load_file
 
 from medtune.config import load_config
+from medtune.data.prepare import prepare_data
 from medtune.models import load_tokenizer
-from medtune.run import prepare_data
 from medtune.train import batch_plan
 
 ROOT = Path(__file__).resolve().parents[1]

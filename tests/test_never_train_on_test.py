@@ -1,5 +1,5 @@
 """Never train on test, whatever the spelling: every way of naming a test split as the training source is refused in
-one line by the one rule (sources.trains_on_test, used by run.prepare_data for `train` and `run`), before any file or
+one line by the one rule (sources.trains_on_test, used by data.prepare.prepare_data for `train` and `run`), before any file or
 the network is read."""
 
 import json
@@ -8,8 +8,8 @@ import pytest
 
 from medtune.config import load_config
 from medtune.data import sources
+from medtune.data.prepare import prepare_data
 from medtune.errors import MedtuneError
-from medtune.run import prepare_data
 
 
 @pytest.fixture

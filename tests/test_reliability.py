@@ -384,13 +384,13 @@ def test_adapter_on_a_same_shape_but_other_base_warns(world, tiny_model_dir, tmp
 
 
 def test_latest_questions_is_not_a_test_split():
-    from medtune.run import _refuse_test
+    from medtune.data.prepare import refuse_test
 
-    _refuse_test("data/latest_questions.jsonl")
-    _refuse_test("contest.csv")
+    refuse_test("data/latest_questions.jsonl")
+    refuse_test("contest.csv")
     for name in ("medqa/test.jsonl", "mmlu_anatomy_test.csv", "medqa-test-4opt.jsonl"):
         with pytest.raises(MedtuneError, match="test split"):
-            _refuse_test(name)
+            refuse_test(name)
 
 
 # --- overlong items ------------------------------------------------------------------------------------------------

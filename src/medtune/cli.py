@@ -164,8 +164,8 @@ def train(config: Config_ = None, sets: Set_ = None,
           resume: Annotated[bool, typer.Option(help="Continue from the last complete checkpoint in --out.")] = False,
           quiet: Quiet = False, overwrite: Overwrite = False, device: Device = None) -> None:
     """LoRA fine-tune on the training part of the data; writes RUN/adapter and RUN/metrics.jsonl."""
+    from medtune.data.prepare import prepare_data
     from medtune.hardware import resolve_device
-    from medtune.run import prepare_data
     from medtune.train import train as train_fn
 
     cfg = _config(config, sets, out_dir=str(out) if out else None, device=device)

@@ -108,7 +108,7 @@ def _jsonl(path: Path) -> list[dict]:
 def _items(run_dir: Path) -> tuple[dict, str | None]:
     """The eval items (for question text), rebuilt from the run's config the way the run built them."""
     from medtune.config import load_config
-    from medtune.run import prepare_data
+    from medtune.data.prepare import prepare_data
 
     try:
         _, eval_items, _ = prepare_data(load_config(run_dir / "config.yaml"), log=lambda *_: None)
