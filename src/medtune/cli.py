@@ -271,8 +271,15 @@ def data_validate(source: str, cop_base: CopBase = None, mapping: Map = None,
     """Read every row; report each bad one as file:line: field: problem (exit 2), or the count of valid items, with a
     warning for items longer than the token limit (they are cut from the left of the question; docs/reliability.md)."""
     from medtune.data.inspect import validate
+    from medtune.prompts import overlong_warnings
 
-    typer.echo(validate(source, cop_base, mapping, model=model, max_length=max_length))
+    line, items = validate(source, cop_base, mapping)
+    tokenizer = None
+    if model:  # data stays below models: the tokenizer is loaded here and passed in
+        from medtune.models import load_tokenizer, resolve
+
+        tokenizer = load_tokenizer(resolve(model, log=lambda *_: None))
+    typer.echo("\n".join([line, *overlong_warnings(items, max_length, tokenizer, model or "")]))
 
 
 @data_app.command("show")

@@ -279,6 +279,29 @@ def fit_prompt(item: MCQItem, style: str, tokenizer, budget: int) -> tuple[MCQIt
     raise MedtuneError(f"item {item.id}: could not fit the prompt into {budget} tokens")
 
 
+CHARS_PER_TOKEN = 3.0  # a conservative estimate for English medical text (real BPE tokenizers: ~3.5-4.5)
+
+
+def overlong_warnings(items: list[MCQItem], max_length: int, tokenizer=None, tokenizer_name: str = "") -> list[str]:
+    """One warning per item whose prompt + answer is over `max_length` tokens (counted with `tokenizer`, or estimated
+    from characters without one): such items get their question cut from the left (fit_prompt above)."""
+    def text(it: MCQItem) -> str:
+        return build_prompt(it, "harness") + build_target(it, "harness")
+
+    if tokenizer is not None:
+        lengths = [_count(tokenizer, text(it)[: max_length * MAX_CHARS_PER_TOKEN]) for it in items]
+        how = f"tokens ({tokenizer_name} tokenizer)"
+    else:
+        lengths = [round(len(text(it)) / CHARS_PER_TOKEN) for it in items]
+        how = f"tokens (estimated at {CHARS_PER_TOKEN:g} characters per token; pass --model for exact counts)"
+    over = [(it.id, n) for it, n in zip(items, lengths) if n > max_length]
+    lines = [f"warning: item {i}: about {n} {how}, over the limit of {max_length}; its question will be cut from "
+             "the left in training and evaluation" for i, n in over[:20]]
+    if len(over) > 20:
+        lines.append(f"warning: ... and {len(over) - 20} more items over {max_length} tokens")
+    return lines
+
+
 DEFAULT_CONTEXT = 8192  # when the tokenizer does not state its model's context length
 
 

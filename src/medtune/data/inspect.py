@@ -17,44 +17,15 @@ def _load(source: str, cop_base: int | None, mapping: str | None) -> list[MCQIte
                         mapping=parse_mapping(mapping) if mapping else None)
 
 
-def validate(source: str, cop_base: int | None = None, mapping: str | None = None, model: str | None = None,
-             max_length: int = 512) -> str:
+def validate(source: str, cop_base: int | None = None, mapping: str | None = None) -> tuple[str, list[MCQItem]]:
+    """The line a user reads (how many valid items, which format) and the items; a bad row raises with file:line.
+    The overlong-item check needs prompts (and a tokenizer), layers above data: prompts.overlong_warnings."""
     items = _load(source, cop_base, mapping)
     note = ""
     if Path(source).is_file() and items and items[0].benchmark == "medmcqa" and cop_base is None:
         rows = list(_rows(Path(source)))
         note = f", cop {'1-based (published)' if decide_cop_base(Path(source), rows, None) else '0-based (Hub)'} detected"
-    lines = [f"{source}: {len(items)} valid items ({items[0].benchmark} format{note})"]
-    lines += overlong_warnings(items, model, max_length)
-    return "\n".join(lines)
-
-
-CHARS_PER_TOKEN = 3.0  # a conservative estimate for English medical text (real BPE tokenizers: ~3.5-4.5)
-
-
-def overlong_warnings(items: list[MCQItem], model: str | None, max_length: int) -> list[str]:
-    """One warning per item whose prompt + answer is over `max_length` tokens (counted with `model`'s tokenizer, or
-    estimated from characters without one): such items get their question cut from the left (docs/reliability.md)."""
-    from medtune.prompts import build_prompt, build_target
-
-    def text(it: MCQItem) -> str:
-        return build_prompt(it, "harness") + build_target(it, "harness")
-
-    if model:
-        from medtune.models import load_tokenizer, resolve
-
-        tokenizer = load_tokenizer(resolve(model, log=lambda *_: None))
-        lengths = [len(tokenizer(text(it)[: max_length * 64], add_special_tokens=False).input_ids) for it in items]
-        how = f"tokens ({model} tokenizer)"
-    else:
-        lengths = [round(len(text(it)) / CHARS_PER_TOKEN) for it in items]
-        how = f"tokens (estimated at {CHARS_PER_TOKEN:g} characters per token; pass --model for exact counts)"
-    over = [(it.id, n) for it, n in zip(items, lengths) if n > max_length]
-    lines = [f"warning: item {i}: about {n} {how}, over the limit of {max_length}; its question will be cut from "
-             "the left in training and evaluation" for i, n in over[:20]]
-    if len(over) > 20:
-        lines.append(f"warning: ... and {len(over) - 20} more items over {max_length} tokens")
-    return lines
+    return f"{source}: {len(items)} valid items ({items[0].benchmark} format{note})", items
 
 
 def summarize(items: list[MCQItem]) -> dict:
