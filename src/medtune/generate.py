@@ -11,6 +11,7 @@ from __future__ import annotations
 from medtune.data.items import MCQItem
 from medtune.parse import contradiction, parse_answer
 from medtune.prompts import clean_explanation, context_limit, fit_prompt
+from medtune.rouge import rouge_l
 
 
 def generate_rows(model, tokenizer, items: list[MCQItem], style: str, max_new_tokens: int = 256,
@@ -50,13 +51,9 @@ def _row(item: MCQItem, text: str, capped: bool) -> dict:
 
 
 def generation_metrics(rows: list[dict]) -> dict:
-    """Unparseable answers, length-cap hits, ROUGE-L of explanations against references, contradiction rate."""
-    from rouge_score import rouge_scorer
-
+    """Unparseable answers, length-cap hits, ROUGE-L (rouge.py) of explanations against references, contradiction rate."""
     n = len(rows)
-    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
-    rouge = [scorer.score(r["reference_explanation"], r["explanation"])["rougeL"].fmeasure
-             for r in rows if r["reference_explanation"]]
+    rouge = [rouge_l(r["reference_explanation"], r["explanation"]) for r in rows if r["reference_explanation"]]
     answered = [r for r in rows if r["pred"] is not None]
     return {"unparseable": n - len(answered), "unparseable_share": (n - len(answered)) / n,
             "hit_length_cap": sum(r["hit_length_cap"] for r in rows),
