@@ -190,15 +190,15 @@ def test_demo_run_exports_gguf_that_reproduces_the_merged_model(tmp_path):
 
 def test_compare_and_card_section():
     """The comparison counts a shift common to every option once (normalized view) and the card states the verdict."""
-    from medtune.export_gguf import _compare, card_section
+    from medtune.export_gguf import card_section, compare_scores
 
     ref = [[-1.0, -2.0, -3.0, -4.0], [-2.0, -1.0, -3.0, -3.5]]
     got = [[-1.3, -2.3, -3.3, -4.3], [-1.0, -2.0, -3.0, -3.5]]  # item 1: common shift; item 2: the choice flips
-    c = _compare(ref, got, 0.15)
+    c = compare_scores(ref, got, 0.15)
     assert c["max_abs_logprob_diff"] == pytest.approx(1.0) and c["agreement"] == 0.5
     assert not c["within_tolerance"]
     assert c["max_abs_option_normalized_diff"] == pytest.approx(abs(-0.44018 - -1.44018), abs=1e-4)
-    writer = _compare(ref, ref, 0.02)
+    writer = compare_scores(ref, ref, 0.02)
     assert writer["within_tolerance"] and writer["max_abs_logprob_diff"] == 0
     info = {"file": "model.q8_0.gguf", "type": "q8_0", "size_bytes": 3 * 2**20, "sha256": "ab" * 32,
             "verification": {"reader": "transformers X", "n": 2, "prompt_style": "harness", "writer_check": writer,

@@ -280,8 +280,8 @@ def verify(merged_dir: Path, gguf_path: Path, gguf_type: str, prompt_style: str,
     import transformers
 
     from medtune.data import sources
-    from medtune.evaluate import encode, score
     from medtune.models import load_model
+    from medtune.scoring import argmax, encode, score
 
     items = sources.load(sources.DEMO, "eval")[:limit]
     scores = {}
@@ -297,9 +297,9 @@ def verify(merged_dir: Path, gguf_path: Path, gguf_type: str, prompt_style: str,
     model, tokenizer, _ = load_model(str(gguf_path), dtype="float32", log=log)
     scores["gguf"] = score(model, encode(items, prompt_style, tokenizer), batch_size=16, mode="exact")[0]
     del model
-    writer = _compare(scores["rounded"], scores["gguf"], WRITER_TOLERANCE)
-    effect = _compare(scores["merged"], scores["gguf"], TOLERANCE[gguf_type])
-    accuracy = {k: sum(_argmax(s) == it.answer for s, it in zip(scores[k], items)) / len(items) for k in scores}
+    writer = compare_scores(scores["rounded"], scores["gguf"], WRITER_TOLERANCE)
+    effect = compare_scores(scores["merged"], scores["gguf"], TOLERANCE[gguf_type])
+    accuracy = {k: sum(argmax(s) == it.answer for s, it in zip(scores[k], items)) / len(items) for k in scores}
     result = {"reader": f"transformers {transformers.__version__} from_pretrained(gguf_file=...)", "data": "demo eval",
               "n": len(items), "method": "letter", "mode": "exact", "prompt_style": prompt_style,
               "writer_check": writer, "vs_fp32_merged": effect, "accuracy_merged": accuracy["merged"],
@@ -315,27 +315,19 @@ def verify(merged_dir: Path, gguf_path: Path, gguf_type: str, prompt_style: str,
     return result
 
 
-def _argmax(values: list[float]) -> int:
-    return max(range(len(values)), key=values.__getitem__)
+def compare_scores(ref: list[list[float]], got: list[list[float]], tolerance: float) -> dict:
+    from medtune.scoring import argmax, softmax
 
-
-def _compare(ref: list[list[float]], got: list[list[float]], tolerance: float) -> dict:
     diffs = [abs(a - b) for ra, rb in zip(ref, got) for a, b in zip(ra, rb)]
-    agree = sum(_argmax(a) == _argmax(b) for a, b in zip(ref, got)) / len(ref)
+    agree = sum(argmax(a) == argmax(b) for a, b in zip(ref, got)) / len(ref)
     # The same, after normalizing over the options: a shift common to all letters (mass moving to or from a token
     # that is not an option) cancels, so this is what the choice between the options sees.
     norm = [abs(math.log(p) - math.log(q)) for ra, rb in zip(ref, got)
-            for p, q in zip(_probs(ra), _probs(rb))]
+            for p, q in zip(softmax(ra), softmax(rb))]
     return {"max_abs_logprob_diff": max(diffs), "mean_abs_logprob_diff": sum(diffs) / len(diffs), "agreement": agree,
             "max_abs_option_normalized_diff": max(norm),
             "tolerance": tolerance, "min_agreement": MIN_AGREEMENT,
             "within_tolerance": max(diffs) <= tolerance and agree >= MIN_AGREEMENT}
-
-
-def _probs(lps: list[float]) -> list[float]:
-    top = max(lps)
-    exps = [math.exp(v - top) for v in lps]
-    return [e / sum(exps) for e in exps]
 
 
 def _round_like_gguf(model, gguf_type: str) -> None:

@@ -325,7 +325,7 @@ def predictions(items: list[MCQItem], scores: list[list[float]], rescored: list[
     `acc_norm` argmax (log-likelihood / characters of the choice) beside it."""
     rows = []
     for k, (item, lps) in enumerate(zip(items, scores)):
-        probs = _softmax(lps)
+        probs = softmax(lps)
         pred = argmax(lps)
         row = {"id": item.id, "gold": item.gold_letter, "pred": LETTERS[pred], "correct": pred == item.answer,
                "pred_text": item.options[pred], "logprobs": {LETTERS[j]: lp for j, lp in enumerate(lps)},
@@ -345,7 +345,7 @@ def argmax(values: list[float]) -> int:
     return max(range(len(values)), key=lambda j: values[j])  # first of equals, as numpy.argmax in lm-eval
 
 
-def _softmax(values: list[float]) -> list[float]:
+def softmax(values: list[float]) -> list[float]:
     top = max(values)
     exps = [math.exp(v - top) for v in values]
     total = sum(exps)
@@ -388,7 +388,7 @@ def _debias(items: list[MCQItem], owners: list[tuple[int, list[int]]], flat: lis
     debiased = [[0.0] * len(it.options) for it in items]
     details = [{"rotation_correct": [], "rotation_choice": []} for _ in items]
     for (k, order), lps in zip(owners, flat):
-        norm = [math.log(p) for p in _softmax(lps)]
+        norm = [math.log(p) for p in softmax(lps)]
         for pos, original in enumerate(order):
             debiased[k][original] += norm[pos] / len(order)
         choice = order[argmax(lps)]
