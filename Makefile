@@ -39,6 +39,7 @@ test-fast: install
 
 lint: install
 	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/lint-imports  # the layers and no-torch contracts in pyproject.toml ([tool.importlinter])
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
