@@ -44,6 +44,7 @@ def fake_torch(*, cuda=None, hip=None, gpus=(), arch_list=(), mps_bf16=None, xpu
             device_count=lambda: len(gpus),
             get_device_properties=lambda i: gpus[i],
             get_arch_list=lambda: list(arch_list),
+            current_device=lambda: 0,
         ),
         backends=SimpleNamespace(mps=SimpleNamespace(is_available=lambda: mps_bf16 is not None)),
         mps=SimpleNamespace(recommended_max_memory=lambda: 21 * GIB),
@@ -92,7 +93,7 @@ HSA = "HSA_OVERRIDE_GFX_VERSION"
 CASES = {
     # id: (fake_torch kwargs, Host kwargs, extras, expected kind, train, eval, attention, env)
     "cuda-sm70": (cuda("Tesla V100-SXM2-32GB", 32, (7, 0), arch_list=["sm_70", *CUDA_ARCHS]), {}, FA,
-                  "cuda", "float16", "float16", "sdpa", {}),
+                  "cuda", "float16", "float32", "sdpa", {}),  # fp16 training; eval fp32: bf16 is emulated
     "cuda-sm80": (cuda("NVIDIA A100-SXM4-80GB", 80, (8, 0), n=2), {}, FA,
                   "cuda", "bfloat16", "bfloat16", "flash_attention_2", {}),
     "cuda-sm90": (cuda("NVIDIA H100 80GB HBM3", 80, (9, 0)), {}, {}, "cuda", "bfloat16", "bfloat16", "sdpa", {}),
@@ -101,16 +102,16 @@ CASES = {
     "rocm-gfx942": (rocm("AMD Instinct MI300X", 192, "gfx942:sramecc+:xnack-", n=8), {"kfd_archs": ["gfx942"] * 8}, {},
                     "rocm", "bfloat16", "bfloat16", "sdpa", {}),
     "rocm-gfx1100": (rocm("Radeon RX 7900 XTX", 24, "gfx1100"), {}, FA, "rocm", "bfloat16", "bfloat16", "sdpa", {}),
-    "rocm-gfx1030": (rocm("AMD Radeon RX 6800 XT", 16, "gfx1030"), {}, {}, "rocm", "float16", "float16", "sdpa", {}),
+    "rocm-gfx1030": (rocm("AMD Radeon RX 6800 XT", 16, "gfx1030"), {}, {}, "rocm", "float16", "float32", "sdpa", {}),
     "rocm-gfx1031-override": (rocm("AMD Radeon RX 6700 XT", 12, "gfx1031"), {"kfd_archs": ["gfx1031"]}, {},
-                              "rocm", "float16", "float16", "sdpa", {HSA: "10.3.0"}),
+                              "rocm", "float16", "float32", "sdpa", {HSA: "10.3.0"}),
     "rocm-gfx1102-override": (rocm("AMD Radeon RX 7600", 8, "gfx1102"), {}, {},
                               "rocm", "bfloat16", "bfloat16", "sdpa", {HSA: "11.0.0"}),
     "mps-bf16": ({"mps_bf16": True}, {}, {}, "mps", "bfloat16", "bfloat16", "sdpa", {}),
     "mps-no-bf16": ({"mps_bf16": False}, {}, {}, "mps", "float32", "float32", "sdpa", {}),
     "xpu": ({"xpu_bf16": True}, {}, {}, "xpu", "bfloat16", "bfloat16", "sdpa", {}),
     "cpu": ({}, {}, FA, "cpu", "float32", "float32", "sdpa", {}),
-    "cpu-bf16": ({"cpu_bf16": True}, {}, FA, "cpu", "bfloat16", "float32", "sdpa", {}),
+    "cpu-bf16": ({"cpu_bf16": True}, {}, FA, "cpu", "bfloat16", "bfloat16", "sdpa", {}),
 }
 
 
@@ -122,6 +123,8 @@ def test_policy_per_device(monkeypatch, case):
     assert policy.env == env
     assert policy.loss_scaling is (train == "float16")
     assert info.bf16 is (train == "bfloat16")
+    assert hw.native_bf16(hw.device_string(info), torch_fake := fake_torch(**torch_kw)) is info.bf16  # one decision
+    assert hw.weights_dtype(hw.device_string(info), torch_fake) == evald
     assert policy.qlora_available is False  # bitsandbytes isn't installed in any of these
     assert hw.device_string(info) == {"rocm": "cuda"}.get(kind, kind)
     assert rep["device"]["torch_device"] == hw.device_string(info)
@@ -144,7 +147,7 @@ def test_capability_is_the_weakest_gpu(monkeypatch):
 
 def test_reasons_explain_the_table():
     archs = ("gfx906", "gfx908", "gfx942", "gfx1030", "gfx1032", "gfx1151", "gfx803")
-    reasons = {arch: hw._gpu_dtype("rocm", None, arch) for arch in archs}
+    reasons = {arch: hw.gpu_dtype("rocm", None, arch) for arch in archs}
     assert reasons["gfx906"][0] == reasons["gfx908"][0] == "float16"
     assert reasons["gfx942"][0] == "bfloat16" and "CDNA3" in reasons["gfx942"][1]
     why = "gfx1030 RDNA2 (RX 6000 series, W6800, 680M): no bf16 WMMA: float16 with loss scaling"
@@ -152,8 +155,8 @@ def test_reasons_explain_the_table():
     assert reasons["gfx1032"][0] == "float16"  # takes its same-ISA sibling's row
     assert reasons["gfx1151"][0] == "bfloat16"  # unlisted RDNA3.5: the gfx11 family rule
     assert reasons["gfx803"][0] == "float32"  # unknown: the safe choice
-    assert hw._gpu_dtype("cuda", (6, 1), None)[0] == "float32"
-    assert hw._gpu_dtype("cuda", (7, 5), None) == ("float16", "sm75: " + hw.CUDA_DTYPES[1][2])
+    assert hw.gpu_dtype("cuda", (6, 1), None)[0] == "float32"
+    assert hw.gpu_dtype("cuda", (7, 5), None) == ("float16", "sm75: " + hw.CUDA_DTYPES[1][2])
 
 
 # --- ROCm override: never folklore, never over the user's value ---
@@ -219,8 +222,8 @@ def test_kfd_archs_from_sysfs(tmp_path):
     for node, version in enumerate([0, 90010, 100301, 90402]):  # node 0 is the CPU
         (tmp_path / str(node)).mkdir()
         (tmp_path / str(node) / "properties").write_text(f"cpu_cores_count 8\ngfx_target_version {version}\n")
-    assert hw._kfd_archs(tmp_path) == ["gfx90a", "gfx1031", "gfx942"]
-    assert hw._kfd_archs(tmp_path / "missing") == []
+    assert hw.read_kfd_archs(tmp_path) == ["gfx90a", "gfx1031", "gfx942"]
+    assert hw.read_kfd_archs(tmp_path / "missing") == []
 
 
 # --- doctor: one test per trap ---
@@ -329,7 +332,7 @@ def test_bnb_probe_on_this_machine():
     """The probe `medtune env` trusts: a real NF4 round trip through bitsandbytes, or the exact error."""
     pytest.importorskip("bitsandbytes")
     info = hw.detect()
-    backend, error = hw._bnb_probe(hw.device_string(info))
+    backend, error = hw.bnb_probe(hw.device_string(info))
     assert (backend is None) is bool(error), (backend, error)  # a backend, or the reason there is none
     assert hw.decide(info).qlora_available is (backend is not None) or info.kind not in ("cpu", "cuda", "rocm")
 
@@ -409,9 +412,10 @@ def test_detect_on_this_machine():
     assert (info.count > 0) is (kind != "cpu") and len(info.names) == len(info.memory)
     policy = hw.decide(info)
     rep = hw.report(info, policy, [])
-    assert rep["versions"]["transformers"] and policy.train_dtype == hw._native_dtype(info)[0]
-    # the eval dtype: fp32 on a CPU (exact scores), the training dtype on an accelerator
-    assert policy.eval_dtype == ("float32" if kind == "cpu" else policy.train_dtype)  # cpu-only: branch on kind
+    assert rep["versions"]["transformers"] and policy.train_dtype == hw.native_dtype(info)[0]
+    # evaluation holds the weights in bf16 exactly where bf16 is native (hardware.native_bf16, the one decision)
+    assert policy.eval_dtype == ("bfloat16" if info.bf16 else "float32")
+    assert info.bf16 is hw.native_bf16(hw.device_string(info))
     if kind == "cpu":  # cpu-only: native bf16 decides the training dtype
         assert policy.train_dtype == ("bfloat16" if info.bf16 else "float32")
     json.dumps(rep)

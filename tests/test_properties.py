@@ -164,11 +164,7 @@ states = (json_trees.map(json.dumps) | st.fixed_dictionaries(
 ).map(json.dumps)).flatmap(lambda text: st.sampled_from([text, text[: len(text) // 2]]))
 
 
-@pytest.mark.xfail(raises=(AttributeError, TypeError), strict=True,
-                   reason="checkpoint.read_state/check take state.json's fields without checking their types ('null', "
-                          "'[]', {\"config\": \"x\"}, data.train not an object): owned by checkpoint.py; remove this "
-                          "marker with that fix")
-@settings(SETTINGS, report_multiple_bugs=False)  # one exception (not a group), so the xfail above can match it
+@settings(SETTINGS, report_multiple_bugs=False)
 @given(state=states)
 def test_any_state_json_gives_the_state_or_one_line(tmp_path_factory, state):
     from medtune import checkpoint

@@ -94,8 +94,14 @@ def checkpoint_dir(out_dir: Path, step: int) -> Path:
 
 
 def read_state(ckpt: Path) -> dict:
-    """A checkpoint's state.json (step, world, data fingerprint, ...)."""
-    return _read_json(ckpt / "state.json")
+    """A checkpoint's state.json (step, world, data fingerprint, ...), its shape checked: anything else is one line."""
+    state = _read_json(ckpt / "state.json")
+    data = state.get("data") if isinstance(state, dict) else None
+    if not isinstance(state, dict) or not isinstance(state.get("config") or {}, dict) \
+            or not isinstance(data or {}, dict) or not isinstance((data or {}).get("train") or {}, dict) \
+            or not isinstance(state.get("step"), int) or isinstance(state.get("step"), bool):
+        raise MedtuneError(f"{ckpt / 'state.json'}: not a medtune checkpoint state; resume from an earlier checkpoint")
+    return state
 
 
 def remove_stale(out_dir: Path) -> None:
@@ -129,7 +135,8 @@ def check(ckpt: Path, cfg_dict: dict, data: dict | None = None) -> dict:
     if data is not None:
         saved = (state.get("data") or {}).get("train")
         if saved != data:
-            was = f"{saved['n']} items, sha256 {saved['sha256'][:12]}" if saved else "none recorded (an older medtune)"
+            was = f"{saved.get('n')} items, sha256 {str(saved.get('sha256'))[:12]}" if saved \
+                else "none recorded (an older medtune)"
             raise MedtuneError(f"--resume: the training data differs from the checkpoint's ({was}; now {data['n']} "
                                f"items, sha256 {data['sha256'][:12]}); resume with the same data files and data.* "
                                "values, or start a new run (--overwrite or another --out)")
@@ -311,8 +318,9 @@ def _jsonable(value):
 def _read_json(path: Path):
     try:
         return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise MedtuneError(f"{path}: unreadable checkpoint file ({e}); resume from an earlier checkpoint") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise MedtuneError(f"{path}: unreadable checkpoint file ({type(e).__name__}); resume from an earlier "
+                           "checkpoint") from None
 
 
 def cut_metrics(path: Path, step: int) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -74,6 +75,11 @@ def user_errors(fn):
 
 
 def _log(quiet: bool = False):
+    if quiet:  # transformers' weight-loading / shard-writing bars and huggingface_hub's download bars too
+        os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
     return (lambda *a: None) if quiet else (lambda msg: typer.echo(msg, err=True))
 
 
@@ -186,8 +192,6 @@ def run(config: Config_ = None, sets: Set_ = None,
         out: Annotated[Path | None, typer.Option(help="Run dir.")] = None,
         quiet: Quiet = False, json_out: Json = False, overwrite: Overwrite = False, device: Device = None) -> None:
     """The main job: evaluate the base model, fine-tune, evaluate again on the same items, compare."""
-    from dataclasses import replace
-
     from medtune.hardware import resolve_device
     from medtune.run import run as run_fn
 
@@ -195,9 +199,7 @@ def run(config: Config_ = None, sets: Set_ = None,
                   **{"data.source": data, "data.train_size": train_size})
     resolve_device(cfg.device)
     with claim_out_dir(Path(cfg.out_dir), overwrite) as dest:  # dest: a fresh dir beside an old run, swapped in
-        # TODO(run.py): pass `out=dest` and keep cfg.out_dir (the recorded config then names the final --out)
-        results = run_fn(cfg if dest == Path(cfg.out_dir) else replace(cfg, out_dir=str(dest)), quiet=quiet,
-                         log=_log(quiet))
+        results = run_fn(cfg, quiet=quiet, log=_log(quiet), out=dest)  # the config records the final --out
     _print_results(results, json_out, Path(cfg.out_dir))
     if not json_out:
         typer.echo(f"report: {Path(cfg.out_dir) / Path(results['report']).relative_to(dest)}")

@@ -246,8 +246,8 @@ def explain_items(run_dir: Path, results: dict, items: list, log, loaded=None) -
     """Greedy answer + explanation for a few items with the run's tuned model (generate.py, the eval's own code)."""
     from medtune.config import load_config
     from medtune.evaluate import adapter_style
-    from medtune.hardware import resolve_device
     from medtune.generate import generate_rows
+    from medtune.hardware import resolve_device
     from medtune.models import load_model
 
     cfg = load_config(run_dir / "config.yaml")

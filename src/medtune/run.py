@@ -12,10 +12,11 @@ from medtune.data.items import MCQItem
 from medtune.data.prepare import prepare_data
 
 
-def run(cfg: Config, quiet: bool = False, log=print) -> dict:
+def run(cfg: Config, quiet: bool = False, log=print, out: Path | None = None) -> dict:
     """The base weights are held once: the base evaluations (every method), training (LoRA layers injected into that
     same model, then taken out) and the tuned evaluations (the saved adapter attached to it) all use one load, in the
-    device policy's dtype. QLoRA trains on its own quantized load, so the evaluation copy is dropped meanwhile."""
+    device policy's dtype. QLoRA trains on its own quantized load, so the evaluation copy is dropped meanwhile.
+    `out`: where to write (the CLI's fresh dir beside an old run, swapped in at the end); default cfg.out_dir."""
     import gc
 
     from medtune.doctor import preflight
@@ -26,7 +27,7 @@ def run(cfg: Config, quiet: bool = False, log=print) -> dict:
     from medtune.train import train
 
     started = time.time()
-    out = Path(cfg.out_dir)
+    out = Path(out) if out is not None else Path(cfg.out_dir)
     device = resolve_device(cfg.device)
     train_items, eval_items, data = prepare_data(cfg, log)
     out.mkdir(parents=True, exist_ok=True)
