@@ -30,7 +30,7 @@ models = {}
 for name in names:
     cfg = load_config(None, [*base, f"lora.quantize={'4bit' if name == '4bit' else 'none'}"])
     with mock.patch.object(T, "_base_dtype", lambda a, n=name: "float32" if n == "fp32" else "bfloat16"):
-        m, tok = T._lora_model(cfg, acc, print, "eager")
+        m, tok = T.lora_model(cfg, acc, print, "eager")
     m.train()
     print(name, "weights MB", round(m.get_memory_footprint() / 2**20), flush=True)
     models[name] = (m, torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-4))
@@ -44,7 +44,7 @@ for rep in range(repeats):
         for b in batches:
             ids, mask, labels = T.collate(b, tok.pad_token_id, "cpu")
             with acc.autocast():
-                loss = T._loss_sum(m, ids, mask, labels, T.first_target(b))
+                loss = T.completion_loss_sum(m, ids, mask, labels, T.first_target(b))
             loss.backward()
         opt.step()
         opt.zero_grad()

@@ -3,7 +3,7 @@
 Scores the demo evaluation set (letter method, fp32, `harness` prompt) with the embedded model (merged with
 --adapter), then with Q8_0 rounding (the gguf package's quantiser, what `medtune export --gguf q8_0` writes) applied
 to all matrices, all but the tied embedding, each projection kind alone, and layers 0-1; prints the same comparison
-the export's check writes into the model card (export_gguf._compare) for each.
+the export's check writes into the model card (export_gguf.compare_scores) for each.
 
   HF_HUB_OFFLINE=1 python benchmarks/gguf_q8_sensitivity.py --adapter runs/demo/adapter
 """
@@ -26,7 +26,7 @@ def main() -> None:
 
     from medtune.data import sources
     from medtune.evaluate import encode, score
-    from medtune.export_gguf import _compare
+    from medtune.export_gguf import compare_scores
     from medtune.models import load_model
 
     items = sources.load(sources.DEMO, "eval")[: args.limit]
@@ -49,7 +49,7 @@ def main() -> None:
                 if p.ndim == 2 and chosen(name):
                     q = gguf.quants.dequantize(gguf.quants.quantize(p.float().numpy(), q8), q8)
                     p.copy_(torch.from_numpy(q.reshape(p.shape)))
-        c = _compare(ref, score(rounded, encoded, batch_size=16, mode="exact")[0], 0.15)
+        c = compare_scores(ref, score(rounded, encoded, batch_size=16, mode="exact")[0], 0.15)
         keep = ("max_abs_logprob_diff", "mean_abs_logprob_diff", "agreement", "max_abs_option_normalized_diff")
         print(label, json.dumps({k: round(c[k], 4) for k in keep}), flush=True)
 

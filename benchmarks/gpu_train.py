@@ -292,7 +292,7 @@ def run_medtune(arch: dict, examples, epochs: int, device: str, seed: int, base_
         seen.update(weights=str(base_dtype or dtype).removeprefix("torch."), attention=attn_implementation)
         return build_model(arch, base_dtype or dtype, attn_implementation, "cpu" if device == "cpu" else "cuda")
 
-    real_lora_model, real_plan = T._lora_model, T.batch_plan
+    real_lora_model, real_plan = T.lora_model, T.batch_plan
 
     def lora_model(cfg, accelerator, log, attn_implementation=None, base=None):
         model, tok = real_lora_model(cfg, accelerator, log, attn_implementation, base)
@@ -301,7 +301,7 @@ def run_medtune(arch: dict, examples, epochs: int, device: str, seed: int, base_
 
         def loss_fn(ids, mask, labels):
             with accelerator.autocast():
-                return T._loss_sum(model, ids, mask, labels, T.first_target(examples[: cfg.train.batch_size]))
+                return T.completion_loss_sum(model, ids, mask, labels, T.first_target(examples[: cfg.train.batch_size]))
 
         seen.update(warmup_s=_warmup(loss_fn, [batch], model, device), autocast=accelerator.mixed_precision,
                     trainable=sum(p.numel() for p in model.parameters() if p.requires_grad))
@@ -319,11 +319,11 @@ def run_medtune(arch: dict, examples, epochs: int, device: str, seed: int, base_
         stack.enter_context(mock.patch.object(transformers.AutoModelForCausalLM, "from_pretrained", from_pretrained))
         stack.enter_context(mock.patch.object(models, "resolve", lambda name, log=None: name))
         stack.enter_context(mock.patch.object(models, "load_tokenizer", lambda *a, **k: tok))
-        stack.enter_context(mock.patch.object(T, "_lora_model", lora_model))
+        stack.enter_context(mock.patch.object(T, "lora_model", lora_model))
         stack.enter_context(mock.patch.object(T, "batch_plan", batch_plan))
         stack.enter_context(mock.patch.object(T, "_save_adapter", lambda *a, **k: None))
-        real_begin = T._Run.begin  # synthetic examples have no text to keep in the run dir
-        stack.enter_context(mock.patch.object(T._Run, "begin", lambda self, ckpt, _items: real_begin(self, ckpt, [])))
+        real_begin = T.TrainRun.begin  # synthetic examples have no text to keep in the run dir
+        stack.enter_context(mock.patch.object(T.TrainRun, "begin", lambda self, ckpt, _items: real_begin(self, ckpt, [])))
         summary = T.train(cfg, examples, Path(tmp), quiet=True, log=lambda *_: None)
         _sync(device)
     plan = seen["plan"]

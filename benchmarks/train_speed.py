@@ -331,7 +331,7 @@ def run_medtune(variant: str, model_dir: str, items, steps: int, tmp: Path, sets
     from medtune import train as train_mod
     from medtune.config import load_config
     from medtune.hardware import decide, detect
-    from medtune.train import _attention, _mixed_precision, train
+    from medtune.train import attention_kernel, mixed_precision_for, train
 
     sets = [f"train.gradient_checkpointing={str(GRADIENT_CHECKPOINTING[variant]).lower()}",
             *VARIANT_SETS.get(variant, []), *sets]  # --set wins
@@ -342,7 +342,7 @@ def run_medtune(variant: str, model_dir: str, items, steps: int, tmp: Path, sets
     rows = [json.loads(line) for line in (tmp / "metrics.jsonl").read_text().splitlines() if line.strip()]
     info = detect()
     policy = decide(info)
-    mixed = _mixed_precision(cfg.train.dtype, policy.train_dtype)
+    mixed = mixed_precision_for(cfg.train.dtype, policy.train_dtype)
     adapter = load_file(str(tmp / "adapter" / "adapter_model.safetensors"))
     extra = {"losses": [round(r["loss"], 4) for r in rows],
              "lora_b_updated": updated([t for n, t in adapter.items() if "lora_B" in n]),
@@ -350,7 +350,7 @@ def run_medtune(variant: str, model_dir: str, items, steps: int, tmp: Path, sets
              "dtype": "float32" if mixed == "no" else f"{mixed} autocast, frozen base in " + (
                  "fp32" if variant == "medtune-fp32base" else cfg.lora.quantize if cfg.lora.quantize != "none"
                  else f"{mixed} (LoRA weights and AdamW state fp32)"),
-             "attention": _attention(cfg, info, policy), "gradient_checkpointing": cfg.train.gradient_checkpointing,
+             "attention": attention_kernel(cfg, info, policy), "gradient_checkpointing": cfg.train.gradient_checkpointing,
              "loss_on": f"target ({cfg.train.target}) + EOS", "prompt_style": cfg.prompt_style, "sets": sets}
     # elapsed_s and tokens are cumulative from train()'s t0 (just before step 1); begin = 0 on that clock
     return measure(variant, steps, 0.0, [r["elapsed_s"] for r in rows], [r["tokens"] for r in rows], extra)

@@ -99,13 +99,13 @@ def test_hostile_chat_template_stops_within_budget_in_one_line(tokenizer_dir, na
 def test_budgeted_render_equals_transformers_render(tokenizer_dir):
     from transformers import AutoTokenizer
 
-    from medtune.prompts import _render_bounded, build_prompt
+    from medtune.prompts import build_prompt, render_bounded
 
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
     item = MCQItem(id="x", question="Which organ?", options=("Heart", "Lung"), answer=0)
     messages = [{"role": "user", "content": "Which organ?"}]
     options = {"add_generation_prompt": True, "enable_thinking": False}
-    assert _render_bounded(tok.get_chat_template(), messages, {**tok.special_tokens_map, **options}) == \
+    assert render_bounded(tok.get_chat_template(), messages, {**tok.special_tokens_map, **options}) == \
         tok.apply_chat_template(messages, tokenize=False, **options)
     started = time.monotonic()
     for _ in range(200):

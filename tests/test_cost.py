@@ -45,9 +45,9 @@ def test_visible_devices(monkeypatch):
     monkeypatch.delenv("HIP_VISIBLE_DEVICES", raising=False)
     monkeypatch.delenv("ROCR_VISIBLE_DEVICES", raising=False)
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,0")
-    assert cost._visible(4) == [2, 0]
+    assert cost.visible_indices(4) == [2, 0]
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "GPU-8c1f")  # UUIDs: cannot map to indices, count them all
-    assert cost._visible(2) == [0, 1]
+    assert cost.visible_indices(2) == [0, 1]
 
 
 def test_price_needs_a_price_for_the_device(tmp_path):

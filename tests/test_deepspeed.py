@@ -9,7 +9,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from medtune.train import _fill_deepspeed
+from medtune.train import fill_deepspeed
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -42,10 +42,10 @@ def test_deepspeed_recipes_load_and_validate(monkeypatch, name, stage):
     if stage == 3:  # accelerate.get_state_dict gathers ZeRO-3 shards only with this set; else it raises at save
         assert ds["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] is True
         assert plugin.zero3_init_flag
-    _fill_deepspeed(SimpleNamespace(state=SimpleNamespace(deepspeed_plugin=plugin)), batch_size=8)
+    fill_deepspeed(SimpleNamespace(state=SimpleNamespace(deepspeed_plugin=plugin)), batch_size=8)
     assert ds["train_micro_batch_size_per_gpu"] == 8  # prepare() raises on `auto` without a DataLoader
     assert ds["gradient_clipping"] == 0.0  # no clipping, as without DeepSpeed
-    _fill_deepspeed(SimpleNamespace(state=SimpleNamespace(deepspeed_plugin=None)), batch_size=8)  # no-op elsewhere
+    fill_deepspeed(SimpleNamespace(state=SimpleNamespace(deepspeed_plugin=None)), batch_size=8)  # no-op elsewhere
 
 
 # --- resume and interrupts under FSDP / DeepSpeed: refused, and said truthfully ---------------------------------------
@@ -75,10 +75,10 @@ def test_sigterm_under_sharded_backends_says_no_checkpoint_was_written(backend, 
     from accelerate.utils import DistributedType
 
     from medtune.errors import TrainingInterrupted
-    from medtune.train import _Run
+    from medtune.train import TrainRun
 
     acc = SimpleNamespace(distributed_type=getattr(DistributedType, backend), num_processes=1, is_main_process=True)
-    run = _Run(acc, None, None, None, None, tmp_path, 10, lambda *_: None)
+    run = TrainRun(acc, None, None, None, None, tmp_path, 10, lambda *_: None)
     run.step = 3
     with pytest.raises(TrainingInterrupted, match=r"^SIGTERM at step 3 of 10: no checkpoint is written under "
                                                   r"FSDP/DeepSpeed, so the run must start again") as e:

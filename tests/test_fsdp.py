@@ -40,7 +40,7 @@ world, rank = acc.num_processes, acc.process_index
 cfg = load_config(None, [f"model={model_dir}", "train.dtype=float32", f"train.batch_size={4 // world}",
                          "train.max_length=128", "lora.r=4", "lora.alpha=8", "train.group_by_length=false"])
 set_seed(7)
-model, tok = T._lora_model(cfg, acc, print)
+model, tok = T.lora_model(cfg, acc, print)
 if world > 1:
     for layer in model.base_model.model.model.layers:  # the transformer block is the shard unit (fsdp.yaml)
         fully_shard(layer)
@@ -51,7 +51,7 @@ for step in T.batch_plan(data, cfg, tok, world)[:3]:
     total = sum(len(ex.input_ids) - max(ex.prompt_len, 1) for b in step for ex in b)
     for b in step:
         ids, mask, labels = T.collate(b[rank::world], tok.pad_token_id, "cpu")
-        (T._loss_sum(model, ids, mask, labels, T.first_target(b[rank::world])) * world / total).backward()
+        (T.completion_loss_sum(model, ids, mask, labels, T.first_target(b[rank::world])) * world / total).backward()
     opt.step()
     opt.zero_grad()
 lora = {k: v for k, v in model.state_dict().items() if "lora_" in k}

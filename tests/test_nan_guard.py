@@ -44,14 +44,14 @@ def deepspeed_like_backward(monkeypatch):
 @pytest.mark.parametrize("poisoned_micro_batch", [1, 2])  # step 1 has two micro-batches (grad_accum 2)
 def test_nan_loss_never_reaches_the_weights_when_backward_steps(tiny_model_dir, tmp_path, monkeypatch,
                                                                 deepspeed_like_backward, poisoned_micro_batch):
-    real, calls = train_mod._loss_sum, []
+    real, calls = train_mod.completion_loss_sum, []
 
     def poisoned(*args):
         calls.append(1)
         loss = real(*args)
         return loss * float("nan") if len(calls) == poisoned_micro_batch else loss
 
-    monkeypatch.setattr(train_mod, "_loss_sum", poisoned)
+    monkeypatch.setattr(train_mod, "completion_loss_sum", poisoned)
     data = write_jsonl(tmp_path / "train.jsonl", [i.to_dict() for i in items(24)])
     sets = {"model": tiny_model_dir, "device": "cpu", "data.source": str(data), "data.train_size": 16,
             "train.dtype": "float32", "train.batch_size": 2, "train.grad_accum": 2, "train.max_steps": 3,
@@ -97,7 +97,7 @@ from test_resume import items
 
 model_dir, out = sys.argv[1], Path(sys.argv[2])
 rank, calls, seen = int(os.environ["RANK"]), [], {}
-real_loss, real_backward = T._loss_sum, Accelerator.backward
+real_loss, real_backward = T.completion_loss_sum, Accelerator.backward
 
 
 def poisoned(*args):  # step 2 (one micro-batch per step), on rank 1 only
@@ -111,7 +111,7 @@ def backward(self, loss, **kwargs):
     real_backward(self, loss, **kwargs)
 
 
-T._loss_sum, Accelerator.backward = poisoned, backward
+T.completion_loss_sum, Accelerator.backward = poisoned, backward
 cfg = load_config(None, [f"model={model_dir}", "device=cpu", "train.dtype=float32", "train.batch_size=2",
                          "train.max_steps=4", "train.save_every=1", "train.max_length=96", "train.lr=1e-2",
                          "lora.r=4", "lora.alpha=8"])

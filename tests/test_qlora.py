@@ -53,13 +53,13 @@ def test_4bit_training_on_cpu_saves_an_adapter_that_evaluates(tmp_path, monkeypa
     from medtune import train as train_mod
 
     seen = {}
-    real = train_mod._lora_model
+    real = train_mod.lora_model
 
     def spy(*args, **kwargs):
         seen["model"], tok = real(*args, **kwargs)
         return seen["model"], tok
 
-    monkeypatch.setattr(train_mod, "_lora_model", spy)
+    monkeypatch.setattr(train_mod, "lora_model", spy)
     out = tmp_path / "q"
     cfg = cfg_for("embedded", out, **{"lora.quantize": "4bit", "train.dtype": "bfloat16", "train.max_steps": 2,
                                      "train.batch_size": 2, "train.max_length": 64, "train.target": "answer",

@@ -113,7 +113,7 @@ def _no_model(*args, **kwargs):
 def test_resume_with_other_training_data_is_refused_before_the_model_loads(checkpointed, tiny_model_dir,
                                                                           monkeypatch):
     out, _ = checkpointed
-    monkeypatch.setattr(train_mod, "_lora_model", _no_model)
+    monkeypatch.setattr(train_mod, "lora_model", _no_model)
     sets = {"train.max_steps": 4, "train.save_every": 2}
     edited = items()
     edited[5] = MCQItem(**{**edited[5].to_dict(), "explanation": "Another explanation."})  # same ids, new content
@@ -139,7 +139,7 @@ def test_resume_with_another_world_size_or_batch_plan_is_refused(checkpointed, t
     assert state["world"] == 1 and state["data"]["train"]["n"] == 24 and len(state["data"]["plan"]) == 64
     state_file.write_text(json.dumps({**state, "world": 2}))
     with monkeypatch.context() as m:
-        m.setattr(train_mod, "_lora_model", _no_model)  # refused as soon as accelerate knows the world size
+        m.setattr(train_mod, "lora_model", _no_model)  # refused as soon as accelerate knows the world size
         with pytest.raises(MedtuneError, match=r"written by 2 process\(es\), this launch has 1; resume with the same "
                                                r"number \(accelerate launch --num_processes 2\)"):
             train_mod.train(cfg_for(tiny_model_dir, run, **sets), items(), run, resume=True, quiet=True,
@@ -167,14 +167,14 @@ def test_only_medtunes_rng_files_pass_the_check(checkpointed, tmp_path):
 
 
 def test_nan_loss_stops_at_once_and_keeps_the_last_checkpoint(tiny_model_dir, tmp_path, monkeypatch):
-    real, calls = train_mod._loss_sum, []
+    real, calls = train_mod.completion_loss_sum, []
 
     def poisoned(*args):
         calls.append(1)
         loss = real(*args)
         return loss * float("nan") if len(calls) >= 3 else loss  # step 3 (one micro-batch per step)
 
-    monkeypatch.setattr(train_mod, "_loss_sum", poisoned)
+    monkeypatch.setattr(train_mod, "completion_loss_sum", poisoned)
     cfg = cfg_for(tiny_model_dir, tmp_path, **{"train.max_steps": 5, "train.save_every": 2})
     with pytest.raises(MedtuneError, match=r"loss is nan at step 3.*checkpoint step 2 is kept.*fp16 overflow.*train\.lr"):
         train_mod.train(cfg, items(), tmp_path, quiet=True, log=lambda *_: None)
@@ -186,7 +186,7 @@ def test_out_of_memory_says_what_to_lower_with_the_estimate(tiny_model_dir, tmp_
     def oom(*args):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
 
-    monkeypatch.setattr(train_mod, "_loss_sum", oom)
+    monkeypatch.setattr(train_mod, "completion_loss_sum", oom)
     cfg = cfg_for(tiny_model_dir, tmp_path, **{"train.max_steps": 2})
     with pytest.raises(MedtuneError, match=r"out of memory at step 1 \(estimated need [\d.]+ GiB .*tokens per "
                                            r"micro-batch\)\. Lower train\.batch_size \(now 4.*max_length \(now 96\)"

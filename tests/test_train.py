@@ -72,12 +72,12 @@ def test_one_step_changes_only_lora_weights(tiny_model_dir):
     from accelerate import Accelerator
 
     cfg = cfg_for(tiny_model_dir, "unused")
-    model, tok = train_mod._lora_model(cfg, Accelerator(cpu=True), print)
+    model, tok = train_mod.lora_model(cfg, Accelerator(cpu=True), print)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     plan = train_mod.batch_plan(items(8), cfg, tok)
     ids, mask, labels = train_mod.collate(plan[0][0], tok.pad_token_id, "cpu")
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    train_mod._loss_sum(model, ids, mask, labels, train_mod.first_target(plan[0][0])).backward()
+    train_mod.completion_loss_sum(model, ids, mask, labels, train_mod.first_target(plan[0][0])).backward()
     opt.step()
     changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
     lora = {n for n, _ in model.named_parameters() if "lora_" in n}
@@ -90,11 +90,11 @@ def test_loss_matches_transformers_loss(tiny_model_dir):
     from accelerate import Accelerator
 
     cfg = cfg_for(tiny_model_dir, "unused")
-    model, tok = train_mod._lora_model(cfg, Accelerator(cpu=True), print)
+    model, tok = train_mod.lora_model(cfg, Accelerator(cpu=True), print)
     plan = train_mod.batch_plan(items(8), cfg, tok)
     ids, mask, labels = train_mod.collate(plan[0][0], tok.pad_token_id, "cpu")
     with torch.no_grad():
-        mine = train_mod._loss_sum(model, ids, mask, labels, train_mod.first_target(plan[0][0]))
+        mine = train_mod.completion_loss_sum(model, ids, mask, labels, train_mod.first_target(plan[0][0]))
         hf = model(input_ids=ids, attention_mask=mask, labels=labels).loss
     n_targets = int((labels[:, 1:] != -100).sum())
     assert mine.item() == pytest.approx(hf.item() * n_targets, rel=1e-5)

@@ -121,7 +121,7 @@ def _nvml_reader():
     import pynvml
 
     pynvml.nvmlInit()
-    handles = [pynvml.nvmlDeviceGetHandleByIndex(i) for i in _visible(pynvml.nvmlDeviceGetCount())]
+    handles = [pynvml.nvmlDeviceGetHandleByIndex(i) for i in visible_indices(pynvml.nvmlDeviceGetCount())]
 
     def read() -> list[tuple[int, None]]:
         return [(pynvml.nvmlDeviceGetTotalEnergyConsumption(h) * 1000, None) for h in handles]  # mJ -> uJ
@@ -134,7 +134,7 @@ def _amdsmi_reader():
 
     amdsmi.amdsmi_init()
     handles = amdsmi.amdsmi_get_processor_handles()
-    handles = [handles[i] for i in _visible(len(handles))]
+    handles = [handles[i] for i in visible_indices(len(handles))]
 
     def read() -> list[tuple[int, None]]:
         out = []
@@ -146,7 +146,7 @@ def _amdsmi_reader():
     return read
 
 
-def _visible(count: int) -> list[int]:
+def visible_indices(count: int) -> list[int]:
     """The devices this process may use: CUDA/HIP_VISIBLE_DEVICES when they list indices, else all."""
     for var in ("CUDA_VISIBLE_DEVICES", "HIP_VISIBLE_DEVICES", "ROCR_VISIBLE_DEVICES"):
         value = os.environ.get(var)

@@ -17,9 +17,9 @@ from medtune.hardware import (
     VISIBLE_ENV,
     DeviceInfo,
     Policy,
-    _flash_ok,
-    _hsa_override,
-    _native_dtype,
+    flash_ok,
+    hsa_override,
+    native_dtype,
 )
 
 QUANT_BYTES = {"4bit": 0.55, "8bit": 1.05}  # bytes per weight with quantization constants (NF4 + double quant: ~0.52)
@@ -143,7 +143,7 @@ def _check_arch(info: DeviceInfo) -> list[Finding]:
     user = info.user_env.get(HSA)
     if info.kind != "rocm" or not info.gfx_arch or not info.arch_list:
         return out
-    gfx, value = info.gfx_arch, _hsa_override(info.gfx_arch, info.arch_list)[0]
+    gfx, value = info.gfx_arch, hsa_override(info.gfx_arch, info.arch_list)[0]
     if user and gfx in info.arch_list:
         out.append(Finding("warning", f"{HSA}={user} is set, but {gfx} is compiled into this torch: the override "
                            "makes ROCm run another arch's kernels", f"unset {HSA}"))
@@ -161,11 +161,11 @@ def _check_arch(info: DeviceInfo) -> list[Finding]:
 def _check_policy(info: DeviceInfo, policy: Policy, quantize: str = "none") -> list[Finding]:
     out = []
     half = [k for k in ("train_dtype", "eval_dtype") if getattr(policy, k) == "float16"]
-    if half and _native_dtype(info)[0] == "bfloat16":
+    if half and native_dtype(info)[0] == "bfloat16":
         out.append(Finding("warning", f"{' and '.join(half)} float16 on a device with bf16: fp16 overflows past "
                            "65504 and needs loss scaling; bf16 has fp32's range at the same speed",
                            "drop the dtype override (medtune picks bfloat16 here)"))
-    if policy.attn_implementation == "flash_attention_2" and not (info.flash_attn and _flash_ok(info)):
+    if policy.attn_implementation == "flash_attention_2" and not (info.flash_attn and flash_ok(info)):
         out.append(Finding("warning", "attn_implementation flash_attention_2 is set but flash_attn doesn't import or "
                            f"doesn't support this {info.kind} device: loading the model will fail",
                            "drop the override (medtune picks sdpa) or install flash-attn for this device"))

@@ -80,7 +80,7 @@ class Host:
         hints = [p for p in ("/dev/kfd", "/proc/driver/nvidia") if Path(p).exists()]
         hints += ["nvidia-smi"] if shutil.which("nvidia-smi") else []
         cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-        return cls(env, hints, _kfd_archs(), cpus, _ram_bytes())
+        return cls(env, hints, read_kfd_archs(), cpus, _ram_bytes())
 
 
 @dataclass
@@ -146,7 +146,7 @@ def detect(torch: Any = None, host: Host | None = None) -> DeviceInfo:
     gfx = kfd[0] if len(kfd) == 1 else gcn  # several AMD archs (iGPU + dGPU): trust HIP's device 0
     arch_list = [_strip(a) for a in torch.cuda.get_arch_list()] if (cuda_v or hip_v) else []
     if kind in ("cuda", "rocm"):
-        bf16 = _gpu_dtype(kind, capability, gfx)[0] == "bfloat16"
+        bf16 = gpu_dtype(kind, capability, gfx)[0] == "bfloat16"
     elif kind == "cpu":
         bf16 = _cpu_bf16(torch)
     extras = _probe_extras(kind)
@@ -162,7 +162,7 @@ def detect(torch: Any = None, host: Host | None = None) -> DeviceInfo:
 def decide(info: DeviceInfo, overrides: dict | None = None) -> Policy:
     """The policy for this device. `overrides` (train_dtype, eval_dtype, attn_implementation; None = automatic) win."""
     overrides = _check_overrides(overrides or {})
-    train, why = _native_dtype(info)
+    train, why = native_dtype(info)
     reasons = {"train_dtype": why}
     if info.bf16:
         evald, reasons["eval_dtype"] = "bfloat16", ("native bf16: evaluation holds the weights once, in bf16; exact "
@@ -198,7 +198,7 @@ def prepare_env(torch: Any = None, host: Host | None = None) -> dict[str, str]:
     archs = sorted(set((host or Host.read()).kfd_archs))
     if len(archs) != 1:
         return {}
-    value, _ = _hsa_override(archs[0], [_strip(a) for a in torch.cuda.get_arch_list()])
+    value, _ = hsa_override(archs[0], [_strip(a) for a in torch.cuda.get_arch_list()])
     return _set_env({HSA: value} if value else {})
 
 
@@ -260,10 +260,10 @@ def native_bf16(device: str, torch: Any = None) -> bool:
     if kind == "cuda":
         props = torch.cuda.get_device_properties(int(index or torch.cuda.current_device()))
         if getattr(torch.version, "hip", None):
-            kfd = sorted(set(_kfd_archs()))
+            kfd = sorted(set(read_kfd_archs()))
             gfx = kfd[0] if len(kfd) == 1 else _strip(props.gcnArchName)
-            return _gpu_dtype("rocm", None, gfx)[0] == "bfloat16"
-        return _gpu_dtype("cuda", (props.major, props.minor), None)[0] == "bfloat16"
+            return gpu_dtype("rocm", None, gfx)[0] == "bfloat16"
+        return gpu_dtype("cuda", (props.major, props.minor), None)[0] == "bfloat16"
     if kind == "mps":
         return _mps_bf16(torch)
     if kind == "xpu":
@@ -320,7 +320,7 @@ def _strip(arch: str) -> str:
     return arch.split(":")[0]  # "gfx90a:sramecc+:xnack-" -> "gfx90a"
 
 
-def _kfd_archs(root: Path = Path("/sys/class/kfd/kfd/topology/nodes")) -> list[str]:
+def read_kfd_archs(root: Path = Path("/sys/class/kfd/kfd/topology/nodes")) -> list[str]:
     """AMD GPU archs from the amdgpu kernel driver: real hardware, unaffected by HSA_OVERRIDE_GFX_VERSION."""
     archs = []
     for props in sorted(root.glob("*/properties")):
@@ -372,11 +372,11 @@ def _probe_extras(kind: str) -> dict[str, str | None]:
         except (ImportError, OSError):
             out["flash_attn"] = None
     if out["bitsandbytes"] and kind in ("cuda", "rocm", "cpu"):
-        out["bnb_backend"], out["bnb_error"] = _bnb_probe({"rocm": "cuda"}.get(kind, kind))
+        out["bnb_backend"], out["bnb_error"] = bnb_probe({"rocm": "cuda"}.get(kind, kind))
     return out
 
 
-def _bnb_probe(device: str) -> tuple[str | None, str | None]:
+def bnb_probe(device: str) -> tuple[str | None, str | None]:
     """(backend, None) when bitsandbytes round-trips an NF4 tensor on `device`, else (None, why): the real test."""
     import logging
 
@@ -410,7 +410,7 @@ def _check_overrides(overrides: dict) -> dict:
     return clean
 
 
-def _gpu_dtype(kind: str, capability: tuple[int, int] | None, gfx: str | None) -> tuple[str, str]:
+def gpu_dtype(kind: str, capability: tuple[int, int] | None, gfx: str | None) -> tuple[str, str]:
     if kind == "cuda":
         cap = capability or (0, 0)
         return next((dt, f"sm{cap[0]}{cap[1]}: {why}") for low, dt, why in CUDA_DTYPES if cap >= low)
@@ -423,9 +423,9 @@ def _gpu_dtype(kind: str, capability: tuple[int, int] | None, gfx: str | None) -
     return "float32", f"{gfx or 'unknown AMD arch'} is not in medtune's table: fp32 is the safe choice"
 
 
-def _native_dtype(info: DeviceInfo) -> tuple[str, str]:
+def native_dtype(info: DeviceInfo) -> tuple[str, str]:
     if info.kind in ("cuda", "rocm"):
-        return _gpu_dtype(info.kind, info.capability, info.gfx_arch)
+        return gpu_dtype(info.kind, info.capability, info.gfx_arch)
     if info.kind in ("mps", "xpu"):
         if info.bf16:
             return "bfloat16", f"{info.kind} supports bf16"
@@ -436,7 +436,7 @@ def _native_dtype(info: DeviceInfo) -> tuple[str, str]:
     return "float32", "CPU without native bf16: fp32"
 
 
-def _flash_ok(info: DeviceInfo) -> bool:
+def flash_ok(info: DeviceInfo) -> bool:
     if info.kind == "cuda":
         return (info.capability or (0, 0)) >= CUDA_FLASH_ATTN_MIN
     return info.kind == "rocm" and ROCM_ARCHS.get(info.gfx_arch or "", ("", "", False))[2]
@@ -447,7 +447,7 @@ def _attention(info: DeviceInfo, train: str, evald: str) -> tuple[str, str]:
         return "eager", f"torch {info.torch_version} has no scaled_dot_product_attention"
     if not info.flash_attn:
         return "sdpa", "flash_attn is not installed (or doesn't import): torch's SDPA kernels"
-    if not _flash_ok(info):
+    if not flash_ok(info):
         return "sdpa", f"flash_attn {info.flash_attn} doesn't support this {info.kind} device: SDPA"
     if "float32" in (train, evald):
         return "sdpa", "flash-attn 2 needs fp16/bf16 and a dtype here is fp32: SDPA"
@@ -465,7 +465,7 @@ def _qlora(info: DeviceInfo) -> tuple[bool, str]:
     return False, f"medtune uses bitsandbytes only on CUDA, ROCm and x86-64 CPUs, not on {info.kind}"
 
 
-def _hsa_override(gfx: str | None, arch_list: list[str]) -> tuple[str | None, str]:
+def hsa_override(gfx: str | None, arch_list: list[str]) -> tuple[str | None, str]:
     if not gfx or not arch_list:
         return None, "no AMD arch or no compiled arch list to compare: nothing to set"
     if gfx in arch_list:
@@ -479,7 +479,7 @@ def _hsa_override(gfx: str | None, arch_list: list[str]) -> tuple[str | None, st
 def _env(info: DeviceInfo) -> tuple[dict[str, str], str]:
     if info.kind != "rocm":
         return {}, f"nothing to set on {info.kind}; visible-device variables are only reported, never set"
-    value, why = _hsa_override(info.gfx_arch, info.arch_list)
+    value, why = hsa_override(info.gfx_arch, info.arch_list)
     if HSA in info.user_env:
         return {}, f"{HSA}={info.user_env[HSA]} set by user: kept ({why})"
     return ({HSA: value} if value else {}), why

@@ -119,7 +119,7 @@ def _chat(tokenizer, messages: list[dict]) -> str:
         template = tokenizer.get_chat_template()
         # A template is code from the model's files: render it once under a budget, with the same inputs, before
         # transformers renders it (its sandbox stops escapes, not a 10^5 x 10^5 loop). Same inputs, same path.
-        _render_bounded(template, messages, {**tokenizer.special_tokens_map, **options})
+        render_bounded(template, messages, {**tokenizer.special_tokens_map, **options})
         return tokenizer.apply_chat_template(messages, tokenize=False, **options)
     except jinja2.TemplateError as e:  # syntax, raise_exception, undefined, sandbox violations, includes, budget
         detail = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
@@ -139,7 +139,7 @@ TEMPLATE_SECONDS = 2.0
 TEMPLATE_MAX_CHARS = 10_000_000
 
 
-def _render_bounded(template: str, messages: list[dict], variables: dict) -> str:
+def render_bounded(template: str, messages: list[dict], variables: dict) -> str:
     _BUDGET.steps, _BUDGET.deadline = 0, time.monotonic() + TEMPLATE_SECONDS  # per thread: serve renders in several
     return _bounded_template(template).render(messages=messages, tools=None, documents=None, **variables)
 

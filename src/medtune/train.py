@@ -61,14 +61,14 @@ def train(cfg: Config, items: list[MCQItem], out_dir: Path, resume: bool = False
     # A second train() in one process (a notebook, a test session) may ask for another precision; accelerate keeps
     # the first one's state and refuses. Reset it (the process-group state, PartialState, is kept).
     AcceleratorState._reset_state()
-    accelerator = Accelerator(mixed_precision=_mixed_precision(t.dtype, policy.train_dtype),
+    accelerator = Accelerator(mixed_precision=mixed_precision_for(t.dtype, policy.train_dtype),
                               gradient_accumulation_steps=t.grad_accum,
                               cpu=device == "cpu",
                               log_with=t.report_to or None, project_dir=str(out_dir))
     checkpoint.check_launch(accelerator, ckpt, resume)  # world size, backend: known only now; before weights load
     set_seed(t.seed, deterministic=False)
     preflight(cfg, log if accelerator.is_main_process else (lambda *_: None), info)  # warnings before weights load
-    model, tokenizer = _lora_model(cfg, accelerator, log, _attention(cfg, info, policy), base_model)
+    model, tokenizer = lora_model(cfg, accelerator, log, attention_kernel(cfg, info, policy), base_model)
     world = accelerator.num_processes
     plan = batch_plan(items, cfg, tokenizer, world)
     steps = len(plan) if t.max_steps is None else min(t.max_steps, len(plan))
@@ -76,11 +76,11 @@ def train(cfg: Config, items: list[MCQItem], out_dir: Path, resume: bool = False
     optimizer = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
     scheduler = get_scheduler(t.scheduler, optimizer, num_warmup_steps=math.ceil(t.warmup * steps),
                               num_training_steps=steps)
-    _fill_deepspeed(accelerator, t.batch_size)
+    fill_deepspeed(accelerator, t.batch_size)
     model, optimizer = accelerator.prepare(model, optimizer)
     if t.report_to:
         accelerator.init_trackers("medtune", config=_flat(cfg.to_dict()))
-    run = _Run(accelerator, model, optimizer, scheduler, cfg, out_dir, steps, log)
+    run = TrainRun(accelerator, model, optimizer, scheduler, cfg, out_dir, steps, log)
     run.begin(ckpt, items, plan)
     progress = _progress(steps, run.step, quiet or not accelerator.is_main_process)
     model.train()
@@ -145,7 +145,7 @@ def _release_base(peft_model, base) -> None:
     base.set_attn_implementation(getattr(base, "medtune_attn", None) or "sdpa")
 
 
-def _fill_deepspeed(accelerator, batch_size: int) -> None:
+def fill_deepspeed(accelerator, batch_size: int) -> None:
     """Under DeepSpeed, accelerate fills an `auto` micro-batch size only from a DataLoader, which this loop doesn't
     use (prepare() raises without it), and an `auto` gradient_clipping with 1.0, where medtune clips nowhere else."""
     plugin = getattr(accelerator.state, "deepspeed_plugin", None)
@@ -171,7 +171,7 @@ def _checkpoint_to_resume(out_dir: Path, cfg: Config, log, items: list[MCQItem])
     return ckpt
 
 
-class _Run:
+class TrainRun:
     """The state a resume must continue: step, token counter, elapsed time, checkpoints and metrics.jsonl."""
 
     def __init__(self, accelerator, model, optimizer, scheduler, cfg: Config, out_dir: Path, steps: int, log):
@@ -281,7 +281,7 @@ class _Run:
         raise TrainingInterrupted(f"{name} at step {self.step} of {self.steps}: {said}", 128 + signum)
 
 
-def _guarded_step(run: _Run, batches, tokenizer, step: int, n_items: int) -> tuple[float, int]:
+def _guarded_step(run: TrainRun, batches, tokenizer, step: int, n_items: int) -> tuple[float, int]:
     """One optimizer step; a non-finite loss stops training before the update, out-of-memory says what to lower."""
     import torch
 
@@ -295,7 +295,7 @@ def _guarded_step(run: _Run, batches, tokenizer, step: int, n_items: int) -> tup
         raise
 
 
-def _train_step(run: _Run, batches, tokenizer, step: int) -> tuple[float, int]:
+def _train_step(run: TrainRun, batches, tokenizer, step: int) -> tuple[float, int]:
     import torch
 
     acc, t = run.acc, run.cfg.train
@@ -311,7 +311,7 @@ def _train_step(run: _Run, batches, tokenizer, step: int) -> tuple[float, int]:
         ids, mask, labels = collate(batch, tokenizer.pad_token_id, acc.device)
         with acc.accumulate(run.model):
             with acc.autocast():  # accelerate divides by grad_accum; x grad_accum keeps the step norm
-                part = _loss_sum(run.model, ids, mask, labels, first_target(batch)) * world / total * t.grad_accum
+                part = completion_loss_sum(run.model, ids, mask, labels, first_target(batch)) * world / total * t.grad_accum
             loss_sum += part.detach() / (world * t.grad_accum)  # on the device: one sync per step, not per batch
             if k == len(micro) - 1:  # every micro-batch's loss is in: check it before the backward that updates
                 loss = _finite_loss(run, loss_sum, step)
@@ -325,7 +325,7 @@ def _train_step(run: _Run, batches, tokenizer, step: int) -> tuple[float, int]:
     return loss, int(acc.reduce(torch.tensor(real, device=acc.device), "sum").item())
 
 
-def _finite_loss(run: _Run, loss_sum, step: int) -> float:
+def _finite_loss(run: TrainRun, loss_sum, step: int) -> float:
     """The step's global loss, all ranks agreeing; a non-finite one stops training before any weight changes. It runs
     before the step's last backward because under DeepSpeed that backward is the update (accelerate's backward()
     steps the engine at the accumulation boundary); under DDP/FSDP it also syncs the gradients. Every rank gets the
@@ -341,7 +341,7 @@ def _finite_loss(run: _Run, loss_sum, step: int) -> float:
     return loss
 
 
-def _oom_message(run: _Run, batches) -> str:
+def _oom_message(run: TrainRun, batches) -> str:
     from medtune.doctor import estimate_memory
 
     t = run.cfg.train
@@ -355,7 +355,7 @@ def _oom_message(run: _Run, batches) -> str:
             "train.gradient_checkpointing=true, or quantize the base (QLoRA: lora.quantize)")
 
 
-def _mixed_precision(requested: str, policy_dtype: str) -> str:
+def mixed_precision_for(requested: str, policy_dtype: str) -> str:
     """bf16/fp16 autocast over fp32 weights (fp16 gets loss scaling from accelerate); `auto` follows hardware.py."""
     dtype = policy_dtype if requested == "auto" else requested
     choices = {"bfloat16": "bf16", "float16": "fp16", "float32": "no"}
@@ -366,7 +366,7 @@ def _mixed_precision(requested: str, policy_dtype: str) -> str:
     return choices[dtype]
 
 
-def _attention(cfg: Config, info, policy) -> str:
+def attention_kernel(cfg: Config, info, policy) -> str:
     """The policy's attention, except eager for CPU training: at exam-question lengths (~100-300 tokens) it measured
     faster than SDPA's CPU kernels here (310 vs 253 real tokens/s, embedded model, bf16 autocast)."""
     if cfg.train.attn_implementation != "auto":
@@ -400,7 +400,7 @@ def _as_training_base(base, dtype: str):
     return base
 
 
-def _lora_model(cfg: Config, accelerator, log, attn_implementation: str | None = None, base=None):
+def lora_model(cfg: Config, accelerator, log, attn_implementation: str | None = None, base=None):
     import torch
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM
@@ -456,7 +456,7 @@ def _peft_reads_deprecated_names():
         yield
 
 
-def _loss_sum(model, ids, mask, labels, first: int):
+def completion_loss_sum(model, ids, mask, labels, first: int):
     """Summed next-token cross-entropy over target tokens; logits only from `first` (the earliest target position in
     the batch) on: the vocabulary projection on prompt positions is wasted work."""
     import torch.nn.functional as F

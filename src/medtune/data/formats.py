@@ -34,7 +34,7 @@ def read_file(path: str | Path, cop_base: int | None = None, mapping: dict[str, 
     path = Path(path)
     if not path.is_file():
         raise MedtuneError(f"{path}: file not found")
-    rows = list(_rows(path, header=mapping is not None))
+    rows = list(read_rows(path, header=mapping is not None))
     if not rows:
         raise DataError([f"{path}: no rows"])
     fmt = "mapped" if mapping else detect_format(path, rows[0][1])
@@ -43,7 +43,7 @@ def read_file(path: str | Path, cop_base: int | None = None, mapping: dict[str, 
     items, problems, seen = [], [], {}
     for where, row in rows:
         try:
-            item = _READERS[fmt](row, where=where, path=path, cop_base=cop_base, mapping=mapping, subject=subject)
+            item = READERS[fmt](row, where=where, path=path, cop_base=cop_base, mapping=mapping, subject=subject)
         except RowError as e:
             problems.append(f"{where}: {e}")
             continue
@@ -80,7 +80,7 @@ def read_text(path: Path) -> str:
                           f"{column}; save the file as UTF-8")]) from None
 
 
-def _rows(path: Path, header: bool = False) -> Iterator[tuple[str, dict]]:
+def read_rows(path: Path, header: bool = False) -> Iterator[tuple[str, dict]]:
     """(`file:line`, row) pairs. JSONL/JSON/CSV/Parquet; a JSON object keyed by id (PubMedQA) yields its values."""
     suffix = path.suffix.lower()
     if suffix == ".parquet":
@@ -364,5 +364,5 @@ def _mapped(row, where, path, mapping, **_) -> MCQItem:
                    answer=answer, explanation=get("explanation"), subject=get("subject"))
 
 
-_READERS = {"medqa": _medqa, "medqa-hub": _medqa_hub, "medmcqa": _medmcqa, "pubmedqa": _pubmedqa, "mmlu": _mmlu,
+READERS = {"medqa": _medqa, "medqa-hub": _medqa_hub, "medmcqa": _medmcqa, "pubmedqa": _pubmedqa, "mmlu": _mmlu,
             "demo": _demo, "mapped": _mapped}

@@ -7,7 +7,7 @@ from collections import Counter
 from pathlib import Path
 
 from medtune.data import sources
-from medtune.data.formats import _rows, decide_cop_base, parse_mapping
+from medtune.data.formats import decide_cop_base, parse_mapping, read_rows
 from medtune.data.items import LETTERS, MCQItem
 from medtune.data.split import overlap, split
 
@@ -23,7 +23,7 @@ def validate(source: str, cop_base: int | None = None, mapping: str | None = Non
     items = _load(source, cop_base, mapping)
     note = ""
     if Path(source).is_file() and items and items[0].benchmark == "medmcqa" and cop_base is None:
-        rows = list(_rows(Path(source)))
+        rows = list(read_rows(Path(source)))
         note = f", cop {'1-based (published)' if decide_cop_base(Path(source), rows, None) else '0-based (Hub)'} detected"
     return f"{source}: {len(items)} valid items ({items[0].benchmark} format{note})", items
 

@@ -117,7 +117,7 @@ def _hub(name: str, split: str) -> list[MCQItem]:
             f"{name}: could not load {preset.hub_id} ({hub_split}) from the Hugging Face Hub; presets need a network "
             f"(or a filled HF_HOME cache). Offline, pass a local file instead. Cause: {type(e).__name__}: {e}"
         ) from None
-    from medtune.data.formats import _READERS, RowError, detect_format
+    from medtune.data.formats import READERS, RowError, detect_format
 
     rows = list(ds)
     fmt = detect_format(Path(name), rows[0])
@@ -125,7 +125,7 @@ def _hub(name: str, split: str) -> list[MCQItem]:
     items, problems = [], []
     for i, row in enumerate(rows):
         try:
-            items.append(_READERS[fmt](row, where=f"{name}:{i}", path=Path(f"{name}-{hub_split}"),
+            items.append(READERS[fmt](row, where=f"{name}:{i}", path=Path(f"{name}-{hub_split}"),
                                        cop_base=cop_base, mapping=None, subject=preset.config))
         except RowError as e:
             problems.append(f"{preset.hub_id}:{hub_split}:{i}: {e}")
