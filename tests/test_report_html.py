@@ -228,3 +228,16 @@ def test_risk_coverage_curve_only_from_fp32_rows(tiny_run, tmp_path):
     assert 'alt="risk-coverage curve"' in pages["fp32"] and "reorders near-tied" not in pages["fp32"]
     assert 'alt="risk-coverage curve"' not in pages["bf16"] and "reorders near-tied confidences" in pages["bf16"]
     assert len(_images(pages["bf16"])) == len(_images(pages["fp32"])) - 1 == 6
+
+
+def test_risk_coverage_curve_lets_ties_enter_together():
+    """One rule for ties (stats.risk_coverage): two questions at the same confidence, one right and one wrong, are
+    answered together, so the curve has no point between them that depends on their order."""
+    from medtune.html_report import risk_coverage
+
+    conf, ok = [0.9, 0.8, 0.8, 0.6, 0.3], [True, True, False, True, False]
+    rows = [{"probs": {"A": c, "B": c / 2}, "correct": k} for c, k in zip(conf, ok)]
+    coverage, risk = risk_coverage(rows)
+    assert coverage == [0.2, 0.6, 0.8, 1.0]
+    assert risk == pytest.approx([0.0, 1 / 3, 0.25, 0.4])
+    assert risk_coverage(rows[::-1]) == (coverage, risk)  # the order of tied rows does not matter

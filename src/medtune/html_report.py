@@ -182,30 +182,26 @@ def subject_groups(base_m: dict, tuned_m: dict) -> list[dict]:
 
 
 def risk_coverage(rows: list[dict]) -> tuple[list[float], list[float]]:
-    """Answer the most confident questions first: error rate among the first k, for every k."""
-    ranked = sorted(rows, key=lambda r: -max(r["probs"].values()))
-    coverage, risk, wrong = [], [], 0
-    for k, r in enumerate(ranked, 1):
-        wrong += not r["correct"]
-        coverage.append(k / len(ranked))
-        risk.append(wrong / k)
-    return coverage, risk
+    """Answer the most confident questions first: (coverage, error rate) at every confidence threshold. Tied
+    confidences enter together (stats.risk_coverage): no threshold can separate them."""
+    from medtune import stats
+
+    curve = stats.risk_coverage([max(r["probs"].values()) for r in rows], [r["correct"] for r in rows])
+    return [c["coverage"] for c in curve], [c["risk"] for c in curve]
 
 
 def won_lost(results: dict, items: dict, base_rows: list[dict], tuned_rows: list[dict]) -> list[dict]:
     """Questions the tuned model got right and the base wrong (won), and the reverse (lost), main method, raw."""
+    from medtune.report import shorten
+
     base, tuned = {r["id"]: r for r in base_rows}, {r["id"]: r for r in tuned_rows}
     out = []
     for kind in ("won", "lost"):
         ids = results["comparison"]["raw"][kind]
-        rows = [{"id": i, "question": _short(items[i].question) if i in items else "", "gold": tuned[i]["gold"],
+        rows = [{"id": i, "question": shorten(items[i].question, 140) if i in items else "", "gold": tuned[i]["gold"],
                  "base": base[i]["pred"], "tuned": tuned[i]["pred"]} for i in ids[:MAX_LISTED]]
         out.append({"kind": kind, "n": len(ids), "rows": rows, "more": max(0, len(ids) - MAX_LISTED)})
     return out
-
-
-def _short(text: str, n: int = 140) -> str:
-    return text if len(text) <= n else text[: n - 1] + "…"
 
 
 def _examples(run_dir: Path, results: dict, items: dict, tuned_rows: list[dict], explain: bool,

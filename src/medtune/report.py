@@ -131,6 +131,11 @@ def _comparison_lines(comparison: dict) -> list[str]:
     return lines
 
 
+def shorten(text: str, width: int) -> str:
+    """`text` cut to `width` characters with an ellipsis, for a table cell or a bar label."""
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
 def render_table(rows: list[dict], title: str = "") -> str:
     """A plain-text table (columns from the first row), readable in a log and in a terminal."""
     from rich.console import Console

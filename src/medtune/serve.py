@@ -38,6 +38,7 @@ def build(loaded: Loaded, max_new_tokens: int = 96, guard: QueueGuard | None = N
     import gradio as gr
 
     from medtune.ask import answer, make_item
+    from medtune.report import shorten
 
     def ask_fn(question: str, options: str, request: gr.Request):
         if guard is not None and not guard.wait_for_listener(request.session_hash):
@@ -47,7 +48,7 @@ def build(loaded: Loaded, max_new_tokens: int = 96, guard: QueueGuard | None = N
             result = answer(loaded, item, max_new_tokens)
         except MedtuneError as e:  # a clear message in the page (and an error for API clients), never a crash
             raise gr.Error(str(e)) from None
-        bars = {f"{letter}. {_short(text)}": p for (letter, p), text in zip(result["probs"].items(), item.options)}
+        bars = {f"{letter}. {shorten(text, 60)}": p for (letter, p), text in zip(result["probs"].items(), item.options)}
         s = result["scoring"]
         head = (f"### Answer: {result['answer']}. {result['answer_text']}\n"
                 f"probability {result['probs'][result['answer']]:.1%} ({s['method']}, {s['mode']} mode)")
@@ -76,10 +77,6 @@ def build(loaded: Loaded, max_new_tokens: int = 96, guard: QueueGuard | None = N
                 details = gr.JSON(label="Full result (as `medtune ask --json`)", visible=False)
         submit.click(ask_fn, [question, options], [verdict, bars, why, details], api_name="ask")
     return page
-
-
-def _short(text: str, width: int = 60) -> str:
-    return text if len(text) <= width else text[: width - 1] + "…"
 
 
 def model_line(loaded: Loaded) -> str:
