@@ -104,7 +104,7 @@ def test_range_follows_n_options():
     assert parse_answer("The answer is J", n_options=10).letter == "J"
     assert parse_answer("The answer is E", options=["a", "b", "c", "d", "e"]).letter == "E"
     assert parse_answer("B", n_options=1).reason == "out-of-range"
-    assert parse_answer("C").index == 2
+    assert parse_answer("C").letter == "C"
 
 
 @pytest.mark.parametrize(("text", "letter", "reason"), [

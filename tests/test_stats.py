@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import pytest
 
 from medtune.stats import (
     accuracy,
-    bootstrap_ci,
     brier,
     ece,
     letter_baselines,
@@ -197,15 +195,3 @@ def test_letter_shift_flags_small_debiased_change_within_two_points():
     assert letter_shift_explains(before, after, 0.500, 0.515) is not None
     assert letter_shift_explains(before, after, 0.500, 0.530) is None
     assert letter_shift_explains(before, baseline(0.410, 0.5), None, None) is None  # +1 point: nothing to explain
-
-
-def test_bootstrap_ci_seeded_and_sensible():
-    values = [1.0] * 30 + [0.0] * 70
-    ci = bootstrap_ci(values)
-    assert ci == bootstrap_ci(values)  # seeded
-    assert ci[0] < 0.3 < ci[1]
-    assert 0.18 < ci[0] < 0.24 and 0.36 < ci[1] < 0.42  # ≈ 0.3 ± 1.96·sqrt(0.21/100) = 0.3 ± 0.09
-    assert bootstrap_ci([0.5] * 5) == (0.5, 0.5)
-    assert bootstrap_ci(values, stat=np.median, n_boot=200) == (0.0, 0.0)
-    with pytest.raises(ValueError):
-        bootstrap_ci([])

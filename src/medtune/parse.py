@@ -46,10 +46,6 @@ class ParseResult:
     reason: str  # which rule decided: answer-prefix, explicit, leading-letter, option-text, multiple-letters, ...
     ambiguous: bool = False  # the text also points elsewhere (two letters, a conflicting leading letter)
 
-    @property
-    def index(self) -> int | None:
-        return None if self.letter is None else LETTERS.index(self.letter)
-
 
 def parse_answer(text: str, n_options: int = 4, options: list[str] | None = None) -> ParseResult:
     """Parse one generated answer; see the module docstring for the rules. `options`, when given, sets n_options."""

@@ -1,6 +1,6 @@
 """The statistics every result carries: intervals, calibration, paired tests, selective accuracy, letter bias.
 
-Pure Python + numpy, no scipy. Every function documents its formula so a reader can check a number by hand.
+Pure Python, no numpy or scipy. Every function documents its formula so a reader can check a number by hand.
 Inputs are plain lists in item order; mismatched lengths or empty inputs raise ValueError (a caller bug, not a
 user error), except `wilson_ci(k, 0)`, which returns the uninformative interval (0, 1).
 """
@@ -10,8 +10,6 @@ from __future__ import annotations
 import math
 from collections import Counter
 from collections.abc import Callable, Sequence
-
-import numpy as np
 
 Z95 = 1.959964  # two-sided 95% normal quantile
 
@@ -249,21 +247,6 @@ def letter_shift_explains(before: dict, after: dict, debiased_before: float | No
         return (f"Accuracy changed by {raw * 100:+.1f} points but debiased accuracy only by {deb * 100:+.1f} "
                 f"points, while {shift}: the change is plausibly letter bias rather than knowledge.")
     return None
-
-
-def bootstrap_ci(values: Sequence[float], stat: Callable[[np.ndarray], float] = np.mean, n_boot: int = 2000,
-                 seed: int = 0, confidence: float = 0.95) -> tuple[float, float]:
-    """Percentile bootstrap CI: resample `values` with replacement n_boot times (numpy Generator, seeded), apply
-    `stat`, take the (1−confidence)/2 and (1+confidence)/2 quantiles. For a size-weighted suite average pass the
-    pooled per-item scores of all suites: their mean weights each suite by its size.
-    """
-    arr = np.asarray(values, dtype=float)
-    if arr.size == 0:
-        raise ValueError("bootstrap_ci needs at least one value")
-    rng = np.random.default_rng(seed)
-    stats = np.array([stat(arr[rng.integers(0, arr.size, arr.size)]) for _ in range(n_boot)])
-    low, high = np.quantile(stats, [(1 - confidence) / 2, (1 + confidence) / 2])
-    return (float(low), float(high))
 
 
 def _check_lengths(**lists: Sequence) -> None:
