@@ -111,6 +111,7 @@ def item_from_json(text: str) -> MCQItem:
 
 def answer(loaded: Loaded, item: MCQItem, max_new_tokens: int = MAX_NEW_TOKENS, explain: bool = True) -> dict:
     """The chosen letter, every option's probability (eval's scoring), and a greedy explanation of that choice."""
+    from medtune.models import placement
     from medtune.prompts import build_prompt
     from medtune.scoring import score_items
 
@@ -125,7 +126,7 @@ def answer(loaded: Loaded, item: MCQItem, max_new_tokens: int = MAX_NEW_TOKENS, 
     out = {"id": item.id, "answer": row["pred"], "answer_text": item.options[choice], "probs": row["probs"],
            "logprobs": row["logprobs"], "scoring": {"method": f"{loaded.method}-logprob", "mode": loaded.mode,
                                                     "prompt_style": loaded.style},
-           "model": loaded.model_name, "adapter": loaded.adapter}
+           "model": loaded.model_name, "adapter": loaded.adapter, "placement": placement(loaded.model)}
     if explain:
         text, capped = explanation(loaded, item, choice, max_new_tokens)
         out["explanation"], out["explanation_hit_cap"] = text, capped

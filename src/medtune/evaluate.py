@@ -9,9 +9,7 @@ from pathlib import Path
 
 from medtune.data.items import LETTERS, MCQItem
 from medtune.prompts import lettered
-
-# predictions is re-exported for callers written before scoring.py existed
-from medtune.scoring import argmax, default_margin, encode, permuted_scores, predictions, score, score_items  # noqa: F401
+from medtune.scoring import argmax, default_margin, encode, permuted_scores, score, score_items
 
 
 def run_eval(items: list[MCQItem], cfg, out_dir: Path | None, adapter: str | None = None, loaded=None,
@@ -20,7 +18,7 @@ def run_eval(items: list[MCQItem], cfg, out_dir: Path | None, adapter: str | Non
     import time
 
     from medtune.hardware import resolve_device
-    from medtune.models import load_model
+    from medtune.models import load_model, placement
     from medtune.report import environment, metrics
 
     started = time.time()
@@ -70,7 +68,8 @@ def run_eval(items: list[MCQItem], cfg, out_dir: Path | None, adapter: str | Non
         "model": cfg.model, "model_path": str(path), "adapter": adapter, "data": fingerprint,
         "contamination": contamination, "question_cut": sum(1 for r in rows if r.get("question_cut_chars")),
         "rescored_fp32": sum(r.get("rescored_fp32", False) for r in rows) if e.mode == "fast" else None,
-        "precision": precision_record(rows, details), "wall_s": round(time.time() - started, 2),
+        "precision": precision_record(rows, details), "placement": placement(model),
+        "wall_s": round(time.time() - started, 2),
         "environment": environment(),
     }
     _write(out_dir, rows, results, recorder)

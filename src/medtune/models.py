@@ -189,6 +189,15 @@ def hold_in_fp32(model) -> None:
             param.data = param.data.to(torch.float32)
 
 
+def placement(model) -> dict:
+    """Where the weights sit and how they are held: recorded with every result, checked by benchmarks/gpu_check.sh."""
+    devices = {str(p.device) for p in model.parameters()}
+    dtypes = {str(p.dtype).removeprefix("torch.") for p in model.parameters()}
+    return {"devices": sorted(devices), "dtypes": sorted(dtypes),
+            "weights": "bfloat16" if held_in_bf16(model) else str(model.get_input_embeddings().weight.dtype)
+            .removeprefix("torch.")}
+
+
 def held_in_bf16(model) -> bool:
     import torch
 

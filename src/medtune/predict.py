@@ -48,6 +48,9 @@ def predict(loaded, items: list[MCQItem], out: Path, source: str, chunk: int = 6
             f.flush()
             os.fsync(f.fileno())
     summary = {"out": str(out), "items": len(items), "new": len(todo), "skipped": len(items) - len(todo), **meta}
+    from medtune.models import placement
+
+    summary["placement"] = placement(loaded.model)
     if write_csv:
         summary["csv"] = str(to_csv(out))
     return summary

@@ -20,9 +20,7 @@ import warnings
 from pathlib import Path
 
 from medtune import io
-
-# the batching half lives in batches.py; re-exported for callers that import it from here
-from medtune.batches import Example, batch_plan, collate, first_target, tokenize_example  # noqa: F401
+from medtune.batches import batch_plan, collate, first_target
 from medtune.config import Config, save_config
 from medtune.data.items import MCQItem
 from medtune.errors import MedtuneError, TrainingInterrupted
@@ -49,6 +47,7 @@ def train(cfg: Config, items: list[MCQItem], out_dir: Path, resume: bool = False
     out_dir = Path(out_dir)
     from medtune.doctor import preflight
     from medtune.hardware import decide, detect, prepare_env
+    from medtune.models import placement
 
     prepare_env()  # before anything initializes the GPU runtime (ROCm reads HSA_OVERRIDE_GFX_VERSION once)
     device = _select_device(cfg.device)  # a device that is not there: one line, before anything loads
@@ -100,7 +99,8 @@ def train(cfg: Config, items: list[MCQItem], out_dir: Path, resume: bool = False
     wall = time.time() - run.t0
     summary = {"steps": steps, "final_loss": loss, "wall_s": round(wall, 2), "real_tokens": run.tokens,
                "tokens_per_s": round(run.tokens / max(wall, 1e-9), 1), "resumed_from_step": run.start,
-               "question_cut": sum(1 for b in plan[0] for ex in b if ex.cut) if plan else 0}
+               "question_cut": sum(1 for b in plan[0] for ex in b if ex.cut) if plan else 0,
+               "placement": placement(accelerator.unwrap_model(model))}
     state = accelerator.get_state_dict(model)  # every rank: FSDP / ZeRO-3 gather the sharded weights whole
     if accelerator.is_main_process:
         _save_adapter(accelerator.unwrap_model(model), state, tokenizer, cfg, items, out_dir, summary, extra_meta)
