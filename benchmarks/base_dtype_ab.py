@@ -15,6 +15,7 @@ import torch
 from accelerate import Accelerator
 
 from medtune import train as T
+from medtune.batches import batch_plan, collate, first_target
 from medtune.config import load_config
 from medtune.data.formats import read_file
 from medtune.data.split import split
@@ -34,7 +35,7 @@ for name in names:
     m.train()
     print(name, "weights MB", round(m.get_memory_footprint() / 2**20), flush=True)
     models[name] = (m, torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-4))
-plan = T.batch_plan(items[:64], cfg, tok)
+plan = batch_plan(items[:64], cfg, tok)
 batches = [b for step in plan for b in step][:n_batches]
 times: dict[str, list[float]] = {n: [] for n in names}
 for rep in range(repeats):
@@ -42,9 +43,9 @@ for rep in range(repeats):
         m, opt = models[name]
         t0 = time.perf_counter()
         for b in batches:
-            ids, mask, labels = T.collate(b, tok.pad_token_id, "cpu")
+            ids, mask, labels = collate(b, tok.pad_token_id, "cpu")
             with acc.autocast():
-                loss = T.completion_loss_sum(m, ids, mask, labels, T.first_target(b))
+                loss = T.completion_loss_sum(m, ids, mask, labels, first_target(b))
             loss.backward()
         opt.step()
         opt.zero_grad()

@@ -25,9 +25,9 @@ def main() -> None:
     import torch
 
     from medtune.data import sources
-    from medtune.evaluate import encode, score
     from medtune.export_gguf import compare_scores
     from medtune.models import load_model
+    from medtune.scoring import encode, score
 
     items = sources.load(sources.DEMO, "eval")[: args.limit]
     model, tokenizer, _ = load_model("embedded", adapter=args.adapter, merge=True, log=lambda *_: None)

@@ -140,7 +140,7 @@ def _default_data() -> Path:
 
 def synth_examples(n: int, vocab: int, seed: int, data: Path | None):
     """n sequences of random ids with (length, prompt length) pairs drawn from MedMCQA, or the fitted lognormal."""
-    from medtune.train import Example
+    from medtune.batches import Example
 
     rng = random.Random(seed)
     pairs, source = _real_lengths(data) if data is not None else (None, "lognormal (tiny)")
@@ -156,10 +156,10 @@ def synth_examples(n: int, vocab: int, seed: int, data: Path | None):
 def _real_lengths(path: Path):
     """(length, prompt length) of every item in `path` as medtune tokenizes it, capped at CAP; None when unavailable."""
     from medtune import models
+    from medtune.batches import tokenize_example
     from medtune.config import Config
     from medtune.data import sources
     from medtune.errors import MedtuneError
-    from medtune.train import tokenize_example
 
     if not path.is_file():
         return None, f"lognormal fitted to MedMCQA dev ({path} not found)"
@@ -297,11 +297,11 @@ def run_medtune(arch: dict, examples, epochs: int, device: str, seed: int, base_
     def lora_model(cfg, accelerator, log, attn_implementation=None, base=None):
         model, tok = real_lora_model(cfg, accelerator, log, attn_implementation, base)
         model.train()
-        batch = T.collate(examples[: cfg.train.batch_size], tok.pad_token_id, accelerator.device)
+        batch = batches.collate(examples[: cfg.train.batch_size], tok.pad_token_id, accelerator.device)
 
         def loss_fn(ids, mask, labels):
             with accelerator.autocast():
-                return T.completion_loss_sum(model, ids, mask, labels, T.first_target(examples[: cfg.train.batch_size]))
+                return T.completion_loss_sum(model, ids, mask, labels, batches.first_target(examples[: cfg.train.batch_size]))
 
         seen.update(warmup_s=_warmup(loss_fn, [batch], model, device), autocast=accelerator.mixed_precision,
                     trainable=sum(p.numel() for p in model.parameters() if p.requires_grad))

@@ -50,8 +50,8 @@ def main() -> None:
     import torch
 
     from medtune.data import sources
-    from medtune.evaluate import encode, score
     from medtune.export_gguf import write_gguf
+    from medtune.scoring import encode, score
 
     torch.set_num_threads(args.threads)
     items = sources.load(sources.DEMO, "eval")[: args.limit]

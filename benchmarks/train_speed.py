@@ -362,10 +362,10 @@ def run_medtune(variant: str, model_dir: str, items, steps: int, tmp: Path, sets
 def show_example(args) -> None:
     from transformers import DataCollatorForSeq2Seq
 
+    from medtune.batches import collate, tokenize_example
     from medtune.config import load_config
     from medtune.models import load_tokenizer
     from medtune.prompts import build_prompt, build_target
-    from medtune.train import collate, tokenize_example
 
     items = train_items(args.data)
     model = embedded_dir()

@@ -24,10 +24,10 @@ import torch
 from conftest import write_jsonl
 from safetensors.torch import load_file
 
+from medtune.batches import batch_plan
 from medtune.config import load_config
 from medtune.data.prepare import prepare_data
 from medtune.models import load_tokenizer
-from medtune.train import batch_plan
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 5  # with 19 training items the first epoch is 5 global batches of 4, the last one partial (3)

@@ -13,10 +13,10 @@ from safetensors.torch import load_file
 from medtune.config import load_config
 from medtune.data.items import MCQItem
 from medtune.errors import MedtuneError
-from medtune.evaluate import encode, predictions, score
 from medtune.export import export
 from medtune.models import load_model
 from medtune.report import DISCLAIMER, metrics
+from medtune.scoring import encode, predictions, score
 from medtune.train import train
 
 

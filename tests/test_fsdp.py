@@ -30,6 +30,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 
+from medtune import batches
 from medtune import train as T
 from medtune.config import load_config
 from test_train import items
@@ -47,11 +48,11 @@ if world > 1:
     fully_shard(model)
 opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
 data = items(12)
-for step in T.batch_plan(data, cfg, tok, world)[:3]:
+for step in batches.batch_plan(data, cfg, tok, world)[:3]:
     total = sum(len(ex.input_ids) - max(ex.prompt_len, 1) for b in step for ex in b)
     for b in step:
-        ids, mask, labels = T.collate(b[rank::world], tok.pad_token_id, "cpu")
-        (T.completion_loss_sum(model, ids, mask, labels, T.first_target(b[rank::world])) * world / total).backward()
+        ids, mask, labels = batches.collate(b[rank::world], tok.pad_token_id, "cpu")
+        (T.completion_loss_sum(model, ids, mask, labels, batches.first_target(b[rank::world])) * world / total).backward()
     opt.step()
     opt.zero_grad()
 lora = {k: v for k, v in model.state_dict().items() if "lora_" in k}

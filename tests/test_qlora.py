@@ -11,8 +11,8 @@ from test_train import cfg_for, items
 
 from medtune import models
 from medtune.errors import MedtuneError
-from medtune.evaluate import encode, score
 from medtune.models import load_model, quantization_config
+from medtune.scoring import encode, score
 
 
 def test_quantize_config():

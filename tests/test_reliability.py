@@ -457,11 +457,11 @@ def test_hashed_overlap_equals_overlap_on_the_texts():
 
 
 def test_training_and_scoring_cut_overlong_items_by_the_same_rule(tokenizer_dir, tiny_model_dir):
+    from medtune.batches import tokenize_example
     from medtune.config import load_config
     from medtune.models import load_tokenizer
     from medtune.prompts import CUT_MARK
     from medtune.scoring import encode
-    from medtune.train import tokenize_example
 
     tok = load_tokenizer(tokenizer_dir)
     tok.model_max_length = 200

@@ -9,12 +9,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from medtune import batches
 from medtune import train as train_mod
 from medtune.config import load_config
 from medtune.data.items import MCQItem
-from medtune.evaluate import encode, score
 from medtune.models import load_model, load_tokenizer
 from medtune.prompts import build_prompt, build_target
+from medtune.scoring import encode, score
 
 
 def items(n=24, all_a=False, seed=0):
@@ -41,12 +42,12 @@ def test_label_mask_token_by_token(tiny_model_dir):
     cfg = cfg_for(tiny_model_dir, "unused")
     tok = load_tokenizer(tiny_model_dir, padding_side="right")
     item = items(1)[0]
-    ex = train_mod.tokenize_example(item, cfg, tok)
+    ex = batches.tokenize_example(item, cfg, tok)
     prompt = tok(build_prompt(item, "harness"), add_special_tokens=False).input_ids
     target = tok(build_target(item, "harness"), add_special_tokens=False).input_ids
     assert ex.input_ids == prompt + target + [tok.eos_token_id] and ex.prompt_len == len(prompt)
-    short = train_mod.tokenize_example(items(2)[1], cfg, tok)
-    ids, _, labels = train_mod.collate([ex, short], tok.pad_token_id, "cpu")
+    short = batches.tokenize_example(items(2)[1], cfg, tok)
+    ids, _, labels = batches.collate([ex, short], tok.pad_token_id, "cpu")
     for row, e in enumerate([ex, short]):
         for t in range(ids.shape[1]):
             if t < e.prompt_len or t >= len(e.input_ids):
@@ -63,7 +64,7 @@ def test_truncation_keeps_eos_and_answer(tiny_model_dir):
     cfg = cfg_for(tiny_model_dir, "unused", **{"train.max_length": 40})
     tok = load_tokenizer(tiny_model_dir)
     long = MCQItem(id="l", question="Why? " * 5, options=("a", "b", "c", "d"), answer=1, explanation="x " * 200)
-    ex = train_mod.tokenize_example(long, cfg, tok)
+    ex = batches.tokenize_example(long, cfg, tok)
     assert len(ex.input_ids) <= 40 and ex.input_ids[-1] == tok.eos_token_id
     assert tok.decode(ex.input_ids[ex.prompt_len:ex.prompt_len + 1]) == " B"
 
@@ -74,10 +75,10 @@ def test_one_step_changes_only_lora_weights(tiny_model_dir):
     cfg = cfg_for(tiny_model_dir, "unused")
     model, tok = train_mod.lora_model(cfg, Accelerator(cpu=True), print)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    plan = train_mod.batch_plan(items(8), cfg, tok)
-    ids, mask, labels = train_mod.collate(plan[0][0], tok.pad_token_id, "cpu")
+    plan = batches.batch_plan(items(8), cfg, tok)
+    ids, mask, labels = batches.collate(plan[0][0], tok.pad_token_id, "cpu")
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    train_mod.completion_loss_sum(model, ids, mask, labels, train_mod.first_target(plan[0][0])).backward()
+    train_mod.completion_loss_sum(model, ids, mask, labels, batches.first_target(plan[0][0])).backward()
     opt.step()
     changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
     lora = {n for n, _ in model.named_parameters() if "lora_" in n}
@@ -91,10 +92,10 @@ def test_loss_matches_transformers_loss(tiny_model_dir):
 
     cfg = cfg_for(tiny_model_dir, "unused")
     model, tok = train_mod.lora_model(cfg, Accelerator(cpu=True), print)
-    plan = train_mod.batch_plan(items(8), cfg, tok)
-    ids, mask, labels = train_mod.collate(plan[0][0], tok.pad_token_id, "cpu")
+    plan = batches.batch_plan(items(8), cfg, tok)
+    ids, mask, labels = batches.collate(plan[0][0], tok.pad_token_id, "cpu")
     with torch.no_grad():
-        mine = train_mod.completion_loss_sum(model, ids, mask, labels, train_mod.first_target(plan[0][0]))
+        mine = train_mod.completion_loss_sum(model, ids, mask, labels, batches.first_target(plan[0][0]))
         hf = model(input_ids=ids, attention_mask=mask, labels=labels).loss
     n_targets = int((labels[:, 1:] != -100).sum())
     assert mine.item() == pytest.approx(hf.item() * n_targets, rel=1e-5)
