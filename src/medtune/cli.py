@@ -170,7 +170,7 @@ def train(config: Config_ = None, sets: Set_ = None,
           resume: Annotated[bool, typer.Option(help="Continue from the last complete checkpoint in --out.")] = False,
           quiet: Quiet = False, overwrite: Overwrite = False, device: Device = None) -> None:
     """LoRA fine-tune on the training part of the data; writes RUN/adapter and RUN/metrics.jsonl."""
-    from medtune.data.prepare import prepare_data
+    from medtune.data.prepare import prepare_data, validation_split
     from medtune.hardware import resolve_device
     from medtune.train import train as train_fn
 
@@ -178,9 +178,11 @@ def train(config: Config_ = None, sets: Set_ = None,
     resolve_device(cfg.device)
     log = _log(quiet)
     check_out_dir(Path(cfg.out_dir), overwrite, allow_existing=resume)
-    train_items, _, data = prepare_data(cfg, log)
+    train_items, eval_items, data = prepare_data(cfg, log)
+    train_items, val_items, data = validation_split(cfg, train_items, eval_items, data)  # data.validation
     with claim_out_dir(Path(cfg.out_dir), overwrite, allow_existing=resume) as dest:  # cfg keeps the final --out
-        train_fn(cfg, train_items, dest, resume=resume, quiet=quiet, log=log, extra_meta={"data": data})
+        train_fn(cfg, train_items, dest, resume=resume, quiet=quiet, log=log, extra_meta={"data": data},
+                 val_items=val_items)
 
 
 @app.command()
@@ -223,13 +225,101 @@ def export(run_dir: Path, out: Annotated[Path | None, typer.Option(help="Default
     typer.echo(f"exported: {path}")
 
 
+PARITY_FAILED = 3  # `compare --parity`: the certificate's verdict is "fail" (2 stays "user error", 1 "bug")
+
+
 @app.command()
 @user_errors
-def compare(a: Path, b: Path, json_out: Json = False) -> None:
-    """Paired comparison of two results.json on the same items: McNemar's exact test, difference with CI, won/lost."""
+def compare(a: Path, b: Path, json_out: Json = False,
+            parity: Annotated[bool, typer.Option(help="A parity certificate instead: two evaluations of the same model "
+                                                      "on the same items (two devices, bf16 vs fp32). Exit 0 on "
+                                                      "pass, 3 on fail.")] = False,
+            tolerance_logprob: Annotated[float | None, typer.Option(
+                help="--parity: largest allowed per-item max |delta log-prob| in nats (default 0.6).")] = None,
+            tolerance_flips: Annotated[float | None, typer.Option(
+                help="--parity: largest allowed share of predictions that differ (default 0.01).")] = None) -> None:
+    """Paired comparison of two results.json on the same items: McNemar's exact test, difference with CI, won/lost.
+    With --parity: a per-item certificate that A and B gave the same answers; exit 3 when it fails."""
     from medtune.compare import compare_files
 
+    if parity:
+        _parity(a, b, json_out, tolerance_logprob, tolerance_flips)
+        return
+    if tolerance_logprob is not None or tolerance_flips is not None:
+        raise MedtuneError("--tolerance-logprob and --tolerance-flips apply to --parity only")
     typer.echo(compare_files(a, b, as_json=json_out))
+
+
+def _parity(a: Path, b: Path, json_out: bool, tolerance_logprob: float | None, tolerance_flips: float | None) -> None:
+    """Print the certificate; exit PARITY_FAILED on a "fail" verdict, so a script can gate on it."""
+    from medtune.compare import parity_files, render_parity
+
+    tolerance = {k: v for k, v in (("max_abs_dlogprob", tolerance_logprob), ("flip_rate", tolerance_flips))
+                 if v is not None}
+    if any(v < 0 for v in tolerance.values()) or tolerance.get("flip_rate", 0) > 1:
+        raise MedtuneError("tolerances must be >= 0 (and --tolerance-flips at most 1)")
+    cert = parity_files(a, b, tolerance)
+    typer.echo(json.dumps({"a": str(a), "b": str(b), **cert}, indent=1) if json_out else render_parity(cert, a, b))
+    if cert["verdict"] != "pass":
+        raise typer.Exit(PARITY_FAILED)
+
+
+@app.command()
+@user_errors
+def audit(
+    model: Annotated[str | None, typer.Option(help="embedded, a Hub id, or a local model dir.")] = None,
+    data: Annotated[str | None, typer.Option(help="A file, `demo`, or a preset (medqa, medmcqa, ...).")] = None,
+    adapter: Annotated[str | None, typer.Option(help="A PEFT adapter dir (e.g. RUN/adapter).")] = None,
+    limit: Annotated[int | None, typer.Option(help="Audit the first N items.")] = None,
+    out: Annotated[Path | None, typer.Option(help="Output dir (default runs/audit-<data>).")] = None,
+    mode: Annotated[str | None, typer.Option(help="fast (bf16 + fp32 re-score of close calls) or exact.")] = None,
+    method: Annotated[str | None, typer.Option(help="letter (default) or answer.")] = None,
+    prompt_style: Annotated[str | None, typer.Option(help="harness or chat.")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Questions per forward pass.")] = None,
+    cop_base: CopBase = None, mapping: Map = None, config: Config_ = None, sets: Set_ = None, quiet: Quiet = False,
+    json_out: Json = False, overwrite: Overwrite = False, device: Device = None,
+) -> None:
+    """Shortcut audit: accuracy with the question stem removed (vs chance and the full prompt), with the right option
+    replaced by "None of the other answers", and under every rotation of the options. Writes OUT/results.json and
+    the per-item rows in OUT/predictions.jsonl."""
+    from medtune.data import sources
+    from medtune.data.formats import parse_mapping
+    from medtune.hardware import resolve_device
+    from medtune.prompts import check_style
+
+    cfg = _config(config, sets, model=model, prompt_style=prompt_style, device=device, **{
+        "data.source": data, "data.limit": limit, "eval.mode": mode, "eval.batch_size": batch_size,
+        "eval.method": method})
+    check_style(cfg.prompt_style)
+    resolve_device(cfg.device)  # a device that is not there: one line, before any data or model is read
+    if adapter:
+        from medtune.models import check_adapter
+
+        check_adapter(adapter)
+    if cfg.data.source in sources.SUITES:
+        raise MedtuneError(f"{cfg.data.source} is a suite; audit one source at a time (e.g. --data medqa)")
+    out = out or Path("runs") / f"audit-{Path(cfg.data.source).stem}"
+    check_out_dir(out, overwrite)
+    items = sources.load(cfg.data.source, "eval", cop_base=cop_base, mapping=parse_mapping(mapping) if mapping else None)
+    items = items[: cfg.data.limit] if cfg.data.limit else items
+    _audit_items(items, cfg, out, adapter, quiet, json_out, overwrite)
+
+
+def _audit_items(items, cfg, out: Path, adapter: str | None, quiet: bool, json_out: bool, overwrite: bool) -> None:
+    from medtune.audit import render
+    from medtune.data import sources
+    from medtune.evaluation_extras import audit_eval
+    from medtune.report import DISCLAIMER
+
+    split_name = "eval" if cfg.data.source in sources.PRESETS or cfg.data.source == sources.DEMO else "file"
+    fingerprint = sources.fingerprint(items, cfg.data.source, split_name)
+    with claim_out_dir(out, overwrite) as dest:  # dest: a fresh dir beside an old run, swapped in at the end
+        results = audit_eval(items, cfg, dest, adapter, fingerprint, quiet, _log(quiet))
+    if json_out:
+        typer.echo(json.dumps(results, indent=1, default=str))
+        return
+    typer.echo(render(results["audit"]))
+    typer.echo(f"results: {out / 'results.json'}\nper item: {out / 'predictions.jsonl'}\n{DISCLAIMER}")
 
 
 @app.command()

@@ -25,11 +25,12 @@ from medtune.errors import MedtuneError
 DEFAULT_TOLERANCE = {"max_abs_dlogprob": 0.6, "flip_rate": 0.01}
 
 
-def compare_files(a: Path, b: Path, as_json: bool = False, parity: bool = False) -> str:
+def compare_files(a: Path, b: Path, as_json: bool = False, parity: bool = False, tolerance: dict | None = None
+                  ) -> str:
     rows_a, rows_b = _rows(a), _rows(b)
     _same_items(rows_a, rows_b, f"{a} and {b}")
     if parity:
-        return _parity_output(rows_a, rows_b, a, b, as_json)
+        return _parity_output(rows_a, rows_b, a, b, as_json, tolerance)
     ids_a = [r["id"] for r in rows_a]
     by_b = {r["id"]: r for r in rows_b}
     result = stats.paired_compare([r["correct"] for r in rows_a], [by_b[i]["correct"] for i in ids_a], ids_a)
@@ -47,10 +48,19 @@ def compare_files(a: Path, b: Path, as_json: bool = False, parity: bool = False)
     ])
 
 
-def _parity_output(rows_a: list[dict], rows_b: list[dict], a: Path, b: Path, as_json: bool) -> str:
+def _parity_output(rows_a: list[dict], rows_b: list[dict], a: Path, b: Path, as_json: bool,
+                   tolerance: dict | None = None) -> str:
     """compare_files' parity path (a helper, because compare_files' `parity` flag shadows the function's name)."""
-    cert = parity(rows_a, rows_b)
+    cert = parity(rows_a, rows_b, tolerance)
     return json.dumps({"a": str(a), "b": str(b), **cert}, indent=1) if as_json else render_parity(cert, a, b)
+
+
+def parity_files(a: Path, b: Path, tolerance: dict | None = None) -> dict:
+    """The parity certificate of two evaluation outputs (dirs, results.json or predictions.jsonl), for a caller that
+    acts on the verdict (`medtune compare --parity` exits 3 on "fail")."""
+    rows_a, rows_b = _rows(a), _rows(b)
+    _same_items(rows_a, rows_b, f"{a} and {b}")
+    return parity(rows_a, rows_b, tolerance)
 
 
 def parity(rows_a: list[dict], rows_b: list[dict], tolerance: dict | None = None) -> dict:
