@@ -16,9 +16,9 @@ from pathlib import Path
 
 from medtune.data.items import MCQItem
 
-NO_HELDOUT = ("skipped: the run has no held-out calibration items (data.heldout). Calibrating on training items would "
-              "not give a coverage guarantee (the model was fitted to them), and on eval items it would be circular; "
-              "`medtune eval` predictions of a held-out set can be calibrated with medtune.conformal")
+NO_HELDOUT = ("skipped: the run holds no items out of training (set data.validation to calibrate on them). Calibrating "
+              "on training items gives no coverage guarantee (the model was fitted to them), and on eval items it "
+              "would be circular")
 
 
 def audit_eval(items: list[MCQItem], cfg, out: Path | None, adapter: str | None = None, fingerprint: dict | None = None,
@@ -61,8 +61,8 @@ def run_extras(cfg, out: Path, eval_items: list[MCQItem], base_rows: list[dict],
       subgroups  per-subject accuracy (base, tuned) with Wilson CIs and MDE; before/after per subject with McNemar,
                  BH-adjusted p and the paired MDE;
       audit      (eval.audit) the tuned model's shortcut audit; per-item rows in RUN/tuned-audit/predictions.jsonl;
-      conformal  LAC and APS sets calibrated on the tuned model's scores of `calibration_items` (held out from both
-                 training and evaluation), evaluated on the eval rows; else {"skipped": why}."""
+      conformal  LAC and APS sets calibrated on the tuned model's scores of `calibration_items` (data.validation:
+                 held out of training, never eval items), evaluated on the eval rows; else {"skipped": why}."""
     from medtune import subgroups
 
     extras: dict = {"subgroups": {
@@ -102,7 +102,10 @@ def _conformal(cfg, model, tokenizer, style: str, tuned_rows: list[dict], calibr
     cal_rows = score_items(model, tokenizer, calibration_items, style, cfg.eval.method, cfg.eval.mode,
                            batch_size=cfg.eval.batch_size)
     alpha = cfg.eval.conformal_alpha
-    return {"calibration_source": "data.heldout", "alpha": alpha,
+    note = ("the validation items also chose the kept checkpoint (train.keep: best), a mild selection on the "
+            "calibration items" if getattr(cfg.train, "keep", "last") == "best" else None)
+    return {"calibration_source": "data.validation (held out of training, never eval items)", "alpha": alpha,
+            "n_calibration": len(cal_rows), "note": note,
             **{m: conformal.conformal_summary(cal_rows, tuned_rows, alpha, m) for m in conformal.METHODS}}
 
 

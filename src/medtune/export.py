@@ -201,8 +201,18 @@ def model_card(meta: dict, adapter: Path, results: dict | None, merged: bool) ->
     sections = [_front_matter(meta["base_model"], merged), f"# {_title(meta, merged)}\n",
                 f"> **{DISCLAIMER}**\n", _model_section(meta, adapter, merged), _data_section(meta),
                 _recipe_section(meta, adapter), _eval_section(results), _usage_section(meta, adapter, merged),
-                _INTENDED_USE, _LIMITATIONS, f"## Medical disclaimer\n\n{DISCLAIMER}\n"]
-    return "\n".join(sections)
+                _INTENDED_USE, _LIMITATIONS, _checklist_section(adapter.parent, results),
+                f"## Medical disclaimer\n\n{DISCLAIMER}\n"]
+    return "\n".join(s for s in sections if s)
+
+
+def _checklist_section(run_dir: Path, results: dict | None) -> str:
+    """MI-CLEAR-LLM / TRIPOD-LLM items filled from the run (checklist.py), local paths reduced to their names."""
+    if results is None or results.get("kind") != "run":
+        return ""
+    from medtune import checklist
+
+    return checklist.markdown(checklist.fill(run_dir), public=True)
 
 
 def _front_matter(base_model: str, merged: bool) -> str:

@@ -67,7 +67,11 @@ def build(run_dir: Path, price_per_hour: float | None = None, explain: bool = Fa
     if cost:
         images["cost"] = figures.cost_bars({k: v["wall_s"] for k, v in cost["parts"].items()})
     examples, explain_note = _examples(run_dir, results, items, tuned_rows, explain, log, loaded)
-    return {
+    from medtune import checklist
+
+    return {**reviewer_sections(results),
+            "checklist": checklist.fill(run_dir, list(items.values()) or None, loaded[1] if loaded else None),
+            "checklist_citations": checklist.CITATIONS,
         "title": f"{results['config']['model']} on {results['data']['eval']['source']}", "disclaimer": DISCLAIMER,
         "results": results, "headline": headline(results), "comparisons": comparisons(results),
         "images": {k: base64.b64encode(figures.png(v)).decode() for k, v in images.items()},
@@ -76,6 +80,79 @@ def build(run_dir: Path, price_per_hour: float | None = None, explain: bool = Fa
         "config": yaml.safe_dump(results["config"], sort_keys=False),
         "data": json.dumps(results["data"], indent=1), "environment": json.dumps(results["environment"], indent=1),
     }
+
+
+def reviewer_sections(results: dict) -> dict:
+    """The audit, subject-with-power and conformal sections, preformatted; None where results.json lacks them,
+    a {"skipped": why} dict passed through."""
+    audit, conformal = results.get("audit"), results.get("conformal")
+    return {"audit": _audit_section(audit) if isinstance(audit, dict) and "n" in audit else audit,
+            "subgroups": _subject_section(results["subgroups"]) if "subgroups" in results else None,
+            "conformal": _conformal_section(conformal) if isinstance(conformal, dict) and "alpha" in conformal
+            else conformal}
+
+
+def _audit_section(a: dict) -> dict:
+    oo, nota, rot = a["options_only"], a["nota"], a["rotations"]
+    rows = [{"what": "full prompt", "n": a["full"]["n"], "accuracy": _ci(a["full"]["accuracy"], a["full"]["ci95"]),
+             "against": "", "diff": "", "p": ""},
+            {"what": "options only (stem removed)", "n": oo["n"], "accuracy": _ci(oo["accuracy"], oo["ci95"]),
+             "against": f"chance {oo['chance']:.3f} (exact binomial p = {oo['binomial_p']:.3g})",
+             "diff": _points(oo["vs_full"]), "p": f"{oo['vs_full']['mcnemar_p']:.3g}"}]
+    if nota is not None:
+        rows.append({"what": "right option replaced by \"None of the other answers\"", "n": nota["n"],
+                     "accuracy": _ci(nota["accuracy"], nota["ci95"]),
+                     "against": f"{nota['accuracy_full']:.3f} with the original text; drop {nota['drop'] * 100:.1f} "
+                                f"points ({nota['n_ambiguous']} items have another none/all-of-the-above option)",
+                     "diff": _points(nota["vs_full"]), "p": f"{nota['vs_full']['mcnemar_p']:.3g}"})
+    positions = []
+    if rot is not None:
+        flips = rot["flip_rate_by_gold_position"]
+        for pos, acc in rot["accuracy_by_gold_position"].items():
+            f = flips.get(pos)
+            positions.append({"pos": pos, "n": acc["n"], "accuracy": _ci(acc["accuracy"], acc["ci95"]),
+                              "flip": f"{f['rate']:.1%} ({f['flips']} of {f['n']})" if f else "-"})
+    rotation = None if rot is None else (
+        f"{rot['changed']} of {rot['n']} items ({rot['changed_share']:.1%}, 95% CI [{rot['changed_ci95'][0]:.1%}, "
+        f"{rot['changed_ci95'][1]:.1%}]) change their answer under some cyclic rotation of the options; "
+        f"{rot['flip_rate']:.1%} of rotated predictions flip; right under every rotation: "
+        f"{rot['accuracy_all_rotations']:.3f}")
+    return {"rows": rows, "positions": positions, "rotation": rotation, "n": a["n"]}
+
+
+def _points(paired: dict) -> str:
+    lo, hi = paired["diff_ci"]
+    return f"{paired['diff'] * 100:+.1f} [{lo * 100:+.1f}, {hi * 100:+.1f}]"
+
+
+def _subject_section(sub: dict) -> dict:
+    base = {r["group"]: r for r in sub["base"]}
+    tuned = {r["group"]: r for r in sub["tuned"]}
+    rows = [{"group": r["group"], "n": r["n"], "base": _ci(base[r["group"]]["accuracy"], base[r["group"]]["ci95"]),
+             "tuned": _ci(tuned[r["group"]]["accuracy"], tuned[r["group"]]["ci95"]),
+             "diff": _points(r), "p": f"{r['mcnemar_p']:.3g}", "p_bh": f"{r['p_bh']:.3g}", "mde": r["mde_text"]}
+            for r in sub["before_after"]]
+    psi = sub["before_after"][0]["discordance"] if sub["before_after"] else 0.0
+    return {"field": sub["field"], "rows": rows, "discordance": psi}
+
+
+def _conformal_section(c: dict) -> dict:
+    from medtune.conformal import METHODS
+
+    rows = []
+    for m in METHODS:
+        if m not in c:
+            continue
+        cal, ev = c[m]["calibration"], c[m]["evaluation"]
+        acc = ev["singleton_accuracy"]
+        rows.append({"method": m.upper(), "n_cal": cal["n"], "n": ev["n"],
+                     "coverage": _ci(ev["coverage"], ev["coverage_ci95"]), "target": f"{ev['target_coverage']:.2f}",
+                     "meets": ev["coverage_ci95"][1] >= ev["target_coverage"],
+                     "coverage_pct": round(ev["coverage"] * 100), "target_pct": round(ev["target_coverage"] * 100),
+                     "size": f"{ev['mean_set_size']:.2f}", "singleton": f"{ev['singleton_share']:.1%}",
+                     "empty": f"{ev['empty_share']:.1%}",
+                     "singleton_acc": _ci(acc, ev["singleton_accuracy_ci95"]) if acc is not None else "n/a"})
+    return {"alpha": c["alpha"], "source": c["calibration_source"], "note": c.get("note"), "rows": rows}
 
 
 def render(context: dict) -> str:
