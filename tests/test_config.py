@@ -22,6 +22,7 @@ BAD_ENUM = {
     "train.dtype": ("bf16", "bfloat16"),
     "train.attn_implementation": ("flash", "sdpa"),
     "train.report_to": ("tensorbord", "tensorboard"),
+    "train.keep": ("bestt", "last"),  # best alone is refused: it needs train.eval_every (test_best_checkpoint.py)
     "eval.method": ("answers", "answer"),
     "eval.mode": ("fsat", "exact"),
     "eval.permute": ("cycl", "cyclic"),
@@ -38,6 +39,7 @@ BAD_RANGE = {
     "train.log_every": ([0], 1), "train.seed": ([-1, 2**32], 2**32 - 1), "data.seed": ([-1, 2**32], 0),
     "eval.batch_size": ([0], 1), "eval.margin": ([-0.5], 0.0),
     "eval.max_new_tokens": ([0], 1),
+    "data.validation": ([0, -0.5, 1.5], 1), "train.eval_every": ([-1], 0), "train.patience": ([-1], 0),
 }
 
 

@@ -10,9 +10,11 @@ into place (medtune.io), the last two kept:
   rng.safetensors        torch CPU (and CUDA) generator states ...
   rng.json               ... and Python's and NumPy's; under DDP one pair per rank, rng-rank{r}.safetensors/json,
                          gathered to rank 0 through the process group as safetensors bytes (no pickle anywhere)
+  best.safetensors       with validation (train.eval_every): the best validated step's LoRA weights, by name
   state.json             step, tokens seen, elapsed seconds, grad-scaler state, the config keys that shape training,
                          the world size, and the data fingerprint: the training items (ids + content) and the batch
-                         plan (the token ids of every step)
+                         plan (the token ids of every step); with validation its best step, accuracy and patience
+                         count
 
 Nothing is unpickled on resume: a checkpoint dir holding any other file (a planted `custom_checkpoint_0.pkl`, a
 `.bin`) is refused before anything is read. `--resume` with a different value of a training-shaping key, other
@@ -31,7 +33,8 @@ from pathlib import Path
 from medtune import io
 from medtune.errors import MedtuneError
 
-FILES = ("adapter.safetensors", "optimizer.safetensors", "optimizer.json", "scheduler.json", "rng.json", "state.json")
+FILES = ("adapter.safetensors", "optimizer.safetensors", "optimizer.json", "scheduler.json", "rng.json", "state.json",
+         "best.safetensors")
 KEEP = 2  # checkpoints kept; older ones are deleted once a newer one is complete
 DEFAULT_SAVE_MINUTES = 10.0  # train.save_every = 0: a checkpoint every 10 minutes of training, and at the end
 
@@ -64,9 +67,10 @@ def estimate_size(params) -> int:
 
 
 def save(out_dir: Path, step: int, model, optimizer, scheduler, state: dict, scaler=None,
-         rng: list[bytes] | None = None) -> Path:
+         rng: list[bytes] | None = None, best: dict | None = None) -> Path:
     """Write checkpoint `step` (the main process; weights and optimizer are the same on every DDP rank). `rng`: every
-    rank's RNG state (gather_rng), rank r's at index r; None: this process's own. Returns the checkpoint's dir."""
+    rank's RNG state (gather_rng), rank r's at index r; None: this process's own. `best`: the best validated step's
+    trainable tensors (validation.Validation), written as best.safetensors. Returns the checkpoint's dir."""
     from safetensors.torch import save_file
 
     final = checkpoint_dir(out_dir, step)
@@ -75,6 +79,8 @@ def save(out_dir: Path, step: int, model, optimizer, scheduler, state: dict, sca
     io.check_free_space(root, estimate_size(trainable.values()), f"checkpoint step-{step:07d}")
     with io.atomic_dir(final) as tmp:
         save_file({n: p.detach().contiguous().cpu() for n, p in trainable.items()}, str(tmp / "adapter.safetensors"))
+        if best is not None:
+            save_file(best, str(tmp / "best.safetensors"))
         tensors, groups = _optimizer_state(optimizer)
         save_file(tensors, str(tmp / "optimizer.safetensors"))
         io.write_json(tmp / "optimizer.json", groups)
@@ -217,6 +223,14 @@ def load(ckpt: Path, model, optimizer, scheduler, scaler=None, rank: int = 0) ->
         scaler.load_state_dict(state["scaler"])
     _load_rng(ckpt, f"-rank{rank}" if state.get("world", 1) > 1 else "")
     return state
+
+
+def load_best(ckpt: Path) -> dict | None:
+    """The best validated weights a checkpoint holds (best.safetensors), on the CPU; None when it holds none."""
+    from safetensors.torch import load_file
+
+    path = ckpt / "best.safetensors"
+    return load_file(str(path)) if path.is_file() else None
 
 
 def _optimizer_state(optimizer) -> tuple[dict, dict]:

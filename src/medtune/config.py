@@ -26,6 +26,9 @@ class DataConfig:
     shuffle_options: bool = True  # shuffle option order per example and epoch in training (no letter prior)
     select: str = "random"  # how train_size items are chosen from the training pool: random (seeded) or first
     holdout: float | None = None  # evaluate on this seeded share of the selected training items instead (seed recipe)
+    # Validation during training (train.eval_every): hold this seeded share (0 < v < 1) or count (v >= 1) of the
+    # training pool out of training. Never eval items: items duplicating an eval item are never chosen.
+    validation: float | None = None
 
 
 @dataclass
@@ -59,6 +62,9 @@ class TrainConfig:
     save_every: int = 0  # checkpoint every N optimizer steps (0: only at the end)
     log_every: int = 1
     report_to: list[str] = field(default_factory=list)  # tensorboard, wandb, ... through accelerate trackers
+    eval_every: int = 0  # letter accuracy on data.validation every N optimizer steps and at the end (0: off)
+    keep: str = "last"  # the adapter saved: last, or best (highest validation accuracy; ties: the earlier step)
+    patience: int | None = None  # stop after this many validations without improvement (None/0: never)
 
 
 @dataclass
@@ -206,6 +212,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "train.loss_on": ("completion", "all"),
     "train.dtype": ("auto", "bfloat16", "float16", "float32"),
     "train.attn_implementation": ("auto", "sdpa", "eager", "flash_attention_2"),
+    "train.keep": ("last", "best"),
     "train.report_to": ("all", "aim", "tensorboard", "wandb", "trackio", "comet_ml", "mlflow", "clearml", "dvclive",
                         "swanlab"),
     "eval.method": ("letter", "answer", "generate"),
@@ -222,6 +229,7 @@ RANGES: dict[str, tuple] = {
     "data.cop_base": (lambda v: v in (0, 1), "0 or 1"),
     "data.holdout": (lambda v: 0 < v < 1, "between 0 and 1 (exclusive)"),
     "data.seed": (lambda v: 0 <= v < 2**32, "in 0..4294967295 (NumPy's seed range)"),
+    "data.validation": (lambda v: 0 < v < 1 or (v >= 1 and v == int(v)), "a share in (0, 1) or a whole count >= 1"),
     "lora.r": (lambda v: 1 <= v <= MAX_LORA_R, f"in 1..{MAX_LORA_R} (a rank above the model's width adds nothing)"),
     "lora.alpha": (lambda v: v > 0, "> 0"),
     "lora.dropout": (lambda v: 0 <= v < 1, "in [0, 1)"),
@@ -236,6 +244,8 @@ RANGES: dict[str, tuple] = {
     "train.save_every": (lambda v: v >= 0, ">= 0 (0: only at the end)"),
     "train.log_every": (lambda v: v >= 1, ">= 1"),
     "train.seed": (lambda v: 0 <= v < 2**32, "in 0..4294967295 (NumPy's seed range)"),
+    "train.eval_every": (lambda v: v >= 0, ">= 0 (0: no validation)"),
+    "train.patience": (lambda v: v >= 0, ">= 0 (0: no early stopping)"),
     "eval.batch_size": (lambda v: v >= 1, ">= 1"),
     "eval.margin": (lambda v: v >= 0, ">= 0"),
     "eval.max_new_tokens": (lambda v: v >= 1, ">= 1"),
@@ -254,6 +264,19 @@ def validate(cfg: Config, where: str = "config") -> None:
         value = _get(cfg, key)
         if value is not None and not ok(value):
             raise MedtuneError(f"{where}: {key} {value!r} is out of range; must be {text}")
+    _validate_validation(cfg, where)
+
+
+def _validate_validation(cfg: Config, where: str) -> None:
+    """Validation during training needs held-out items; keep=best and patience need validation."""
+    t = cfg.train
+    if t.eval_every and not cfg.data.validation:
+        raise MedtuneError(f"{where}: train.eval_every={t.eval_every} needs items to validate on; set data.validation "
+                           "(a share such as 0.1 or a count such as 30 of the training pool)")
+    for key, on in (("train.keep=best", t.keep == "best"), (f"train.patience={t.patience}", bool(t.patience))):
+        if on and not t.eval_every:
+            raise MedtuneError(f"{where}: {key} needs validation during training; set train.eval_every (e.g. 10) "
+                               "and data.validation (e.g. 0.1)")
 
 
 def _get(cfg: Config, key: str):

@@ -9,7 +9,7 @@ from pathlib import Path
 from medtune import stats
 from medtune.config import Config, save_config
 from medtune.data.items import MCQItem
-from medtune.data.prepare import prepare_data
+from medtune.data.prepare import prepare_data, validation_split
 
 
 def run(cfg: Config, quiet: bool = False, log=print, out: Path | None = None) -> dict:
@@ -30,6 +30,7 @@ def run(cfg: Config, quiet: bool = False, log=print, out: Path | None = None) ->
     out = Path(out) if out is not None else Path(cfg.out_dir)
     device = resolve_device(cfg.device)
     train_items, eval_items, data = prepare_data(cfg, log)
+    train_items, val_items, data = validation_split(cfg, train_items, eval_items, data)  # data.validation
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "config.yaml")
     log(f"data: {len(train_items)} training and {len(eval_items)} eval items ({data['eval']['source']})")
@@ -44,10 +45,11 @@ def run(cfg: Config, quiet: bool = False, log=print, out: Path | None = None) ->
     if cfg.lora.quantize != "none":
         del model
         gc.collect()
-        summary = train(cfg, train_items, out, quiet=quiet, log=log, extra_meta={"data": data})
+        summary = train(cfg, train_items, out, quiet=quiet, log=log, extra_meta={"data": data}, val_items=val_items)
         model = load_model(cfg.model, device=device, log=log)[0]
     else:
-        summary = train(cfg, train_items, out, quiet=quiet, log=log, extra_meta={"data": data}, base_model=model)
+        summary = train(cfg, train_items, out, quiet=quiet, log=log, extra_meta={"data": data}, base_model=model,
+                        val_items=val_items)
         if weights_dtype(device) == "bfloat16" and not held_in_bf16(model):
             hold_in_bf16(model, device)  # fp32 training (train.dtype=float32) widened it: back to the eval holding
     adapter = str(out / "adapter")

@@ -27,14 +27,17 @@ from medtune.errors import MedtuneError, TrainingInterrupted
 
 
 def train(cfg: Config, items: list[MCQItem], out_dir: Path, resume: bool = False, quiet: bool = False,
-          log=print, extra_meta: dict | None = None, base_model=None) -> dict:
+          log=print, extra_meta: dict | None = None, base_model=None, val_items: list[MCQItem] | None = None) -> dict:
     """Train a LoRA adapter on `items`; write it to out_dir/adapter with everything needed to trace it.
     `base_model`: the base already in memory (run.py), trained in place instead of loading it again; the LoRA
     layers are taken out of it again before this returns, so the caller holds the plain base (one copy throughout).
 
     Checkpoints (checkpoint.py) every `save_every` steps, or every DEFAULT_SAVE_MINUTES when it is 0, and at the end;
     SIGTERM/SIGINT write one and exit (TrainingInterrupted). Without `resume` an earlier run's checkpoints and metrics
-    in out_dir are replaced (the CLI refuses a non-empty out_dir unless --overwrite)."""
+    in out_dir are replaced (the CLI refuses a non-empty out_dir unless --overwrite).
+
+    `val_items` (data.prepare.validation_split): validated every train.eval_every steps (validation.py); the row of
+    that step in metrics.jsonl gets val_accuracy, val_correct, val_n, val_ci95 and val_best_step."""
     import torch
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
@@ -45,6 +48,9 @@ def train(cfg: Config, items: list[MCQItem], out_dir: Path, resume: bool = False
 
     t = cfg.train
     out_dir = Path(out_dir)
+    if t.eval_every and not val_items:
+        raise MedtuneError(f"train.eval_every={t.eval_every}: no validation items were held out; set data.validation "
+                           "(train() takes them as val_items, from data.prepare.validation_split)")
     from medtune.doctor import preflight
     from medtune.hardware import decide, detect, prepare_env
     from medtune.models import placement
@@ -65,6 +71,9 @@ def train(cfg: Config, items: list[MCQItem], out_dir: Path, resume: bool = False
                               cpu=device == "cpu",
                               log_with=t.report_to or None, project_dir=str(out_dir))
     checkpoint.check_launch(accelerator, ckpt, resume)  # world size, backend: known only now; before weights load
+    if t.eval_every and checkpoint.sharded(accelerator):
+        raise MedtuneError("train.eval_every: validation during training is not supported under FSDP/DeepSpeed "
+                           "(sharded weights); train under DDP or set train.eval_every=0")
     set_seed(t.seed, deterministic=False)
     preflight(cfg, log if accelerator.is_main_process else (lambda *_: None), info)  # warnings before weights load
     model, tokenizer = lora_model(cfg, accelerator, log, attention_kernel(cfg, info, policy), base_model)
@@ -80,32 +89,44 @@ def train(cfg: Config, items: list[MCQItem], out_dir: Path, resume: bool = False
     if t.report_to:
         accelerator.init_trackers("medtune", config=_flat(cfg.to_dict()))
     run = TrainRun(accelerator, model, optimizer, scheduler, cfg, out_dir, steps, log)
+    if t.eval_every:
+        from medtune.validation import Validation
+
+        run.validation = Validation(cfg, val_items, tokenizer, accelerator)
     run.begin(ckpt, items, plan)
     progress = _progress(steps, run.step, quiet or not accelerator.is_main_process)
     model.train()
     loss = run.loss  # the checkpoint's, when a finished run is resumed
     with checkpoint.Signals() as signals:
-        for step in range(run.step, steps):
+        for step in range(run.step, run.step if run.stopped() else steps):  # an early-stopped run stays stopped
             loss, real = _guarded_step(run, plan[step], tokenizer, step, len(items))
-            run.finish_step(step + 1, loss, real, progress)
+            run.finish_step(step + 1, loss, real, progress)  # validates when due, before any checkpoint of this step
             stop = signals.agreed(accelerator)  # the same on every rank: all stop after this same step
             if stop:
                 run.interrupt(stop)
+            if run.stopped():  # train.patience: the same on every rank (validation sums every rank's counts)
+                break
             if run.due(step + 1):
                 run.save(step + 1)
     progress.close()
-    if run.last_saved != steps and steps > run.start:
-        run.save(steps)  # the end of training is a checkpoint too: `--resume` of a finished run is a no-op
+    if run.last_saved != run.step and run.step > run.start:
+        run.save(run.step)  # the end of training is a checkpoint too: `--resume` of a finished run is a no-op
     wall = time.time() - run.t0
-    summary = {"steps": steps, "final_loss": loss, "wall_s": round(wall, 2), "real_tokens": run.tokens,
+    summary = {"steps": run.step, "final_loss": loss, "wall_s": round(wall, 2), "real_tokens": run.tokens,
                "tokens_per_s": round(run.tokens / max(wall, 1e-9), 1), "resumed_from_step": run.start,
                "question_cut": sum(1 for b in plan[0] for ex in b if ex.cut) if plan else 0,
                "placement": placement(accelerator.unwrap_model(model))}
+    if run.validation is not None:
+        summary["validation"] = run.validation.summary(run.step)
+        run.validation.keep_best(model)  # keep=best: the best step's LoRA weights into the model, on every rank
+        extra_meta = {**(extra_meta or {}), **{k: summary["validation"][k] for k in ("kept", "best_step",
+                                                                                    "best_val_accuracy")},
+                      "validation_ids": [i.id for i in val_items]}
     state = accelerator.get_state_dict(model)  # every rank: FSDP / ZeRO-3 gather the sharded weights whole
     if accelerator.is_main_process:
         _save_adapter(accelerator.unwrap_model(model), state, tokenizer, cfg, items, out_dir, summary, extra_meta)
-        recorder.stop(out_dir, train_tokens=run.tokens, steps=steps - run.start, device_count=max(world, 1))
-        log(f"trained {steps} steps in {summary['wall_s']} s, {summary['tokens_per_s']} real tokens/s, "
+        recorder.stop(out_dir, train_tokens=run.tokens, steps=run.step - run.start, device_count=max(world, 1))
+        log(f"trained {run.step} steps in {summary['wall_s']} s, {summary['tokens_per_s']} real tokens/s, "
             f"final loss {loss:.4f}")
     accelerator.wait_for_everyone()
     if t.report_to:
@@ -187,6 +208,11 @@ class TrainRun:
         self._step_lr = float("nan")  # the rate the last step ran at (set by _train_step before the update)
         self.sharded = checkpoint.sharded(accelerator)
         self.data: dict = {}  # the data fingerprint every checkpoint records (begin)
+        self.validation = None  # validation.Validation when train.eval_every is on
+
+    def stopped(self) -> bool:
+        """Early stopping (train.patience) reached, in this run or in the checkpoint it resumed."""
+        return self.validation is not None and self.validation.stopped
 
     def begin(self, ckpt: Path | None, items: list[MCQItem], plan) -> None:
         from medtune import checkpoint
@@ -198,6 +224,8 @@ class TrainRun:
             checkpoint.check_plan(checkpoint.read_state(ckpt), self.data["plan"])  # needs the tokenizer: checked here
             state = checkpoint.load(ckpt, self.acc.unwrap_model(self.model), self.optimizer, self.scheduler,
                                     self.acc.scaler, self.acc.process_index)  # each rank its own RNG state
+            if self.validation is not None:
+                self.validation.restore(state.get("validation"), checkpoint.load_best(ckpt))
             self.step = self.start = self.last_saved = state["step"]
             self.tokens, self.loss = state.get("tokens", 0), state.get("loss", float("nan"))
             self.t0 = time.time() - state.get("elapsed_s", 0.0)  # throughput continues across the interruption
@@ -216,17 +244,20 @@ class TrainRun:
     def finish_step(self, step: int, loss: float, real: int, progress) -> None:
         t = self.cfg.train
         self.step, self.tokens, self.loss = step, self.tokens + real, loss
+        val = self.validation.validate(self.model, step) if self.validation and self.validation.due(step, self.steps) \
+            else {}
         elapsed = time.time() - self.t0
         row = {"step": step, "epoch": round(step / self.steps * t.epochs, 4) if t.max_steps is None else None,
                "loss": loss, "lr": self._step_lr, "tokens": self.tokens,
-               "tokens_per_s": self.tokens / elapsed if elapsed else 0.0, "elapsed_s": round(elapsed, 3)}
+               "tokens_per_s": self.tokens / elapsed if elapsed else 0.0, "elapsed_s": round(elapsed, 3), **val}
         if self.acc.is_main_process:
             with self.metrics.open("a") as f:
                 f.write(json.dumps(row) + "\n")
             progress.set_postfix(loss=f"{loss:.4f}", tok_s=f"{row['tokens_per_s']:.0f}")
             progress.update(1)
         if t.report_to:
-            self.acc.log({"loss": loss, "lr": row["lr"]}, step=step)
+            self.acc.log({"loss": loss, "lr": row["lr"], **({"val_accuracy": val["val_accuracy"]} if val else {})},
+                         step=step)
 
     def due(self, step: int) -> bool:
         from medtune import checkpoint
@@ -259,8 +290,11 @@ class TrainRun:
         if self.acc.is_main_process:
             state = {"tokens": self.tokens, "elapsed_s": time.time() - self.t0, "loss": self.loss,
                      "config": checkpoint.shaping_config(self.cfg.to_dict()), "data": self.data}
+            best = None
+            if self.validation is not None:
+                state["validation"], best = self.validation.state(), self.validation.best_weights
             path = checkpoint.save(self.out_dir, step, self.acc.unwrap_model(self.model), self.optimizer,
-                                   self.scheduler, state, self.acc.scaler, rng)
+                                   self.scheduler, state, self.acc.scaler, rng, best)
         self.acc.wait_for_everyone()
         self.last_saved, self.last_time = step, time.time()
         return path

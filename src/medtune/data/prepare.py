@@ -63,3 +63,31 @@ def refuse_test(source: str) -> None:
     if reason:
         raise MedtuneError(f"data.source: {reason}; medtune never trains on test data. Train on a train or dev "
                            "split or file (e.g. medqa, medqa:train) and pass the test data as data.eval_source")
+
+
+def validation_split(cfg: Config, train_items: list[MCQItem], eval_items: list[MCQItem],
+                     data: dict) -> tuple[list[MCQItem], list[MCQItem], dict]:
+    """Hold `data.validation` (a share, or a count when >= 1) of the training pool out of training, seeded by
+    data.seed, for train.eval_every. Items that duplicate or nearly duplicate an eval item are never chosen (they
+    stay in training, where prepare_data already warned about them): validation never sees eval items. Returns the
+    training items left, the validation items (in pool order) and `data` with the new training and validation
+    fingerprints. Without data.validation: the items unchanged, no validation items, `data` unchanged."""
+    share = cfg.data.validation
+    if not share:
+        return train_items, [], data
+    found = overlap(train_items, eval_items)
+    near_eval = {t for x in found["exact"] for t in x["train_ids"]} | {x["train_id"] for x in found["near"]}
+    pool = [i for i, item in enumerate(train_items) if item.id not in near_eval]
+    n_val = int(share) if share >= 1 else max(1, round(len(train_items) * share))
+    if n_val >= len(pool):
+        raise MedtuneError(f"data.validation={share:g} holds out {n_val} items but the training pool has "
+                           f"{len(pool)} that are not eval duplicates; lower data.validation")
+    # A string seed (hashed with sha512 by Python, the same in every process): apart from the draws data.seed makes
+    # for train_size and holdout, so validation does not pick the items those picked first.
+    chosen = set(random.Random(f"validation-{cfg.data.seed}").sample(pool, n_val))
+    val = [item for i, item in enumerate(train_items) if i in chosen]
+    train = [item for i, item in enumerate(train_items) if i not in chosen]
+    source = data["train"]["source"]
+    return train, val, {**data, "train": sources.fingerprint(train, source, "train"),
+                        "validation": sources.fingerprint(val, source, f"validation-{share:g}")}
+
