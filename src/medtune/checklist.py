@@ -136,10 +136,10 @@ def _model_identity(run_dir: Path, res: dict) -> str:
     """Name, where the weights came from, and their revision: the Hub snapshot, or the sha256 of the weights files."""
     tuned = res.get("tuned", {})
     name = res.get("config", {}).get("model") or tuned.get("model", "?")
-    path = Path(tuned.get("model_path") or "")
-    parts = path.parts
+    path = Path(tuned["model_path"]) if tuned.get("model_path") else None
+    parts = path.parts if path else ()
     revision = f"Hub revision {parts[parts.index('snapshots') + 1]}" if "snapshots" in parts[:-1] else None
-    weights = _weights_sha256(run_dir, path)
+    weights = _weights_sha256(run_dir, path) if path else None
     adapter = _file_sha256(run_dir / "adapter" / "adapter_model.safetensors")
     text = f"base model {name}"
     text += f" ({revision})" if revision else ""
