@@ -67,6 +67,10 @@ def run(cfg: Config, quiet: bool = False, log=print, out: Path | None = None) ->
     for m in methods[1:]:  # the same items and adapter, scored another way
         (b, b_rows), (t, t_rows) = base[m], tuned[m]
         results["extra_methods"][m] = {"base": b, "tuned": t, "comparison": compare(eval_items, b, t, b_rows, t_rows)}
+    from medtune.evaluation_extras import run_extras  # subgroups with power, eval.audit, conformal sets
+
+    results |= run_extras(cfg, out, eval_items, base[first][1], tuned[first][1], (tuned_model, tuned_tok),
+                          tuned[first][0]["prompt_style"], val_items, log)
     results["wall_s"], results["environment"] = round(time.time() - started, 1), environment()
     write_json(out / "results.json", results)
     from medtune.html_report import write_report
