@@ -132,7 +132,6 @@ def load_model(name: str, adapter: str | None = None, dtype: str | None = None, 
     bf16 is native, else fp32). Held in bf16, a checkpoint saved in higher precision keeps its fp32 values in host
     memory (`hold_in_bf16`), so that fp32 scoring (scoring.fp32_compute) reproduces fp32 weights exactly."""
     import torch
-    from transformers import AutoModelForCausalLM
 
     from medtune.hardware import weights_dtype
 
@@ -140,19 +139,9 @@ def load_model(name: str, adapter: str | None = None, dtype: str | None = None, 
         check_adapter(adapter)  # before the model loads: a bad adapter is refused in a second, not after a minute
     dtype = dtype or weights_dtype(device)
     path = resolve(name, log=log)
-    where, kwargs = _pretrained(path)
     # bf16 holding reads the checkpoint in its own dtype ("auto"): a bf16 checkpoint is never widened on the way in
-    load_dtype = "auto" if dtype == "bfloat16" and not kwargs else getattr(torch, dtype)
-    try:
-        # safetensors only: a pickled checkpoint (.bin) can run code when loaded. No remote code unless asked for.
-        # A `.gguf` file is read by transformers' own GGUF loader (no pickle either).
-        model = AutoModelForCausalLM.from_pretrained(where, dtype=load_dtype, trust_remote_code=False,
-                                                     attn_implementation=attn_implementation,
-                                                     **(kwargs or {"use_safetensors": True}))
-    except (OSError, ValueError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise MedtuneError(f"{name}: could not load the model ({first}). medtune loads safetensors weights only; "
-                           "offline, use `embedded` or a local dir.") from None
+    load_dtype = "auto" if dtype == "bfloat16" and Path(path).suffix != ".gguf" else getattr(torch, dtype)
+    model = load_weights(name, path, load_dtype, attn_implementation=attn_implementation)
     if dtype == "bfloat16":
         hold_in_bf16(model, device)
     model.to(device)
@@ -162,6 +151,22 @@ def load_model(name: str, adapter: str | None = None, dtype: str | None = None, 
         if merge and dtype == "float32":  # same function, plain linear layers: evaluation runs at the base model's speed
             model = model.merge_and_unload()  # (bf16 weights keep the adapter apart: merging would round W + BA)
     return model.eval(), tokenizer, path
+
+
+def load_weights(name: str, path: str, dtype, **kwargs):
+    """AutoModelForCausalLM.from_pretrained under medtune's rules, for every loader (load_model, train.lora_model):
+    safetensors only (a pickled .bin can run code when loaded; a `.gguf` goes through transformers' own GGUF reader,
+    no pickle either), no remote code, and a load failure is one line naming `name`. dtype: torch dtype or "auto"."""
+    from transformers import AutoModelForCausalLM
+
+    where, gguf = _pretrained(path)
+    try:
+        return AutoModelForCausalLM.from_pretrained(where, dtype=dtype, trust_remote_code=False,
+                                                    **(gguf or {"use_safetensors": True}), **kwargs)
+    except (OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise MedtuneError(f"{name}: could not load the model ({first}). medtune loads safetensors weights only; "
+                           "offline, use `embedded` or a local dir.") from None
 
 
 def hold_in_bf16(model, device: str = "cpu") -> None:

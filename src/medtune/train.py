@@ -87,7 +87,7 @@ def train(cfg: Config, items: list[MCQItem], out_dir: Path, resume: bool = False
     fill_deepspeed(accelerator, t.batch_size)
     model, optimizer = accelerator.prepare(model, optimizer)
     if t.report_to:
-        accelerator.init_trackers("medtune", config=_flat(cfg.to_dict()))
+        accelerator.init_trackers("medtune", config=_tracker_config(cfg.to_dict()))
     run = TrainRun(accelerator, model, optimizer, scheduler, cfg, out_dir, steps, log)
     if t.eval_every:
         from medtune.validation import Validation
@@ -381,7 +381,7 @@ def _oom_message(run: TrainRun, batches) -> str:
     t = run.cfg.train
     params = sum(p.numel() for p in run.acc.unwrap_model(run.model).parameters())
     batch_tokens = max(sum(len(ex.input_ids) for ex in b) for b in batches)
-    dtype = {"bf16": "bfloat16", "fp16": "float16"}.get(run.acc.mixed_precision, "float32")
+    dtype = autocast_dtype(run.acc)
     need = estimate_memory(params, batch_tokens, dtype, run.cfg.lora.quantize) / 2**30
     return (f"out of memory at step {run.step + 1} (estimated need {need:.1f} GiB for {params / 1e6:.0f}M parameters "
             f"and {batch_tokens} tokens per micro-batch). Lower train.batch_size (now {t.batch_size}; raise "
@@ -392,12 +392,17 @@ def _oom_message(run: TrainRun, batches) -> str:
 def mixed_precision_for(requested: str, policy_dtype: str) -> str:
     """bf16/fp16 autocast over fp32 weights (fp16 gets loss scaling from accelerate); `auto` follows hardware.py."""
     dtype = policy_dtype if requested == "auto" else requested
-    choices = {"bfloat16": "bf16", "float16": "fp16", "float32": "no"}
-    if dtype not in choices:
-        from medtune.errors import MedtuneError
+    if dtype not in MIXED_PRECISION:
+        raise MedtuneError(f"train.dtype {requested!r}: choose auto, {', '.join(MIXED_PRECISION)}")
+    return MIXED_PRECISION[dtype]
 
-        raise MedtuneError(f"train.dtype {requested!r}: choose auto, {', '.join(choices)}")
-    return choices[dtype]
+
+MIXED_PRECISION = {"bfloat16": "bf16", "float16": "fp16", "float32": "no"}  # train.dtype -> accelerate's name
+
+
+def autocast_dtype(accelerator) -> str:
+    """The dtype the accelerator autocasts to: bfloat16, float16, or float32 (no mixed precision)."""
+    return next((d for d, mp in MIXED_PRECISION.items() if mp == accelerator.mixed_precision), "float32")
 
 
 def attention_kernel(cfg: Config, info, policy) -> str:
@@ -415,7 +420,7 @@ def _base_dtype(accelerator) -> str:
     from accelerate.utils import DistributedType
 
     sharded = accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
-    return "bfloat16" if accelerator.mixed_precision == "bf16" and not sharded else "float32"
+    return "bfloat16" if autocast_dtype(accelerator) == "bfloat16" and not sharded else "float32"
 
 
 def _as_training_base(base, dtype: str):
@@ -437,13 +442,12 @@ def _as_training_base(base, dtype: str):
 def lora_model(cfg: Config, accelerator, log, attn_implementation: str | None = None, base=None):
     import torch
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-    from transformers import AutoModelForCausalLM
 
-    from medtune.models import load_tokenizer, quantization_config, resolve
+    from medtune.models import load_tokenizer, load_weights, quantization_config, resolve
 
     path = resolve(cfg.model, log=log if accelerator.is_main_process else (lambda *_: None))
     tokenizer = load_tokenizer(path, padding_side="right")
-    compute = {"bf16": "bfloat16", "fp16": "float16"}.get(accelerator.mixed_precision, "float32")
+    compute = autocast_dtype(accelerator)
     quant = quantization_config(cfg.lora.quantize, compute)
     dtype = compute if quant else _base_dtype(accelerator)
     if base is not None and not quant:  # run.py's base, already in memory: no second read from disk
@@ -451,14 +455,9 @@ def lora_model(cfg: Config, accelerator, log, attn_implementation: str | None = 
         model.medtune_attn = model.config._attn_implementation  # put back by _release_base
         model.set_attn_implementation(attn_implementation or "sdpa")
     else:
-        try:  # safetensors only (a pickled .bin can run code when loaded); no remote code
-            model = AutoModelForCausalLM.from_pretrained(  # a quantized base is placed at load; accelerate can't move it
-                path, dtype=getattr(torch, dtype), attn_implementation=attn_implementation, quantization_config=quant,
-                device_map={"": accelerator.device} if quant else None, use_safetensors=True, trust_remote_code=False)
-        except (OSError, ValueError) as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise MedtuneError(f"{cfg.model}: could not load the model ({first}); medtune loads safetensors only") \
-                from None
+        model = load_weights(cfg.model, path, getattr(torch, dtype), attn_implementation=attn_implementation,
+                             quantization_config=quant,  # a quantized base is placed at load; accelerate can't move it
+                             device_map={"": accelerator.device} if quant else None)
     if quant:  # QLoRA: norms and embeddings to fp32, input grads on, checkpointing as configured
         with _peft_reads_deprecated_names():
             model = prepare_model_for_kbit_training(
@@ -529,7 +528,7 @@ def _progress(total: int, initial: int, disable: bool):
     return tqdm(total=total, initial=initial, disable=disable, desc="train", unit="step")
 
 
-def _flat(d: dict) -> dict:
+def _tracker_config(d: dict) -> dict:
     """Flat config for trackers, which take scalars only."""
     from medtune.checkpoint import flat
 
