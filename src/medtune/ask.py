@@ -136,8 +136,7 @@ def answer(loaded: Loaded, item: MCQItem, max_new_tokens: int = MAX_NEW_TOKENS, 
 
 def explanation(loaded: Loaded, item: MCQItem, choice: int, max_new_tokens: int) -> tuple[str, bool]:
     """Greedy continuation after the chosen answer line, in the format the model was trained on; (text, hit cap)."""
-    import torch
-
+    from medtune.generate import greedy
     from medtune.prompts import build_prompt, build_target
 
     tok = loaded.tokenizer
@@ -146,17 +145,8 @@ def explanation(loaded: Loaded, item: MCQItem, choice: int, max_new_tokens: int)
         prefix = build_target(chosen, "seed").removesuffix("No explanation provided.")
     else:  # ` B. text\nExplanation: ...`, as prompts.build_target writes it for training
         prefix = build_target(chosen, loaded.style, "answer") + "\nExplanation:"
-    ids = tok(build_prompt(item, loaded.style, tok) + prefix, add_special_tokens=False, return_tensors="pt").input_ids
-    gen = loaded.model
-    device = next(gen.parameters()).device
-    with torch.inference_mode():
-        out = gen.generate(input_ids=ids.to(device), attention_mask=torch.ones_like(ids).to(device),
-                                    max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id,
-                                    eos_token_id=tok.eos_token_id)
-    new = out[0, ids.shape[1]:].tolist()
-    ended = tok.eos_token_id in new
-    new = new[: new.index(tok.eos_token_id)] if ended else new
-    return tok.decode(new, skip_special_tokens=True).strip(), not ended
+    text, capped = greedy(loaded.model, tok, [build_prompt(item, loaded.style, tok) + prefix], max_new_tokens)[0]
+    return text.strip(), capped
 
 
 def find_headline(model: str, adapter: str | None) -> dict | None:

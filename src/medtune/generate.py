@@ -16,14 +16,21 @@ from medtune.rouge import rouge_l
 
 def generate_rows(model, tokenizer, items: list[MCQItem], style: str, max_new_tokens: int = 256,
                   batch_size: int = 8, progress=None) -> list[dict]:
+    limit = context_limit(tokenizer) - max_new_tokens  # overlong items: the same rule as training and scoring
+    prompts = [fit_prompt(item, style, tokenizer, limit)[1] for item in items]
+    outputs = greedy(model, tokenizer, prompts, max_new_tokens, batch_size, progress)
+    return [_row(item, text, cap) for item, (text, cap) in zip(items, outputs)]
+
+
+def greedy(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int = 8,
+           progress=None) -> list[tuple[str, bool]]:
+    """(text up to EOS, hit the max_new_tokens cap) per prompt, greedy; the one decode loop (eval's generate method,
+    ask's explanation). Longest prompts first, left-padded batches."""
     import torch
 
     device = next(model.parameters()).device
-    limit = context_limit(tokenizer) - max_new_tokens  # overlong items: the same rule as training and scoring
-    prompts = [fit_prompt(item, style, tokenizer, limit)[1] for item in items]
-    texts: list[str | None] = [None] * len(items)
-    capped = [False] * len(items)
-    order = sorted(range(len(items)), key=lambda i: -len(prompts[i]))
+    outputs: list[tuple[str, bool]] = [("", False)] * len(prompts)
+    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     tokenizer.padding_side = "left"
     for start in range(0, len(order), batch_size):
         idx = order[start: start + batch_size]
@@ -35,10 +42,10 @@ def generate_rows(model, tokenizer, items: list[MCQItem], style: str, max_new_to
             new = out[row, enc.input_ids.shape[1]:].tolist()
             ended = tokenizer.eos_token_id in new
             new = new[: new.index(tokenizer.eos_token_id)] if ended else new
-            texts[i], capped[i] = tokenizer.decode(new, skip_special_tokens=True), not ended
+            outputs[i] = tokenizer.decode(new, skip_special_tokens=True), not ended
         if progress is not None:
             progress.update(len(idx))
-    return [_row(item, text, cap) for item, text, cap in zip(items, texts, capped)]
+    return outputs
 
 
 def _row(item: MCQItem, text: str, capped: bool) -> dict:
