@@ -214,3 +214,18 @@ def test_validation_split_is_seeded_and_never_holds_out_eval_duplicates():
     assert validation_split(load_config(None, []), pool, evals, data) == (pool, [], data)
     with pytest.raises(MedtuneError, match="lower data.validation"):
         validation_split(load_config(None, ["data.validation=40"]), pool, evals, data)
+
+
+def test_report_draws_the_validation_curve_beside_the_loss():
+    from medtune import figures
+
+    rows = [{"step": s, "loss": 1.0 / s, "lr": 1e-3} for s in range(1, 7)]
+    plain = figures.training_curves(rows)
+    for r, acc in zip(rows[1::2], (0.5, 0.75, 0.75)):
+        r.update(val_accuracy=acc, val_n=4, val_ci95=[acc - 0.3, min(1.0, acc + 0.2)])
+    fig = figures.training_curves(rows)
+    assert len(plain.axes) == 2 and len(fig.axes) == 3
+    val = fig.axes[1]
+    assert val.get_title().startswith("validation accuracy")
+    assert val.get_legend().get_texts()[0].get_text() == "best: step 4"  # ties: the earlier step
+    assert figures.png(fig)[:4] == b"\x89PNG"

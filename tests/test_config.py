@@ -23,6 +23,7 @@ BAD_ENUM = {
     "train.attn_implementation": ("flash", "sdpa"),
     "train.report_to": ("tensorbord", "tensorboard"),
     "train.keep": ("bestt", "last"),  # best alone is refused: it needs train.eval_every (test_best_checkpoint.py)
+    "train.eval_method": ("letters", "answer"),
     "eval.method": ("answers", "answer"),
     "eval.mode": ("fsat", "exact"),
     "eval.permute": ("cycl", "cyclic"),
@@ -172,7 +173,7 @@ def test_yaml_duplicate_key_names_file_line_and_key(tmp_path):
 
 
 FLOAT_KEYS = ["train.lr", "train.weight_decay", "train.warmup", "train.epochs", "lora.dropout", "eval.margin",
-              "data.holdout"]
+              "data.holdout", "data.validation"]
 
 
 @pytest.mark.parametrize("key", FLOAT_KEYS)

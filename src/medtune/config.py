@@ -64,6 +64,7 @@ class TrainConfig:
     report_to: list[str] = field(default_factory=list)  # tensorboard, wandb, ... through accelerate trackers
     eval_every: int = 0  # letter accuracy on data.validation every N optimizer steps and at the end (0: off)
     keep: str = "last"  # the adapter saved: last, or best (highest validation accuracy; ties: the earlier step)
+    eval_method: str = "letter"  # validation's scoring: letter (" A", one forward) or answer (" A. <option text>")
     patience: int | None = None  # stop after this many validations without improvement (None/0: never)
 
 
@@ -213,6 +214,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "train.dtype": ("auto", "bfloat16", "float16", "float32"),
     "train.attn_implementation": ("auto", "sdpa", "eager", "flash_attention_2"),
     "train.keep": ("last", "best"),
+    "train.eval_method": ("letter", "answer"),
     "train.report_to": ("all", "aim", "tensorboard", "wandb", "trackio", "comet_ml", "mlflow", "clearml", "dvclive",
                         "swanlab"),
     "eval.method": ("letter", "answer", "generate"),

@@ -24,9 +24,13 @@ def png(fig: Figure, dpi: int = 100) -> bytes:
 
 
 def training_curves(rows: list[dict]) -> Figure:
-    """Loss and learning rate per optimizer step (metrics.jsonl)."""
-    fig = Figure(figsize=(WIDTH, 2.8), layout="constrained")
-    loss_ax, lr_ax = fig.subplots(1, 2)
+    """Loss and learning rate per optimizer step (metrics.jsonl), and the validation accuracy beside the loss when
+    the run validated during training (train.eval_every)."""
+    validated = [r for r in rows if r.get("val_accuracy") is not None]
+    fig = Figure(figsize=(WIDTH * (1.4 if validated else 1), 2.8), layout="constrained")
+    loss_ax, *val_ax, lr_ax = fig.subplots(1, 3 if validated else 2)
+    if validated:
+        validation_curve(val_ax[0], validated)
     steps = [r["step"] for r in rows]
     loss_ax.plot(steps, [r["loss"] for r in rows], color=TUNED, marker="." if len(rows) < 50 else None)
     loss_ax.set(title="training loss (target tokens)", xlabel="optimizer step", ylabel="loss")
@@ -36,6 +40,21 @@ def training_curves(rows: list[dict]) -> Figure:
     for ax in (loss_ax, lr_ax):
         ax.grid(alpha=0.3)
     return fig
+
+
+def validation_curve(ax, rows: list[dict]) -> None:
+    """Validation accuracy with its Wilson 95% band per validated step; the best step (the one train.keep=best
+    keeps: the earliest of the highest) marked."""
+    steps, acc = [r["step"] for r in rows], [r["val_accuracy"] for r in rows]
+    ax.fill_between(steps, [r["val_ci95"][0] for r in rows], [r["val_ci95"][1] for r in rows], color=TUNED,
+                    alpha=0.15, linewidth=0)
+    ax.plot(steps, acc, color=TUNED, marker="o", markersize=3)
+    best = max(range(len(rows)), key=lambda i: (acc[i], -steps[i]))
+    ax.plot([steps[best]], [acc[best]], marker="*", markersize=11, color=GOLD, linestyle="none",
+            label=f"best: step {steps[best]}")
+    ax.set(title=f"validation accuracy (n = {rows[0]['val_n']})", xlabel="optimizer step", ylim=(0, 1.02))
+    ax.legend(fontsize=7, loc="lower right")
+    ax.grid(alpha=0.3)
 
 
 def accuracy_bars(groups: list[dict]) -> Figure:

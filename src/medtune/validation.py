@@ -2,7 +2,8 @@
 data.prepare.validation_split) every `train.eval_every` optimizer steps and at the last step; the best adapter kept
 in memory for `train.keep: best`; early stopping after `train.patience` validations without improvement.
 
-Scoring is medtune's one-forward letter scorer in exact (fp32) mode on the unwrapped PEFT model, in eval mode and
+Scoring is medtune's one-forward letter scorer (train.eval_method=letter; `answer` scores the answer lines, for
+models too small to bind letters, like the demo's) in exact (fp32) mode on the unwrapped PEFT model, in eval mode and
 without gradients. It draws no random numbers, so validation leaves the training RNG stream, and with keep=last the
 adapter, exactly as it would be without validation (tests/test_best_checkpoint.py). Under DDP every rank scores its
 own share of the items and the correct counts are summed: every rank sees the same accuracy and so takes the same
@@ -44,8 +45,9 @@ class Validation:
         peft_model.eval()  # no dropout; the scorer draws no random numbers
         try:
             with torch.no_grad():  # the training batch size: a shaping key, so a resume scores exactly alike
-                rows = score_items(peft_model, self.tokenizer, self.share, self.cfg.prompt_style, "letter", "exact",
-                                   batch_size=self.cfg.train.batch_size) if self.share else []
+                rows = score_items(peft_model, self.tokenizer, self.share, self.cfg.prompt_style,
+                                   self.cfg.train.eval_method, "exact", batch_size=self.cfg.train.batch_size) \
+                    if self.share else []
         finally:
             peft_model.train()
         correct = sum(bool(r["correct"]) for r in rows)
@@ -91,8 +93,9 @@ class Validation:
 
     def summary(self, last_step: int) -> dict:
         """What medtune.json and results.json record about validation."""
-        out = {"kept": self.cfg.train.keep, "best_step": self.best_step, "best_val_accuracy": self.best_accuracy,
-               "val_n": self.n, "eval_every": self.cfg.train.eval_every}
+        t = self.cfg.train
+        out = {"kept": t.keep, "best_step": self.best_step, "best_val_accuracy": self.best_accuracy, "val_n": self.n,
+               "eval_every": t.eval_every, "method": t.eval_method}
         if self.stopped:
             out["stopped_early_at"] = last_step
         return out
