@@ -91,3 +91,14 @@ def test_the_private_check_sees_both_spellings(tmp_path):
                      "hardware._x()\nmedtune.stats._y\nfrom medtune.hardware import detect\n")
     assert [line.split(": ", 1)[1] for line in private_crossings(probe)] == [
         "from medtune.hardware import _flash_ok", "medtune.hardware._x", "medtune.stats._y"]
+
+
+def test_every_module_is_in_a_layer():
+    """A module the layers contract does not name is not checked at all: each new module goes into a layer."""
+    import pytest
+
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    layers = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["importlinter"]["contracts"][0]["layers"]
+    named = {m.strip() for layer in layers for m in layer.split("|")}
+    modules = {_module_name(p) for p in (SRC / "medtune").glob("*.py")} | {"medtune.data"}
+    assert modules - named - {"medtune"} == set()

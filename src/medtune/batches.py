@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from medtune.config import Config
 from medtune.data.items import MCQItem
-from medtune.prompts import build_prompt, build_target, fit_prompt
+from medtune.prompts import MAX_CHARS_PER_TOKEN, build_prompt, build_target, fit_prompt
 
 
 @dataclass
@@ -69,9 +69,10 @@ def tokenize_example(item: MCQItem, cfg: Config, tokenizer) -> Example:
     target = tokenizer(build_target(item, style, cfg.train.target), add_special_tokens=False).input_ids
     eos = [tokenizer.eos_token_id] if cfg.train.add_eos else []
     room = cfg.train.max_length - len(eos)
-    prompt = tokenizer(prompt_text[: room * 64], add_special_tokens=False).input_ids  # pre-cut: no 5 MB pass
+    # pre-cut before tokenizing: no 5 MB pass
+    prompt = tokenizer(prompt_text[: room * MAX_CHARS_PER_TOKEN], add_special_tokens=False).input_ids
     cut = 0
-    if len(prompt) + len(target) > room or len(prompt_text) > room * 64:
+    if len(prompt) + len(target) > room or len(prompt_text) > room * MAX_CHARS_PER_TOKEN:
         answer = tokenizer(build_target(item, style, "answer"), add_special_tokens=False).input_ids
         target = target[: max(room - len(prompt), len(answer))]
         _, prompt_text, cut = fit_prompt(item, style, tokenizer, room - len(target))
