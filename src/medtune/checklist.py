@@ -21,7 +21,6 @@ Public API:
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 import time
@@ -173,13 +172,9 @@ def _weights_sha256(run_dir: Path, model_path: Path) -> str | None:
 
 
 def _file_sha256(path: Path) -> str | None:
-    if not path.is_file():
-        return None
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    from medtune import io
+
+    return io.sha256_file(path) if path.is_file() else None
 
 
 def _dates(run_dir: Path) -> str:

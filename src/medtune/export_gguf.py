@@ -9,7 +9,6 @@ record, and that the llama architecture wants the Q and K projection rows reorde
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -17,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from medtune import io
 from medtune.errors import MedtuneError
 
 TYPES = ("f16", "q8_0")
@@ -82,17 +82,9 @@ def write_gguf(model_dir: Path, out: Path, gguf_type: str, name: str = "medtune 
         writer.close()
         tmp.unlink(missing_ok=True)
         raise
-    info = {"file": out.name, "type": gguf_type, "size_bytes": out.stat().st_size, "sha256": sha256(out)}
+    info = {"file": out.name, "type": gguf_type, "size_bytes": out.stat().st_size, "sha256": io.sha256_file(out)}
     log(f"wrote {out} ({info['size_bytes'] / 2**20:.1f} MiB, {gguf_type})")
     return info
-
-
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _rope(config: dict) -> dict:

@@ -109,6 +109,17 @@ def replace_dir(tmp: Path, path: Path) -> None:
     _remove(old)  # a symlink moved aside goes as a link: what it pointed to is never deleted
 
 
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file, read 1 MiB at a time (a multi-GB GGUF or safetensors file is never held in memory)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def describe(path: Path, limit: int = 5) -> str:
     """`a.json, b/, ... (N entries)`: what is in a directory, for error messages."""
     names = sorted(p.name + ("/" if p.is_dir() else "") for p in Path(path).iterdir())
