@@ -22,6 +22,10 @@ app.add_typer(data_app, name="data")
 
 Config_ = Annotated[Path | None, typer.Option("--config", "-c", help="YAML recipe (see recipes/).")]
 Set_ = Annotated[list[str] | None, typer.Option("--set", help="Override a config value: --set lora.r=16.")]
+Model_ = Annotated[str | None, typer.Option(help="embedded, a Hub id, or a local model dir.")]
+Data_ = Annotated[str | None, typer.Option(help="A file, `demo`, or a preset (medqa, medmcqa, ...).")]
+Adapter_ = Annotated[str | None, typer.Option(help="A PEFT adapter dir (e.g. RUN/adapter).")]
+Mode_ = Annotated[str | None, typer.Option(help="fast (bf16 + fp32 re-score of close calls) or exact.")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
 Json = Annotated[bool, typer.Option("--json", help="Print the result as JSON.")]
 CopBase = Annotated[int | None, typer.Option("--cop-base", help="MedMCQA `cop` base (0 Hub, 1 published).")]
@@ -107,12 +111,12 @@ def env(json_out: Json = False) -> None:
 @app.command("eval")
 @user_errors
 def eval_(
-    model: Annotated[str | None, typer.Option(help="embedded, a Hub id, or a local model dir.")] = None,
-    data: Annotated[str | None, typer.Option(help="A file, `demo`, or a preset (medqa, medmcqa, ...).")] = None,
-    adapter: Annotated[str | None, typer.Option(help="A PEFT adapter dir (e.g. RUN/adapter).")] = None,
+    model: Model_ = None,
+    data: Data_ = None,
+    adapter: Adapter_ = None,
     limit: Annotated[int | None, typer.Option(help="Evaluate the first N items.")] = None,
     out: Annotated[Path | None, typer.Option(help="Output dir (default runs/eval-<data>).")] = None,
-    mode: Annotated[str | None, typer.Option(help="fast (bf16 + fp32 re-score of close calls) or exact.")] = None,
+    mode: Mode_ = None,
     permute: Annotated[str | None, typer.Option(help="none or cyclic (debiased accuracy).")] = None,
     method: Annotated[str | None, typer.Option(help="letter (default), answer (whole answer line) or generate.")]
     = None,
@@ -188,7 +192,7 @@ def train(config: Config_ = None, sets: Set_ = None,
 @app.command()
 @user_errors
 def run(config: Config_ = None, sets: Set_ = None,
-        model: Annotated[str | None, typer.Option(help="embedded, a Hub id, or a local model dir.")] = None,
+        model: Model_ = None,
         data: Annotated[str | None, typer.Option(help="demo, a preset (medmcqa, medqa) or a file.")] = None,
         train_size: Annotated[int | None, typer.Option(help="Training items.")] = None,
         out: Annotated[Path | None, typer.Option(help="Run dir.")] = None,
@@ -267,12 +271,12 @@ def _parity(a: Path, b: Path, json_out: bool, tolerance_logprob: float | None, t
 @app.command()
 @user_errors
 def audit(
-    model: Annotated[str | None, typer.Option(help="embedded, a Hub id, or a local model dir.")] = None,
-    data: Annotated[str | None, typer.Option(help="A file, `demo`, or a preset (medqa, medmcqa, ...).")] = None,
-    adapter: Annotated[str | None, typer.Option(help="A PEFT adapter dir (e.g. RUN/adapter).")] = None,
+    model: Model_ = None,
+    data: Data_ = None,
+    adapter: Adapter_ = None,
     limit: Annotated[int | None, typer.Option(help="Audit the first N items.")] = None,
     out: Annotated[Path | None, typer.Option(help="Output dir (default runs/audit-<data>).")] = None,
-    mode: Annotated[str | None, typer.Option(help="fast (bf16 + fp32 re-score of close calls) or exact.")] = None,
+    mode: Mode_ = None,
     method: Annotated[str | None, typer.Option(help="letter (default) or answer.")] = None,
     prompt_style: Annotated[str | None, typer.Option(help="harness or chat.")] = None,
     batch_size: Annotated[int | None, typer.Option(help="Questions per forward pass.")] = None,
