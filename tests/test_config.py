@@ -39,7 +39,7 @@ BAD_RANGE = {
     "train.weight_decay": ([-0.01], 0.0), "train.max_length": ([15, 0], 16), "train.save_every": ([-1], 0),
     "train.log_every": ([0], 1), "train.seed": ([-1, 2**32], 2**32 - 1), "data.seed": ([-1, 2**32], 0),
     "eval.batch_size": ([0], 1), "eval.margin": ([-0.5], 0.0),
-    "eval.max_new_tokens": ([0], 1),
+    "eval.max_new_tokens": ([0], 1), "eval.conformal_alpha": ([0, 1, -0.1], 0.5),
     "data.validation": ([0, -0.5, 1.5], 1), "train.eval_every": ([-1], 0), "train.patience": ([-1], 0),
 }
 
@@ -173,7 +173,7 @@ def test_yaml_duplicate_key_names_file_line_and_key(tmp_path):
 
 
 FLOAT_KEYS = ["train.lr", "train.weight_decay", "train.warmup", "train.epochs", "lora.dropout", "eval.margin",
-              "data.holdout", "data.validation"]
+              "data.holdout", "data.validation", "eval.conformal_alpha"]
 
 
 @pytest.mark.parametrize("key", FLOAT_KEYS)
