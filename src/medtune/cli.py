@@ -1,5 +1,6 @@
 """The `medtune` command: one verb per command. Heavy modules are imported inside each command, so `medtune --help`
-and `medtune env` start instantly. Exit codes: 0 ok, 2 user error (printed as one `error: ...`), 1 bug."""
+and `medtune env` start instantly. Exit codes: 0 ok, 2 user error (printed as one `error: ...`), 1 bug, and 3 for a
+parity certificate that fails (`compare --parity`)."""
 
 from __future__ import annotations
 
