@@ -30,7 +30,7 @@ acc = Accelerator(cpu=True, mixed_precision="bf16")
 models = {}
 for name in names:
     cfg = load_config(None, [*base, f"lora.quantize={'4bit' if name == '4bit' else 'none'}"])
-    with mock.patch.object(T, "_base_dtype", lambda a, n=name: "float32" if n == "fp32" else "bfloat16"):
+    with mock.patch.object(T, "training_base_dtype", lambda a, n=name: "float32" if n == "fp32" else "bfloat16"):
         m, tok = T.lora_model(cfg, acc, print, "eager")
     m.train()
     print(name, "weights MB", round(m.get_memory_footprint() / 2**20), flush=True)

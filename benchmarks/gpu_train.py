@@ -321,7 +321,7 @@ def run_medtune(arch: dict, examples, epochs: int, device: str, seed: int, base_
         stack.enter_context(mock.patch.object(models, "load_tokenizer", lambda *a, **k: tok))
         stack.enter_context(mock.patch.object(T, "lora_model", lora_model))
         stack.enter_context(mock.patch.object(T, "batch_plan", batch_plan))
-        stack.enter_context(mock.patch.object(T, "_save_adapter", lambda *a, **k: None))
+        stack.enter_context(mock.patch.object(T, "save_adapter", lambda *a, **k: None))
         real_begin = T.TrainRun.begin  # synthetic examples have no text to keep in the run dir
         stack.enter_context(mock.patch.object(T.TrainRun, "begin", lambda self, ckpt, _items: real_begin(self, ckpt, [])))
         summary = T.train(cfg, examples, Path(tmp), quiet=True, log=lambda *_: None)

@@ -336,7 +336,7 @@ def run_medtune(variant: str, model_dir: str, items, steps: int, tmp: Path, sets
     sets = [f"train.gradient_checkpointing={str(GRADIENT_CHECKPOINTING[variant]).lower()}",
             *VARIANT_SETS.get(variant, []), *sets]  # --set wins
     cfg = load_config(None, medtune_overrides(model_dir, steps, sets, len(items)))
-    fp32 = mock.patch.object(train_mod, "_base_dtype", lambda accelerator: "float32")
+    fp32 = mock.patch.object(train_mod, "training_base_dtype", lambda accelerator: "float32")
     with fp32 if variant == "medtune-fp32base" else contextlib.nullcontext():
         train(cfg, items, tmp, quiet=True, log=lambda m: print(m, file=sys.stderr))
     rows = [json.loads(line) for line in (tmp / "metrics.jsonl").read_text().splitlines() if line.strip()]

@@ -1,5 +1,5 @@
 """FSDP on the CPU, two gloo processes: the sharded LoRA run equals the single-process run, and the adapter save path
-(the full state dict accelerate's `get_state_dict` gathers for FSDP2, then medtune's `_save_adapter`) writes whole
+(the full state dict accelerate's `get_state_dict` gathers for FSDP2, then medtune's `save_adapter`) writes whole
 tensors, not each rank's shard.
 
 accelerate 1.15 cannot drive FSDP on a CPU: with `ACCELERATE_USE_CPU=1` its workers become MULTI_CPU (gloo), and
@@ -60,7 +60,7 @@ sharded = all(isinstance(v, DTensor) and v.to_local().shape != v.shape for v in 
 state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True,
                                                               cpu_offload=True))  # accelerate.get_state_dict, FSDP2
 if acc.is_main_process:
-    T._save_adapter(model, state, tok, cfg, data, __import__("pathlib").Path(out), {"steps": 3}, None)
+    T.save_adapter(model, state, tok, cfg, data, __import__("pathlib").Path(out), {"steps": 3}, None)
     print("RESULT " + json.dumps({"world": world, "sharded": sharded}))
 acc.wait_for_everyone()
 '''

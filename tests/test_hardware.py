@@ -66,7 +66,7 @@ def host(**kw) -> hw.Host:
 
 
 def run(monkeypatch, torch, h=None, extras=None, overrides=None, **doctor_kw):
-    monkeypatch.setattr(hw, "_probe_extras", lambda kind: dict(NO_EXTRAS) | (extras or {}))
+    monkeypatch.setattr(hw, "probe_extras", lambda kind: dict(NO_EXTRAS) | (extras or {}))
     info = hw.detect(torch, h or host())
     policy = hw.decide(info, overrides)
     findings = dr.doctor(info, policy, **doctor_kw)
@@ -192,7 +192,7 @@ def test_native_arch_never_gets_an_override(monkeypatch):
 
 
 def test_prepare_env_is_not_reported_as_the_users(monkeypatch):
-    monkeypatch.setattr(hw, "_SET_BY_MEDTUNE", {})
+    monkeypatch.setattr(hw, "SET_BY_MEDTUNE", {})
     monkeypatch.delenv("HSA_OVERRIDE_GFX_VERSION", raising=False)
     rocm = fake_torch(hip="6.4", arch_list=ROCM_ARCHS)
     assert hw.prepare_env(rocm, host(kfd_archs=["gfx1031"])) == {"HSA_OVERRIDE_GFX_VERSION": "10.3.0"}
@@ -205,7 +205,7 @@ def test_prepare_env_is_not_reported_as_the_users(monkeypatch):
 
 
 def test_prepare_env_before_hip_starts(monkeypatch):
-    monkeypatch.setattr(hw, "_SET_BY_MEDTUNE", {})
+    monkeypatch.setattr(hw, "SET_BY_MEDTUNE", {})
     monkeypatch.delenv("HSA_OVERRIDE_GFX_VERSION", raising=False)
     rocm = fake_torch(hip="6.4", arch_list=ROCM_ARCHS)  # no devices touched: only the compiled list is read
     assert hw.prepare_env(rocm, host(kfd_archs=["gfx1036", "gfx1100"])) == {}  # iGPU + dGPU: don't guess
@@ -277,7 +277,7 @@ def test_flash_attention_only_in_16_bit(monkeypatch):
 
 
 def test_overrides_are_validated(monkeypatch):
-    monkeypatch.setattr(hw, "_probe_extras", lambda kind: dict(NO_EXTRAS))
+    monkeypatch.setattr(hw, "probe_extras", lambda kind: dict(NO_EXTRAS))
     info = hw.detect(fake_torch(), host())
     with pytest.raises(MedtuneError, match="valid: train_dtype, eval_dtype, attn_implementation"):
         hw.decide(info, {"dtype": "float16"})
@@ -316,7 +316,7 @@ def test_bitsandbytes_backend(monkeypatch, torch_kw, backend, available, level):
 
 def test_quantize_warnings_and_memory(monkeypatch):
     t4 = fake_torch(cuda="12.8", gpus=[gpu("Tesla T4", 16, (7, 5))], arch_list=CUDA_ARCHS)
-    monkeypatch.setattr(hw, "_probe_extras", lambda kind: dict(NO_EXTRAS))
+    monkeypatch.setattr(hw, "probe_extras", lambda kind: dict(NO_EXTRAS))
     info = hw.detect(t4, host())
     policy = hw.decide(info)
     [f] = [f for f in dr.doctor(info, policy, quantize="4bit") if "bitsandbytes" in f.message]
@@ -504,7 +504,7 @@ def test_every_device_command_prepares_env_before_the_runtime_starts(monkeypatch
         lora.save_pretrained(run_dir / "adapter")
         (run_dir / "adapter" / "medtune.json").write_text(json.dumps({"base_model": tiny_model_dir,
                                                                       "prompt_style": "harness"}))
-    monkeypatch.setattr(hw, "_SET_BY_MEDTUNE", {})
+    monkeypatch.setattr(hw, "SET_BY_MEDTUNE", {})
     monkeypatch.delenv("HSA_OVERRIDE_GFX_VERSION", raising=False)
     events: list = []
     real_prepare = hw.prepare_env
@@ -535,8 +535,8 @@ def test_preflight_passes_the_training_dtype_and_model_size(monkeypatch, tiny_mo
     """The two warnings `env` alone can't give: fp16 asked for where bf16 exists, and a model too large for memory."""
     from medtune.config import load_config
 
-    monkeypatch.setattr(hw, "_probe_extras", lambda kind: dict(NO_EXTRAS))
-    monkeypatch.setattr(dr, "_SHOWN", set())
+    monkeypatch.setattr(hw, "probe_extras", lambda kind: dict(NO_EXTRAS))
+    monkeypatch.setattr(dr, "SHOWN_WARNINGS", set())
     a100 = hw.detect(fake_torch(cuda="12.8", gpus=[gpu("A100", 1, (8, 0))], arch_list=CUDA_ARCHS), host())
     cfg = load_config(None, [f"model={tiny_model_dir}", "train.dtype=float16", "train.batch_size=64",
                              "train.max_length=512"])

@@ -61,6 +61,11 @@ def private_crossings(path: Path) -> list[str]:
                 elif _private(a.name) and node.module != own:
                     found.append(f"{where}:{node.lineno}: from {node.module} import {a.name}")
     for node in ast.walk(tree):
+        if isinstance(node, ast.Call) and len(node.args) >= 2 and isinstance(node.args[1], ast.Constant) \
+                and isinstance(node.args[1].value, str) and _private(node.args[1].value):
+            dotted = _dotted(node.args[0], aliases)  # monkeypatch.setattr(module, "_name"), patch.object(...)
+            if dotted and _is_module(dotted) and dotted != own:
+                found.append(f"{where}:{node.lineno}: {dotted}.{node.args[1].value} (patched)")
         if isinstance(node, ast.Attribute) and _private(node.attr):
             dotted = _dotted(node.value, aliases)
             if dotted and _is_module(dotted) and dotted != own:
@@ -88,9 +93,11 @@ def test_no_private_name_crosses_a_module():
 def test_the_private_check_sees_both_spellings(tmp_path):
     probe = tmp_path / "probe.py"
     probe.write_text("from medtune.hardware import _flash_ok\nfrom medtune import hardware\nimport medtune.stats\n"
-                     "hardware._x()\nmedtune.stats._y\nfrom medtune.hardware import detect\n")
+                     "hardware._x()\nmedtune.stats._y\nfrom medtune.hardware import detect\n"
+                     "monkeypatch.setattr(hardware, '_z', None)\n")
     assert [line.split(": ", 1)[1] for line in private_crossings(probe)] == [
-        "from medtune.hardware import _flash_ok", "medtune.hardware._x", "medtune.stats._y"]
+        "from medtune.hardware import _flash_ok", "medtune.hardware._x", "medtune.stats._y",
+        "medtune.hardware._z (patched)"]
 
 
 def test_every_module_is_in_a_layer():

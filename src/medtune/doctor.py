@@ -23,7 +23,8 @@ from medtune.hardware import (
 )
 
 QUANT_BYTES = {"4bit": 0.55, "8bit": 1.05}  # bytes per weight with quantization constants (NF4 + double quant: ~0.52)
-_SHOWN: set[str] = set()  # warnings already printed in this process (`run` checks before its base eval and in train)
+# warnings already printed in this process (`run` checks before its base eval and in train)
+SHOWN_WARNINGS: set[str] = set()
 
 
 @dataclass
@@ -67,8 +68,8 @@ def preflight(cfg, log=print, info: DeviceInfo | None = None) -> list[Finding]:
     findings = doctor(info, policy, model_params(cfg.model), cfg.train.batch_size * cfg.train.max_length,
                       cfg.lora.quantize)
     for f in findings:
-        if f.level == "warning" and f.message not in _SHOWN:
-            _SHOWN.add(f.message)
+        if f.level == "warning" and f.message not in SHOWN_WARNINGS:
+            SHOWN_WARNINGS.add(f.message)
             log(f"warning: {f.message}\n  fix: {f.fix}")
     return findings
 

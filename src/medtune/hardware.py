@@ -61,7 +61,7 @@ DTYPES = ("bfloat16", "float16", "float32")
 ATTENTION = ("flash_attention_2", "sdpa", "eager")
 DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
 GIB = 1024**3
-_SET_BY_MEDTUNE: dict[str, str] = {}  # env vars prepare_env set in this process, so detect() doesn't call them "user"
+SET_BY_MEDTUNE: dict[str, str] = {}  # env vars prepare_env set in this process, so detect() doesn't call them "user"
 
 
 @dataclass
@@ -76,7 +76,7 @@ class Host:
 
     @classmethod
     def read(cls) -> Host:
-        env = {k: os.environ[k] for k in USER_ENV if k in os.environ and _SET_BY_MEDTUNE.get(k) != os.environ[k]}
+        env = {k: os.environ[k] for k in USER_ENV if k in os.environ and SET_BY_MEDTUNE.get(k) != os.environ[k]}
         hints = [p for p in ("/dev/kfd", "/proc/driver/nvidia") if Path(p).exists()]
         hints += ["nvidia-smi"] if shutil.which("nvidia-smi") else []
         cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
@@ -149,7 +149,7 @@ def detect(torch: Any = None, host: Host | None = None) -> DeviceInfo:
         bf16 = gpu_dtype(kind, capability, gfx)[0] == "bfloat16"
     elif kind == "cpu":
         bf16 = _cpu_bf16(torch)
-    extras = _probe_extras(kind)
+    extras = probe_extras(kind)
     return DeviceInfo(
         kind=kind, names=names, memory=memory, count=len(names) if kind != "cpu" else 0, capability=capability,
         gfx_arch=gfx, arch_list=arch_list, bf16=bf16,
@@ -358,7 +358,7 @@ def _mps_bf16(torch: Any) -> bool:
     return True
 
 
-def _probe_extras(kind: str) -> dict[str, str | None]:
+def probe_extras(kind: str) -> dict[str, str | None]:
     """flash-attn (imported on a GPU only) and bitsandbytes: versions, and whether they work on this device."""
     out: dict[str, str | None] = {"flash_attn": None, "bitsandbytes": None, "bnb_backend": None, "bnb_error": None}
     for name in ("flash_attn", "bitsandbytes"):
@@ -488,5 +488,5 @@ def _env(info: DeviceInfo) -> tuple[dict[str, str], str]:
 def _set_env(env: dict[str, str]) -> dict[str, str]:
     done = {k: v for k, v in env.items() if k not in os.environ}
     os.environ.update(done)
-    _SET_BY_MEDTUNE.update(done)
+    SET_BY_MEDTUNE.update(done)
     return done

@@ -124,7 +124,7 @@ def train(cfg: Config, items: list[MCQItem], out_dir: Path, resume: bool = False
                       "validation_ids": [i.id for i in val_items]}
     state = accelerator.get_state_dict(model)  # every rank: FSDP / ZeRO-3 gather the sharded weights whole
     if accelerator.is_main_process:
-        _save_adapter(accelerator.unwrap_model(model), state, tokenizer, cfg, items, out_dir, summary, extra_meta)
+        save_adapter(accelerator.unwrap_model(model), state, tokenizer, cfg, items, out_dir, summary, extra_meta)
         recorder.stop(out_dir, train_tokens=run.tokens, steps=run.step - run.start, device_count=max(world, 1))
         log(f"trained {run.step} steps in {summary['wall_s']} s, {summary['tokens_per_s']} real tokens/s, "
             f"final loss {loss:.4f}")
@@ -413,7 +413,7 @@ def attention_kernel(cfg: Config, info, policy) -> str:
     return "eager" if info.kind == "cpu" or cfg.device == "cpu" else policy.attn_implementation
 
 
-def _base_dtype(accelerator) -> str:
+def training_base_dtype(accelerator) -> str:
     """bf16 frozen base weights when training autocasts to bf16: LoRA trains none of them, so an fp32 copy costs
     memory plus a bf16 cast of every weight in every forward. The LoRA weights and AdamW state stay fp32 (PEFT keeps
     adapters fp32). FSDP and DeepSpeed keep fp32: FSDP flattens one dtype per unit, DeepSpeed casts by its config."""
@@ -449,7 +449,7 @@ def lora_model(cfg: Config, accelerator, log, attn_implementation: str | None = 
     tokenizer = load_tokenizer(path, padding_side="right")
     compute = autocast_dtype(accelerator)
     quant = quantization_config(cfg.lora.quantize, compute)
-    dtype = compute if quant else _base_dtype(accelerator)
+    dtype = compute if quant else training_base_dtype(accelerator)
     if base is not None and not quant:  # run.py's base, already in memory: no second read from disk
         model = _as_training_base(base, dtype)
         model.medtune_attn = model.config._attn_implementation  # put back by _release_base
@@ -501,7 +501,7 @@ def completion_loss_sum(model, ids, mask, labels, first: int):
                            ignore_index=-100, reduction="sum")
 
 
-def _save_adapter(model, state: dict, tokenizer, cfg: Config, items: list[MCQItem], out_dir: Path, summary: dict,
+def save_adapter(model, state: dict, tokenizer, cfg: Config, items: list[MCQItem], out_dir: Path, summary: dict,
                   extra_meta: dict | None) -> None:
     """RUN/adapter: PEFT files, tokenizer, config, and medtune.json with the training ids and hashes (no texts)."""
     from medtune.data.split import save_item_hashes
