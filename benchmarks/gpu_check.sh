@@ -5,11 +5,18 @@
 #   OUT=/tmp/gpu-check bash benchmarks/gpu_check.sh --tiny   # on a CPU: the same steps at toy sizes (the test)
 #
 # Steps (each under its own time limit; a failing step is recorded and the next one still runs):
-#   1 tests     `make test` (--tiny: the hardware tests only; the suite is already what runs this script)
+#   1 tests     the device-dependent tests (device policy, scoring, hardware); the whole suite runs in CI
 #   2 train     benchmarks/gpu_train.py: the seed's job (Qwen3-1.7B shape) vs medtune, $SEQUENCES sequences x 2 epochs
 #   3 eval      MedQA letter scoring, medtune vs lm-eval on the same device (benchmarks/lmeval_parity.py), when the
 #               lm-eval venv exists (benchmarks/setup_lmeval.sh, needs the network); otherwise medtune alone, timed
 #   4 qlora     `medtune train` with lora.quantize=4bit: one NF4 step, adapter saved
+#   5 verbs     benchmarks/gpu_verbs.py: eval, ask, predict, serve (gradio_client), train, run, export --gguf on the
+#               device; each verb's recorded placement must name only the device; peak device memory per verb and
+#               training's peak beside the doctor's estimate
+#   6 memory    benchmarks/memory_fit.py on the device: the random Qwen3-1.7B-shaped bf16 model, eval vs lm-eval (when
+#               its venv exists) and run vs train, peak RSS and peak GPU memory
+#   7 parity    `medtune compare --parity`: the same 200 MedQA questions scored on the device (default mode) and on the
+#               CPU (exact, fp32): the cross-device certificate, OUT/parity/certificate.json
 # Writes $OUT/gpu_check.json (per step: exit code, seconds, log, figures file) and each step's own output.
 # Exit code: 0 when every step that ran passed. Environment: PY (python), MODEL (base model for steps 3-4, default
 # embedded), DATA (the shared data directory), SEQUENCES (step 2, default 600: ~2 min on an H100-class GPU, estimated).
@@ -43,10 +50,12 @@ step() {  # step NAME LIMIT_S FIGURES_FILE CMD...
 }
 
 # 1 tests
+DEVICE=$([ "$TINY" = 1 ] && echo cpu || echo cuda)
 if [ "$TINY" = 1 ]; then
     step tests 300 "" "$PY" -m pytest -q -x tests/test_hardware.py -k "this_machine or bnb_probe"
 else
-    step tests 330 "" make test
+    step tests 150 "" "$PY" -m pytest -q -x -m "not slow" tests/test_device.py tests/test_hardware.py \
+        tests/test_scoring.py
 fi
 
 # 2 training throughput
@@ -68,9 +77,31 @@ else  # no lm-eval here (or --tiny): medtune's own timed run, its results.json h
 fi
 
 # 4 one QLoRA step
-step qlora 120 qlora/metrics.jsonl "$PY" -m medtune train --out "$OUT/qlora" --quiet --set "model=$MODEL" \
+step qlora 90 qlora/metrics.jsonl "$PY" -m medtune train --out "$OUT/qlora" --quiet --set "model=$MODEL" \
     --set lora.quantize=4bit --set train.max_steps=1 --set train.batch_size=2 --set train.max_length=128 \
     --set train.target=answer --set train.warmup=0
+
+# 5 every verb on the device
+VERBS_TINY=$([ "$TINY" = 1 ] && echo --tiny)
+step verbs 180 verbs/gpu_verbs.json "$PY" benchmarks/gpu_verbs.py --device "$DEVICE" --model "$MODEL" \
+    --data "$DATA/medqa/test.jsonl" --out "$OUT/verbs" $VERBS_TINY
+
+# 6 memory that fits the card (lm-eval side only where its venv exists: the GPU machine may have no network)
+LMEVAL_ARG=$([ "$TINY" = 0 ] && [ -x "$LMEVAL_PY" ] && echo --lmeval-python "$LMEVAL_PY" || echo --skip-lmeval)
+MEM_TINY=$([ "$TINY" = 1 ] && echo --tiny --limit 4)
+step memory 150 memory/memory_fit.json "$PY" benchmarks/memory_fit.py --device "$DEVICE" --out "$OUT/memory" \
+    --data "$DATA/medqa/test.jsonl" $LMEVAL_ARG $MEM_TINY
+
+# 7 cross-device parity certificate: the device's default mode against the CPU's exact fp32
+PARITY_N=$([ "$TINY" = 1 ] && echo 8 || echo 200)
+PARITY_MODE=$([ "$TINY" = 1 ] && echo exact || echo fast)  # --tiny: CPU against CPU, the plumbing only
+mkdir -p "$OUT/parity"
+step parity 120 parity/certificate.json bash -c "
+  '$PY' -m medtune eval --model '$MODEL' --data '$DATA/medqa/test.jsonl' --limit $PARITY_N --device $DEVICE \
+      --mode $PARITY_MODE --out '$OUT/parity/device' --quiet --overwrite --json > /dev/null &&
+  '$PY' -m medtune eval --model '$MODEL' --data '$DATA/medqa/test.jsonl' --limit $PARITY_N --device cpu \
+      --mode exact --out '$OUT/parity/cpu' --quiet --overwrite --json > /dev/null &&
+  '$PY' -m medtune compare '$OUT/parity/device' '$OUT/parity/cpu' --parity --json > '$OUT/parity/certificate.json'"
 
 "$PY" - "$OUT" <<'EOF'
 import json, platform, sys
