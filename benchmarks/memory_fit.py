@@ -52,8 +52,9 @@ def main(argv: list[str] | None = None) -> int:
     make_model(model_dir, TINY if args.tiny else QWEN3_1_7B)
     data = Path(args.data).resolve()
     train_file = data.parent / "dev.jsonl"  # training never reads a test split
-    runs = {}
-    for name in ("lmeval", "eval", "train", "run"):
+    previous = json.loads((out / "memory_fit.json").read_text())["runs"] if (out / "memory_fit.json").is_file() else {}
+    runs = {k: v for k, v in previous.items() if k not in args.runs}  # --runs: measure these again, keep the rest
+    for name in args.runs:
         if name == "lmeval" and args.skip_lmeval:
             continue
         cmd, env = command(name, args, model_dir, data, train_file, out)
@@ -80,6 +81,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--skip-lmeval", action="store_true", help="Only medtune's runs (no lm-eval venv).")
     p.add_argument("--lmeval-python", default=str(Path(os.environ.get("LMEVAL_VENV", DEFAULT_VENV)) / "bin/python"))
     p.add_argument("--check", action="store_true", help="Exit 1 when a ratio is over its limit.")
+    p.add_argument("--runs", nargs="+", default=["lmeval", "eval", "train", "run"],
+                   choices=["lmeval", "eval", "train", "run"], help="Measure only these (others: from OUT's last run).")
     args = p.parse_args(argv)
     if not args.skip_lmeval and not Path(args.lmeval_python).exists():
         p.error(f"{args.lmeval_python} not found: run `bash benchmarks/setup_lmeval.sh` or pass --skip-lmeval")
