@@ -79,7 +79,7 @@ class EvalConfig:
     extra_methods: list[str] = field(default_factory=list)  # `run` also compares base and tuned with these methods
     merge_adapter: bool = True  # score with the LoRA weights merged in (same function, base-model speed)
     audit: bool = False  # `run` also audits the tuned model for shortcuts (options-only, none-of-the-others, rotations)
-    conformal_alpha: float = 0.1  # `run`'s conformal sets: coverage >= 1 - alpha, calibrated on data.heldout items
+    conformal_alpha: float = 0.1  # `run`'s conformal sets: coverage >= 1 - alpha, calibrated on data.validation items
 
 
 @dataclass
