@@ -264,3 +264,28 @@ def test_two_ranks_of_one_launch_share_the_lock_and_swap_once(tiny_model_dir, tm
     assert done.returncode == 0, done.stderr[-5000:]
     assert (out / "adapter" / "adapter_model.safetensors").is_file() and not (out / "stale").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ddp", "train.jsonl"]  # no lock, temp or old dir left
+
+
+def test_overwrite_never_deletes_the_commands_own_inputs(tmp_path, tiny_model_dir, monkeypatch):
+    """--overwrite replaces --out as a whole, so an --out that holds the data, the model or the adapter is refused in
+    one line and nothing is touched (a hostile probe deleted its input data and model this way)."""
+    import shutil
+
+    from typer.testing import CliRunner
+
+    from medtune.cli import app
+
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "out"
+    shutil.copytree(tiny_model_dir, out / "model")
+    data = out / "data.jsonl"
+    data.write_text("".join(f'{{"id": "q{i}", "question": "Which {i}?", "options": ["a", "b"], "answer": 0}}\n'
+                            for i in range(8)))
+    before = sorted(p.relative_to(out) for p in out.rglob("*"))
+    for args in (["--model", str(out / "model"), "--data", "demo"], ["--model", tiny_model_dir, "--data", str(data)]):
+        result = CliRunner().invoke(app, ["eval", *args, "--limit", "1", "--out", str(out), "--overwrite"])
+        assert result.exit_code == 2 and "holds this command's input" in result.output, result.output
+    result = CliRunner().invoke(app, ["train", "--out", str(out), "--overwrite", "--set", f"data.source={data}",
+                                      "--set", f"model={tiny_model_dir}", "--set", "train.max_steps=1"])
+    assert result.exit_code == 2 and "holds this command's input" in result.output, result.output
+    assert sorted(p.relative_to(out) for p in out.rglob("*")) == before

@@ -53,11 +53,10 @@ def load(model: str = "embedded", adapter: str | None = None, method: str | None
     headline come from the same scoring; otherwise `letter`, eval's default."""
     from medtune.evaluate import adapter_style
     from medtune.hardware import resolve_device
-    from medtune.models import load_model
+    from medtune.models import adapter_dir, load_model
     from medtune.prompts import check_style
 
-    if adapter and (Path(adapter) / "adapter").is_dir() and not (Path(adapter) / "adapter_config.json").is_file():
-        adapter = str(Path(adapter) / "adapter")  # a run dir
+    adapter = adapter_dir(adapter) if adapter else None  # a run dir or its adapter
     if adapter and not Path(adapter).is_dir():
         raise MedtuneError(f"{adapter}: no such adapter directory")
     if mode not in ("exact", "fast"):

@@ -31,8 +31,8 @@ Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
 Json = Annotated[bool, typer.Option("--json", help="Print the result as JSON.")]
 CopBase = Annotated[int | None, typer.Option("--cop-base", help="MedMCQA `cop` base (0 Hub, 1 published).")]
 Map = Annotated[str | None, typer.Option("--map", help="Column mapping: question=q,options=a|b|c|d,answer=label")]
-Overwrite = Annotated[bool, typer.Option("--overwrite", help="Write into a non-empty output dir (replaces what "
-                                                            "medtune writes there).")]
+Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace a non-empty output dir as a whole: the new run "
+                                                            "is built beside it and swapped in when it succeeds.")]
 Device = Annotated[str | None, typer.Option("--device", help="auto (the policy's choice: the GPU torch sees, else the "
                                                          "CPU), cpu, cuda, cuda:N, xpu, xpu:N or mps.")]
 
@@ -44,6 +44,10 @@ NO_DEVICE = {"compare", "data"}  # never touch a GPU; every other command, prese
 def _prepare(ctx: typer.Context) -> None:
     # Runs before any command's own code: ROCm reads HSA_OVERRIDE_GFX_VERSION once, when HIP starts, and
     # detect(), accelerate or a model load would start it. Reads only the kernel driver and torch's arch list.
+    import logging
+
+    # bitsandbytes' CPU backend logs a warning about an optional Hub kernel package whenever transformers imports it
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     if ctx.invoked_subcommand not in NO_DEVICE:
         from medtune.hardware import prepare_env
 
@@ -77,6 +81,11 @@ def user_errors(fn):
             typer.echo(f"error: {mapped}", err=True)
             raise typer.Exit(2) from None
     return wrapper
+
+
+def _inputs(cfg, adapter: str | None = None) -> tuple:
+    """What a command reads: an --overwrite of --out must never delete them (io.claim_out_dir refuses)."""
+    return (cfg.model, adapter, cfg.data.source, cfg.data.eval_source)
 
 
 def _log(quiet: bool = False):
@@ -121,7 +130,7 @@ def eval_(
     permute: Annotated[str | None, typer.Option(help="none or cyclic (debiased accuracy).")] = None,
     method: Annotated[str | None, typer.Option(help="letter (default), answer (whole answer line) or generate.")]
     = None,
-    prompt_style: Annotated[str | None, typer.Option(help="harness or chat.")] = None,
+    prompt_style: Annotated[str | None, typer.Option(help="harness, chat or seed (an adapter's or export's saved style wins).")] = None,
     batch_size: Annotated[int | None, typer.Option(help="Questions per forward pass.")] = None,
     cop_base: CopBase = None, mapping: Map = None, config: Config_ = None, sets: Set_ = None, quiet: Quiet = False,
     json_out: Json = False, overwrite: Overwrite = False, device: Device = None,
@@ -138,14 +147,15 @@ def eval_(
     check_style(cfg.prompt_style)
     resolve_device(cfg.device)  # a device that is not there: one line, before any data or model is read
     if adapter:
-        from medtune.models import check_adapter
+        from medtune.models import adapter_dir, check_adapter
 
+        adapter = adapter_dir(adapter)  # a run dir (RUN) or its adapter (RUN/adapter), as ask takes it
         check_adapter(adapter)  # before any data or model is loaded
     if cfg.data.source in sources.SUITES:
         from medtune.evaluate import run_suite
 
         out = out or Path("runs") / f"eval-{cfg.data.source}"
-        with claim_out_dir(out, overwrite) as dest:  # dest: a fresh dir beside an old run, swapped in at the end
+        with claim_out_dir(out, overwrite, inputs=(cfg.model, adapter)) as dest:  # dest: beside an old run, swapped in
             summary = run_suite(cfg, dest, adapter, quiet, _log(quiet))
         _print_results({"suite": summary}, json_out, out)
         return
@@ -153,7 +163,7 @@ def eval_(
     check_out_dir(out, overwrite)
     items = sources.load(cfg.data.source, "eval", cop_base=cop_base, mapping=parse_mapping(mapping) if mapping else None)
     items = items[: cfg.data.limit] if cfg.data.limit else items
-    with claim_out_dir(out, overwrite) as dest:  # dest: a fresh dir beside an old run, swapped in at the end
+    with claim_out_dir(out, overwrite, inputs=_inputs(cfg, adapter)) as dest:  # dest: beside an old run, swapped in
         results = _eval_items(items, cfg, dest, adapter, quiet)
     _print_results({"eval": results}, json_out, out)
 
@@ -185,7 +195,7 @@ def train(config: Config_ = None, sets: Set_ = None,
     check_out_dir(Path(cfg.out_dir), overwrite, allow_existing=resume)
     train_items, eval_items, data = prepare_data(cfg, log)
     train_items, val_items, data = validation_split(cfg, train_items, eval_items, data)  # data.validation
-    with claim_out_dir(Path(cfg.out_dir), overwrite, allow_existing=resume) as dest:  # cfg keeps the final --out
+    with claim_out_dir(Path(cfg.out_dir), overwrite, allow_existing=resume, inputs=_inputs(cfg)) as dest:
         train_fn(cfg, train_items, dest, resume=resume, quiet=quiet, log=log, extra_meta={"data": data},
                  val_items=val_items)
 
@@ -205,7 +215,7 @@ def run(config: Config_ = None, sets: Set_ = None,
     cfg = _config(config, sets, model=model, out_dir=str(out) if out else None, device=device,
                   **{"data.source": data, "data.train_size": train_size})
     resolve_device(cfg.device)
-    with claim_out_dir(Path(cfg.out_dir), overwrite) as dest:  # dest: a fresh dir beside an old run, swapped in
+    with claim_out_dir(Path(cfg.out_dir), overwrite, inputs=_inputs(cfg)) as dest:  # beside an old run, swapped in
         results = run_fn(cfg, quiet=quiet, log=_log(quiet), out=dest)  # the config records the final --out
     _print_results(results, json_out, Path(cfg.out_dir))
     if not json_out:
@@ -279,7 +289,7 @@ def audit(
     out: Annotated[Path | None, typer.Option(help="Output dir (default runs/audit-<data>).")] = None,
     mode: Mode_ = None,
     method: Annotated[str | None, typer.Option(help="letter (default) or answer.")] = None,
-    prompt_style: Annotated[str | None, typer.Option(help="harness or chat.")] = None,
+    prompt_style: Annotated[str | None, typer.Option(help="harness, chat or seed (an adapter's or export's saved style wins).")] = None,
     batch_size: Annotated[int | None, typer.Option(help="Questions per forward pass.")] = None,
     cop_base: CopBase = None, mapping: Map = None, config: Config_ = None, sets: Set_ = None, quiet: Quiet = False,
     json_out: Json = False, overwrite: Overwrite = False, device: Device = None,
@@ -298,8 +308,9 @@ def audit(
     check_style(cfg.prompt_style)
     resolve_device(cfg.device)  # a device that is not there: one line, before any data or model is read
     if adapter:
-        from medtune.models import check_adapter
+        from medtune.models import adapter_dir, check_adapter
 
+        adapter = adapter_dir(adapter)
         check_adapter(adapter)
     if cfg.data.source in sources.SUITES:
         raise MedtuneError(f"{cfg.data.source} is a suite; audit one source at a time (e.g. --data medqa)")
@@ -318,7 +329,7 @@ def _audit_items(items, cfg, out: Path, adapter: str | None, quiet: bool, json_o
 
     split_name = "eval" if cfg.data.source in sources.PRESETS or cfg.data.source == sources.DEMO else "file"
     fingerprint = sources.fingerprint(items, cfg.data.source, split_name)
-    with claim_out_dir(out, overwrite) as dest:  # dest: a fresh dir beside an old run, swapped in at the end
+    with claim_out_dir(out, overwrite, inputs=_inputs(cfg, adapter)) as dest:  # beside an old run, swapped in
         results = audit_eval(items, cfg, dest, adapter, fingerprint, quiet, _log(quiet))
     if json_out:
         typer.echo(json.dumps(results, indent=1, default=str))

@@ -25,10 +25,12 @@ def run_eval(items: list[MCQItem], cfg, out_dir: Path | None, adapter: str | Non
     from medtune.cost import Recorder
 
     recorder = Recorder("eval")  # wall time, device, energy -> out_dir/cost.json
-    style = adapter_style(adapter, cfg.prompt_style, log) if adapter else cfg.prompt_style
+    # an adapter's, or a merged export's (RUN/merged holds medtune.json), saved prompt style and training-item hashes
+    saved = adapter or (cfg.model if (Path(cfg.model) / "medtune.json").is_file() else None)
+    style = adapter_style(saved, cfg.prompt_style, log) if saved else cfg.prompt_style
     model, tokenizer, path = loaded or load_model(cfg.model, adapter=adapter, device=resolve_device(cfg.device), log=log,
                                                   merge=cfg.eval.merge_adapter)
-    contamination = contamination_check(items, adapter, log) if adapter else None
+    contamination = contamination_check(items, saved, log) if saved else None
     e = cfg.eval
 
     if e.method == "generate":

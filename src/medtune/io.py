@@ -162,9 +162,20 @@ def _content(path: Path) -> list[Path]:
     return [p for p in path.iterdir() if not p.name.startswith(probe)] if path.is_dir() else []
 
 
+def _refuse_inputs_inside(where: Path, inputs: tuple, flag: str, path: Path) -> None:
+    """--overwrite replaces the dir as a whole: never when the command's own inputs (data, model, adapter) are in it."""
+    for given in inputs:
+        if not given or not Path(str(given)).exists():
+            continue
+        resolved = Path(os.path.abspath(str(given)))
+        if resolved == where or where in resolved.parents:
+            raise MedtuneError(f"{flag} {path}: holds this command's input {given}; --overwrite replaces the whole "
+                               "dir, so write to another --out (or move the input out first)")
+
+
 @contextlib.contextmanager
 def claim_out_dir(path: Path, overwrite: bool = False, flag: str = "--out",
-                  allow_existing: bool = False) -> Iterator[Path]:
+                  allow_existing: bool = False, inputs: tuple = ()) -> Iterator[Path]:
     """Lock `path` for the command's life (`out_dir_lock`), check it again under the lock, prove it writable (a
     probe file) before any heavy work, and yield the directory the command must write into:
 
@@ -187,6 +198,8 @@ def claim_out_dir(path: Path, overwrite: bool = False, flag: str = "--out",
         if swap and where in (Path.cwd(), *Path.cwd().parents):
             raise MedtuneError(f"{flag} {path}: is the current directory (or holds it); --overwrite replaces a run "
                                "dir as a whole, so run medtune from outside it or choose a new directory")
+        if swap:
+            _refuse_inputs_inside(where, inputs, flag, path)
         target = where.with_name(f".{where.name}.new-{_launch_id()}") if swap else path
         created = not target.exists()
         try:

@@ -209,6 +209,13 @@ def held_in_bf16(model) -> bool:
     return model.get_input_embeddings().weight.dtype == torch.bfloat16
 
 
+def adapter_dir(adapter: str) -> str:
+    """A PEFT adapter dir as given, or the adapter inside a run dir (RUN -> RUN/adapter)."""
+    if (Path(adapter) / "adapter").is_dir() and not (Path(adapter) / "adapter_config.json").is_file():
+        return str(Path(adapter) / "adapter")
+    return adapter
+
+
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 
 
