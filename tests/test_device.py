@@ -89,6 +89,7 @@ VERBS = {
     "train": ["train", "--set", "train.max_steps=1"],
     "run": ["run", "--set", "train.max_steps=1"],
     "export": ["export", "some-run"],
+    "audit": ["audit", "--model", "embedded", "--data", "demo", "--limit", "2"],
 }
 
 

@@ -472,6 +472,7 @@ COMMAND_ARGS = {  # enough arguments for each command to reach its first device 
     "ask": ["ask", "--question", "Which?", "-o", "a", "-o", "b", "--model", "{model}"],
     "predict": ["predict", "demo", "--model", "{model}", "--out", "{out}.jsonl"],
     "serve": ["serve", "--model", "{model}"],
+    "audit": ["audit", "--data", "demo", "--limit", "2", "--model", "{model}", "--out", "{out}"],
 }
 SOMETIMES_DEVICE = {"cost", "report"}  # prepared too; they reach a device only on some paths (detect, --explain)
 
