@@ -65,7 +65,8 @@ def test_no_library_chatter_on_the_terminal(tmp_path, tiny_model_dir):
         [*medtune, "eval", "--model", tiny_model_dir, "--data", "demo", "--limit", "2", "--quiet", "--json",
          "--out", str(tmp_path / "e")],
         [*medtune, "train", "--quiet", "--out", str(tmp_path / "t"), "--set", f"model={tiny_model_dir}",
-         "--set", "train.max_steps=1", "--set", "train.batch_size=2", "--set", "train.max_length=64"],
+         "--set", "train.max_steps=1", "--set", "train.batch_size=2", "--set", "train.max_length=256",
+         "--set", "train.target=answer"],
     ]
     for cmd in commands:
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600, check=False)
