@@ -31,7 +31,8 @@ def test_run_demo_recipe_end_to_end(tiny_model_dir, tmp_path, monkeypatch):
     tuned_right = sum(json.loads(x)["correct"] for x in (out / "tuned" / "predictions.jsonl").read_text().splitlines())
     assert comp["acc_b"] == tuned_right / 12 and 0 <= comp["mcnemar_p"] <= 1
     assert "debiased" in res["comparison"] and res["tuned"]["contamination"]["exact"] == []
-    assert res["data"]["train"]["n"] == 128 and res["train"]["steps"] == 2
+    # the demo recipe holds 16 of its 128 training items out for validation (data.validation)
+    assert res["data"]["train"]["n"] == 112 and res["data"]["validation"]["n"] == 16 and res["train"]["steps"] == 2
     for name in ("config.yaml", "metrics.jsonl", "adapter/adapter_model.safetensors", "adapter/medtune.json",
                  "base/predictions.jsonl", "tuned/results.json", "base-letter/results.json"):
         assert (out / name).is_file(), name

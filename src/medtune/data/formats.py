@@ -51,8 +51,8 @@ def read_file(path: str | Path, cop_base: int | None = None, mapping: dict[str, 
         if item.id in seen:
             problems.append(f"{where}: id: duplicate id {item.id!r} (first at {seen[item.id]})")
         seen.setdefault(item.id, where)
-    if problems:
-        raise DataError(problems)
+    if problems:  # a key of a JSON object is part of `where`; a newline in it must not split a problem in two
+        raise DataError([" ".join(problem.splitlines()) for problem in problems])
     return items
 
 
