@@ -307,3 +307,18 @@ def test_truncated_checkpoint_weights_are_one_line_on_resume(tmp_path, tiny_mode
     weights.write_bytes(weights.read_bytes()[:50])
     one_line(runner.invoke(app, [*argv, "--resume"]), str(weights), "not a readable safetensors file",
              "resume from the one before")
+
+
+def test_text_that_is_not_valid_unicode_is_one_line(tmp_path, tiny_model_dir):
+    """A lone surrogate (valid JSON escape, not encodable text) reached the tokenizer as a traceback (hostile probe)."""
+    from typer.testing import CliRunner
+
+    from medtune.cli import app
+
+    data = tmp_path / "s.jsonl"
+    data.write_text('{"question": "Q\\ud800", "options": {"A": "a", "B": "b", "C": "c", "D": "d"}, "answer_idx": "A"}\n')
+    result = CliRunner().invoke(app, ["eval", "--model", tiny_model_dir, "--data", str(data), "--out",
+                                      str(tmp_path / "o"), "--quiet"])
+    assert result.exit_code == 2, result.output
+    lines = [x for x in result.output.splitlines() if x.strip()]
+    assert len(lines) == 1 and "not valid Unicode" in lines[0]

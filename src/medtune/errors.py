@@ -69,6 +69,10 @@ def explain(exc: BaseException, path: str | None = None) -> MedtuneError | None:
         where = re.sub(r"(^|/)\.([^/]+)\.tmp-\d+(?=/|$)", r"\1\2", str(where))  # io's temp names: the final one
         what = "disk full" if exc.errno == errno.ENOSPC else "disk quota exceeded"
         return MedtuneError(f"{what} while writing {where}: free space at {_existing_dir(where)} and rerun")
+    if isinstance(exc, UnicodeError):  # a lone surrogate in JSON text, invalid bytes on the command line
+        return MedtuneError(f"the input holds text that is not valid Unicode{f' ({path})' if path else ''}: "
+                            f"{getattr(exc, 'reason', exc)} at character {getattr(exc, 'start', '?')} of a field; "
+                            "remove or replace that character")
     if isinstance(exc, MemoryError):
         where = path or _file_in_traceback(exc)
         return MedtuneError(f"out of memory{f' while reading {where}' if where else ''}: a file larger or deeper "
