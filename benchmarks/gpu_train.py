@@ -323,7 +323,7 @@ def run_medtune(arch: dict, examples, epochs: int, device: str, seed: int, base_
         stack.enter_context(mock.patch.object(T, "batch_plan", batch_plan))
         stack.enter_context(mock.patch.object(T, "save_adapter", lambda *a, **k: None))
         real_begin = T.TrainRun.begin  # synthetic examples have no text to keep in the run dir
-        stack.enter_context(mock.patch.object(T.TrainRun, "begin", lambda self, ckpt, _items: real_begin(self, ckpt, [])))
+        stack.enter_context(mock.patch.object(T.TrainRun, "begin", lambda self, ckpt, _items, plan: real_begin(self, ckpt, [], plan)))
         summary = T.train(cfg, examples, Path(tmp), quiet=True, log=lambda *_: None)
         _sync(device)
     plan = seen["plan"]
