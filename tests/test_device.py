@@ -128,7 +128,7 @@ def test_device_cpu_works_for_every_verb(tiny_model_dir, tmp_path, monkeypatch):
     ok = runner.invoke(app, ["predict", "demo", *m, "--limit", "2", "--out", "p.jsonl", "--quiet"])
     assert ok.exit_code == 0 and len((tmp_path / "p.jsonl").read_text().splitlines()) == 2, ok.output
     sets = ["--set", f"model={tiny_model_dir}", "--set", "train.max_steps=1", "--set", "train.batch_size=2",
-            "--set", "train.max_length=64", "--set", "train.target=answer", "--set", "data.limit=2",
+            "--set", "train.max_length=256", "--set", "train.target=answer", "--set", "data.limit=2",
             "--set", "eval.extra_methods=[]"]
     ok = runner.invoke(app, ["train", "--device", "cpu", "--out", "t", "--quiet", *sets])
     assert ok.exit_code == 0, ok.output
