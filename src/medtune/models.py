@@ -139,8 +139,10 @@ def load_model(name: str, adapter: str | None = None, dtype: str | None = None, 
         check_adapter(adapter)  # before the model loads: a bad adapter is refused in a second, not after a minute
     dtype = dtype or weights_dtype(device)
     path = resolve(name, log=log)
-    # bf16 holding reads the checkpoint in its own dtype ("auto"): a bf16 checkpoint is never widened on the way in
-    load_dtype = "auto" if dtype == "bfloat16" and Path(path).suffix != ".gguf" else getattr(torch, dtype)
+    # bf16 holding reads the checkpoint in its own dtype ("auto"): a bf16 checkpoint is never widened on the way in.
+    # A GGUF dequantizes to fp32 values: read in fp32, so hold_in_bf16 keeps them for exact scoring.
+    gguf = Path(path).suffix == ".gguf"
+    load_dtype = torch.float32 if gguf else "auto" if dtype == "bfloat16" else getattr(torch, dtype)
     model = load_weights(name, path, load_dtype, attn_implementation=attn_implementation)
     if dtype == "bfloat16":
         hold_in_bf16(model, device)
