@@ -11,7 +11,7 @@ model's tokenizer: memory is a matter of shapes and dtypes, not of what the weig
   bash benchmarks/setup_lmeval.sh                 # once: lm-eval in its own venv
   python benchmarks/memory_fit.py --out runs/memory-fit
   python benchmarks/memory_fit.py --out runs/memory-fit --device cuda   # on a GPU: also peak GPU memory per run
-  python benchmarks/memory_fit.py --out /tmp/m --tiny --skip-lmeval     # toy sizes (the test)
+  python benchmarks/memory_fit.py --out runs/memory-fit-tiny --tiny --skip-lmeval   # toy sizes (gpu_check --tiny)
 
 Checks (`--check` makes a failed one exit 1): peak RSS of eval <= 1.25 x lm-eval's; of run <= 1.1 x train's.
 On a GPU the same ratios are reported for peak GPU memory (torch.cuda.max_memory_allocated, read by a small wrapper).

@@ -125,6 +125,16 @@ def test_validation_with_keep_last_gives_the_adapter_without_validation(tiny_mod
     assert on["final_loss"] == off["final_loss"] and "validation" in on and "validation" not in off
 
 
+def crash_after(save, crash_step: int):
+    """checkpoint.save that writes checkpoint `crash_step`, then stops the run as a Ctrl-C would."""
+    def save_then_crash(out_dir, step, *args, **kwargs):
+        path = save(out_dir, step, *args, **kwargs)
+        if step == crash_step:
+            raise KeyboardInterrupt
+        return path
+    return save_then_crash
+
+
 def test_resume_with_validation_reaches_the_uninterrupted_run(tiny_model_dir, tmp_path, monkeypatch):
     sets = {"train.max_steps": 6, "train.save_every": 2, "train.eval_every": 2, "train.keep": "best",
             "train.patience": 3}
@@ -132,15 +142,8 @@ def test_resume_with_validation_reaches_the_uninterrupted_run(tiny_model_dir, tm
     scripted(monkeypatch, script)
     full = fit(tiny_model_dir, tmp_path / "full", **sets)
     real_save = checkpoint.save
-
-    def crash_after_step_4(out_dir, step, *args, **kwargs):
-        path = real_save(out_dir, step, *args, **kwargs)
-        if step == 4:
-            raise KeyboardInterrupt
-        return path
-
     scripted(monkeypatch, script)  # the interrupted run and its resume consume one script: steps 2, 4 | 6
-    monkeypatch.setattr(checkpoint, "save", crash_after_step_4)
+    monkeypatch.setattr(checkpoint, "save", crash_after(real_save, 4))
     with pytest.raises(KeyboardInterrupt):
         fit(tiny_model_dir, tmp_path / "cut", **sets)
     monkeypatch.setattr(checkpoint, "save", real_save)
@@ -160,14 +163,7 @@ def test_resume_with_the_real_scorer_is_bit_exact(tiny_model_dir, tmp_path, monk
     sets = {"train.max_steps": 6, "train.save_every": 3, "train.eval_every": 1, "train.keep": "best"}
     full = fit(tiny_model_dir, tmp_path / "full", **sets)
     real_save = checkpoint.save
-
-    def crash_after_step_3(out_dir, step, *args, **kwargs):
-        path = real_save(out_dir, step, *args, **kwargs)
-        if step == 3:
-            raise KeyboardInterrupt
-        return path
-
-    monkeypatch.setattr(checkpoint, "save", crash_after_step_3)
+    monkeypatch.setattr(checkpoint, "save", crash_after(real_save, 3))
     with pytest.raises(KeyboardInterrupt):
         fit(tiny_model_dir, tmp_path / "cut", **sets)
     monkeypatch.setattr(checkpoint, "save", real_save)

@@ -101,8 +101,8 @@ def score(model, encoded: list[Encoded], batch_size: int = 16, mode: str = "fast
 def _freed_memory_returned():
     """While scoring, a freed tensor of 1 MiB or more goes back to the OS at once. glibc's malloc otherwise raises its
     mmap threshold as large blocks are freed, and the per-layer fp32 weights and activations of the next batches then
-    come from a heap it does not give back: measured on a Qwen3-1.7B-shaped model, 1.4 GB retained after one fp32
-    pass, and `run` (evaluate, then train in the same process) peaked at 1.66x `train`. Afterwards the threshold is
+    come from a heap it does not give back (benchmarks/memory_fit.py, Qwen3-1.7B shape: eval peaked at 7,315 MB
+    before this and the batch token cap, 5,076 MB after; docs/benchmarks.md). Afterwards the threshold is
     set to 32 MiB (glibc's own ceiling for its dynamic threshold). Elsewhere than glibc this does nothing."""
     libc = _glibc()
     if libc is not None:
@@ -267,8 +267,8 @@ def _score_batched(model, encoded: list[Encoded], batch_size: int, progress) -> 
     return out
 
 
-MAX_BATCH_TOKENS = 4096  # padded prompt tokens per forward pass: bounds activation memory (fp32 on a 1.7B model:
-# ~0.3 MB a token); a question longer than this goes alone
+MAX_BATCH_TOKENS = 4096  # padded prompt tokens per forward pass: bounds activation memory; a longer question goes
+# alone
 
 
 def _batches(order: list[int], encoded: list[Encoded], batch_size: int):
