@@ -322,3 +322,126 @@ def test_text_that_is_not_valid_unicode_is_one_line(tmp_path, tiny_model_dir):
     assert result.exit_code == 2, result.output
     lines = [x for x in result.output.splitlines() if x.strip()]
     assert len(lines) == 1 and "not valid Unicode" in lines[0]
+
+
+# --- round two of the hostile probe: what it still found after the first fixes ----------------------------------------
+
+def test_duplicate_json_key_is_refused_naming_line_and_key(tmp_path):
+    row = json.dumps(DEMO)
+    dup = row[:-1] + ', "answer": 2}'  # "answer" twice: json.loads would silently keep 2
+    (tmp_path / "d.jsonl").write_text(row + "\n" + dup.replace('"q1"', '"q2"') + "\n")
+    one_line(runner.invoke(app, ["data", "validate", str(tmp_path / "d.jsonl")]), "d.jsonl:2", "duplicate key 'answer'")
+    (tmp_path / "d.json").write_text(f"[{dup}]")
+    one_line(runner.invoke(app, ["data", "validate", str(tmp_path / "d.json")]), "d.json", "duplicate key 'answer'")
+
+
+def test_unclosed_csv_quote_does_not_swallow_the_next_row(tmp_path):
+    (tmp_path / "m.csv").write_text('q1,"open,b,c,d,A\nq2,a,b,c,d,B\nq3,a,b,c,d,C\n')
+    one_line(runner.invoke(app, ["data", "validate", str(tmp_path / "m.csv")]), "m.csv:1", "never closed")
+
+
+def test_a_question_of_megabytes_is_refused_before_any_work(tmp_path):
+    (tmp_path / "big.jsonl").write_text(json.dumps({**DEMO, "question": "x" * 5_000_000}) + "\n")
+    started = time.monotonic()
+    one_line(runner.invoke(app, ["data", "validate", str(tmp_path / "big.jsonl")]), "big.jsonl:1", "question",
+             "5,000,000 characters")
+    assert time.monotonic() - started < 30
+
+
+def test_config_json_claiming_a_huge_model_is_refused_before_allocation(tiny_model_dir, tmp_path, good):
+    shutil.copytree(tiny_model_dir, tmp_path / "m")
+    cfg = json.loads((tmp_path / "m" / "config.json").read_text())
+    (tmp_path / "m" / "config.json").write_text(json.dumps({**cfg, "hidden_size": 10**9}))
+    started = time.monotonic()
+    result = runner.invoke(app, ["eval", "--model", str(tmp_path / "m"), "--data", good, "--out", str(tmp_path / "o")])
+    one_line(result, "config.json", "does not belong to these weights")
+    assert time.monotonic() - started < 60 and not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("name", ["./no-such-model", "runs-typo/nested/model", "/nonexistent/model"])
+def test_misspelled_local_model_path_is_not_sent_to_the_hub(tmp_path, good, name, monkeypatch):
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)  # would the Hub be asked? It must not be: one line at once
+    started = time.monotonic()
+    result = runner.invoke(app, ["eval", "--model", name, "--data", good, "--out", str(tmp_path / "o")])
+    one_line(result, name, "no such directory")
+    assert time.monotonic() - started < 20
+
+
+@pytest.mark.parametrize("field,value", [("r", "x"), ("r", 0), ("lora_alpha", None), ("target_modules", 5),
+                                         ("lora_dropout", 2)])
+def test_adapter_config_with_a_bad_lora_field_is_one_line(adapter, tmp_path, tiny_model_dir, good, field, value):
+    shutil.copytree(adapter, tmp_path / "ad")
+    cfg = json.loads((tmp_path / "ad" / "adapter_config.json").read_text())
+    (tmp_path / "ad" / "adapter_config.json").write_text(json.dumps({**cfg, field: value}))
+    result = runner.invoke(app, ["eval", "--model", tiny_model_dir, "--data", good, "--out", str(tmp_path / "out"),
+                                 "--adapter", str(tmp_path / "ad")])
+    one_line(result, "adapter_config.json", field)
+
+
+GOOD_ROW = {"id": "q1", "pred": "A", "gold": "A", "correct": True, "logprobs": {"A": -0.1, "B": -2.5}}
+
+
+@pytest.mark.parametrize("bad", ["[]", "5", json.dumps({**GOOD_ROW, "correct": "yes"}),
+                                 json.dumps({**GOOD_ROW, "id": {"x": 1}}),
+                                 json.dumps({**GOOD_ROW, "logprobs": {"A": "high", "B": -1}}),
+                                 json.dumps(GOOD_ROW).replace("-0.1", "NaN")])
+@pytest.mark.parametrize("parity", [False, True])
+def test_compare_on_malformed_predictions_is_one_line_not_a_verdict(tmp_path, bad, parity):
+    a, b = tmp_path / "a", tmp_path / "b"
+    for d, line in ((a, json.dumps(GOOD_ROW)), (b, bad)):
+        d.mkdir()
+        (d / "predictions.jsonl").write_text(line + "\n")
+    one_line(runner.invoke(app, ["compare", str(a), str(b), *(["--parity"] if parity else [])]),
+             str(b / "predictions.jsonl") + ":1")
+
+
+def test_second_signal_during_training_is_one_line_with_its_exit_code(monkeypatch, tmp_path, tiny_model_dir):
+    """The first SIGTERM asks for a checkpoint; a second one stops at once (checkpoint.Signals raises
+    KeyboardInterrupt(signum)): the CLI names it and exits 128 + the signal's number, never silently."""
+    import signal
+
+    import medtune.train
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt(signal.SIGTERM)
+
+    monkeypatch.setattr(medtune.train, "train", interrupted)
+    result = runner.invoke(app, ["train", "--set", f"model={tiny_model_dir}", "--set", "device=cpu", "--set",
+                                 "data.train_size=8", "--out", str(tmp_path / "run")])
+    assert result.exit_code == 128 + signal.SIGTERM, result.output
+    errors = [x for x in result.output.splitlines() if x.startswith("error:")]
+    assert len(errors) == 1 and "SIGTERM: stopped at once" in errors[0], result.output
+
+
+def test_second_signal_handler_raises_with_the_signal_number():
+    import signal
+
+    from medtune.checkpoint import Signals
+
+    with Signals() as signals:
+        signals._handle(signal.SIGTERM, None)
+        assert signals.received == signal.SIGTERM
+        with pytest.raises(KeyboardInterrupt) as e:
+            signals._handle(signal.SIGINT, None)
+    assert e.value.args == (signal.SIGINT,)
+
+
+def test_resume_without_an_earlier_run_is_refused(tmp_path, tiny_model_dir):
+    result = runner.invoke(app, ["train", "--resume", "--set", f"model={tiny_model_dir}", "--set", "device=cpu",
+                                 "--out", str(tmp_path / "never-ran")])
+    one_line(result, "--resume", "holds no earlier run", "drop --resume")
+    assert not (tmp_path / "never-ran").exists()
+
+
+@pytest.mark.parametrize("key", ["train.batch_size", "eval.batch_size", "train.grad_accum"])
+def test_absurd_batch_sizes_are_refused_not_warned_about(tmp_path, key):
+    one_line(runner.invoke(app, ["train", "--set", f"{key}=100000000000000000000", "--out", str(tmp_path / "r")]),
+             key, "out of range")
+
+
+def test_predict_resume_names_the_corrupt_line(tmp_path, tiny_model_dir, good):
+    out = tmp_path / "p.jsonl"
+    argv = ["predict", good, "--model", tiny_model_dir, "--out", str(out), "--quiet"]
+    assert runner.invoke(app, argv).exit_code == 0
+    out.write_text(out.read_text() + "{not json\n" + json.dumps({"id": "q9"}) + "\n")
+    one_line(runner.invoke(app, argv), f"{out}:2")

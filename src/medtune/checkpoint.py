@@ -382,7 +382,7 @@ class Signals:
 
     def _handle(self, signum, frame):
         if self.received is not None:
-            raise KeyboardInterrupt
+            raise KeyboardInterrupt(signum)  # the CLI says which signal, and exits 128 + its number
         self.received = signum
 
     def __exit__(self, *exc):

@@ -7,6 +7,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -66,6 +67,12 @@ def user_errors(fn):
             else:
                 typer.echo(f"error: {len(e.problems)} problem(s) in the data; nothing was written:\n{e}", err=True)
             raise typer.Exit(2) from None
+        except KeyboardInterrupt as e:  # Ctrl-C, or a second SIGTERM/SIGINT during training (checkpoint.Signals)
+            signum = e.args[0] if e.args and isinstance(e.args[0], int) else signal.SIGINT
+            typer.echo(f"error: {signal.Signals(signum).name}: stopped at once; files are written whole or not at "
+                       "all, so nothing half-written is left (training: --resume continues from the last complete "
+                       "checkpoint, if one was written)", err=True)
+            raise typer.Exit(128 + signum) from None
         except TrainingInterrupted as e:  # checkpoint written; 128 + signal number, as a shell reports it
             typer.echo(f"error: {e}", err=True)
             raise typer.Exit(e.exit_code) from None
@@ -192,6 +199,8 @@ def train(config: Config_ = None, sets: Set_ = None,
     cfg = _config(config, sets, out_dir=str(out) if out else None, device=device)
     resolve_device(cfg.device)
     log = _log(quiet)
+    if resume and not (Path(cfg.out_dir) / "checkpoints").is_dir():
+        raise MedtuneError(f"--resume: {cfg.out_dir} holds no earlier run (no checkpoints/); drop --resume to start one")
     check_out_dir(Path(cfg.out_dir), overwrite, allow_existing=resume)
     train_items, eval_items, data = prepare_data(cfg, log)
     train_items, val_items, data = validation_split(cfg, train_items, eval_items, data)  # data.validation

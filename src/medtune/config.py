@@ -222,6 +222,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "eval.permute": ("none", "cyclic"),
     "eval.extra_methods": ("letter", "answer", "generate"),
 }
+MAX_BATCH = 65_536  # items per step; more is a typo (1e20), not a batch any card holds
 MAX_LORA_R = 4096  # wider than the hidden size of models medtune can train; 1e9 would allocate terabytes
 # Numeric ranges: (test, what the error says). None (unset) is always allowed for optional keys.
 RANGES: dict[str, tuple] = {
@@ -237,20 +238,20 @@ RANGES: dict[str, tuple] = {
     "lora.dropout": (lambda v: 0 <= v < 1, "in [0, 1)"),
     "train.epochs": (lambda v: v > 0, "> 0"),
     "train.max_steps": (lambda v: v >= 1, ">= 1"),
-    "train.batch_size": (lambda v: v >= 1, ">= 1"),
-    "train.grad_accum": (lambda v: v >= 1, ">= 1"),
+    "train.batch_size": (lambda v: 1 <= v <= MAX_BATCH, f"in 1..{MAX_BATCH}"),
+    "train.grad_accum": (lambda v: 1 <= v <= MAX_BATCH, f"in 1..{MAX_BATCH}"),
     "train.lr": (lambda v: v > 0, "> 0"),
     "train.warmup": (lambda v: 0 <= v < 1, "in [0, 1) (a share of the total steps)"),
     "train.weight_decay": (lambda v: v >= 0, ">= 0"),
-    "train.max_length": (lambda v: v >= 16, ">= 16"),
+    "train.max_length": (lambda v: 16 <= v <= 1 << 20, "in 16..1048576"),
     "train.save_every": (lambda v: v >= 0, ">= 0 (0: only at the end)"),
     "train.log_every": (lambda v: v >= 1, ">= 1"),
     "train.seed": (lambda v: 0 <= v < 2**32, "in 0..4294967295 (NumPy's seed range)"),
     "train.eval_every": (lambda v: v >= 0, ">= 0 (0: no validation)"),
     "train.patience": (lambda v: v >= 0, ">= 0 (0: no early stopping)"),
-    "eval.batch_size": (lambda v: v >= 1, ">= 1"),
+    "eval.batch_size": (lambda v: 1 <= v <= MAX_BATCH, f"in 1..{MAX_BATCH}"),
     "eval.margin": (lambda v: v >= 0, ">= 0"),
-    "eval.max_new_tokens": (lambda v: v >= 1, ">= 1"),
+    "eval.max_new_tokens": (lambda v: 1 <= v <= 1 << 16, "in 1..65536"),
     "eval.conformal_alpha": (lambda v: 0 < v < 1, "in (0, 1)"),
 }
 

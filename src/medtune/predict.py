@@ -82,14 +82,24 @@ def _resume(out: Path, meta: dict) -> set[str]:
         if keep < len(data):  # a kill mid-write left a partial line: drop it, its item is scored again
             with open(out, "r+b") as f:
                 f.truncate(keep)
-        try:
-            return {json.loads(line)["id"] for line in data[:keep].decode("utf-8").splitlines() if line.strip()}
-        except (json.JSONDecodeError, KeyError) as e:
-            raise MedtuneError(f"{out}: not a predictions file ({e}); pass another --out") from None
+        done = set()
+        for n, line in enumerate(data[:keep].split(b"\n"), start=1):
+            try:
+                if line.strip():
+                    done.add(_written_id(json.loads(line)))
+            except (ValueError, KeyError, TypeError) as e:  # ValueError: bad JSON or UTF-8
+                raise MedtuneError(f"{out}:{n}: not a predictions line ({str(e)[:120]}); pass another --out") from None
+        return done
     from medtune import io
 
     io.write_json(meta_path, meta)
     return set()
+
+
+def _written_id(row) -> str:
+    if not isinstance(row, dict) or not isinstance(row.get("id"), str):
+        raise TypeError("expected a JSON object with a text id")
+    return row["id"]
 
 
 def to_csv(jsonl: Path) -> Path:

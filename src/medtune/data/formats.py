@@ -28,6 +28,26 @@ class RowError(Exception):
         super().__init__(f"{field}: {message}")
 
 
+class DuplicateKey(ValueError):
+    """A JSON object with a key twice: json.loads would silently keep the last value."""
+
+
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
+    keys = [k for k, _ in pairs]
+    for k in keys:
+        if keys.count(k) > 1:
+            raise DuplicateKey(f"duplicate key {k!r} (JSON keeps only the last value; which one was meant?)")
+    return dict(pairs)
+
+
+def load_json(text: str):
+    """json.loads that refuses an object with a duplicate key (every JSON/JSONL reader of input files uses it)."""
+    return json.loads(text, object_pairs_hook=_unique_keys)
+
+
+MAX_FIELD_CHARS = 100_000  # 50x a long MedQA vignette, beyond any model's context: more is a broken file, not a question
+
+
 def read_file(path: str | Path, cop_base: int | None = None, mapping: dict[str, str] | None = None,
               subject: str | None = None) -> list[MCQItem]:
     """Read every row of a local file into items; raise DataError listing every bad row, or MedtuneError."""
@@ -44,6 +64,7 @@ def read_file(path: str | Path, cop_base: int | None = None, mapping: dict[str, 
     for where, row in rows:
         try:
             item = READERS[fmt](row, where=where, path=path, cop_base=cop_base, mapping=mapping, subject=subject)
+            _bounded(item)
         except RowError as e:
             problems.append(f"{where}: {e}")
             continue
@@ -54,6 +75,15 @@ def read_file(path: str | Path, cop_base: int | None = None, mapping: dict[str, 
     if problems:  # a key of a JSON object is part of `where`; a newline in it must not split a problem in two
         raise DataError([" ".join(problem.splitlines()) for problem in problems])
     return items
+
+
+def _bounded(item: MCQItem) -> None:
+    """Work per item stays bounded: no text beyond MAX_FIELD_CHARS (tokenizing 50 MB is minutes, scoring it memory)."""
+    for field, texts in (("question", [item.question]), ("options", item.options),
+                         ("explanation", [item.explanation or ""])):
+        longest = max(len(t) for t in texts)
+        if longest > MAX_FIELD_CHARS:
+            raise RowError(field, f"{longest:,} characters; the limit is {MAX_FIELD_CHARS:,} (is the file broken?)")
 
 
 BOMS = ((b"\xef\xbb\xbf", "utf-8"), (b"\xff\xfe", "utf-16-le"), (b"\xfe\xff", "utf-16-be"))
@@ -98,9 +128,12 @@ def read_rows(path: Path, header: bool = False) -> Iterator[tuple[str, dict]]:
         if not line.strip():
             continue
         try:
-            row = json.loads(line)
+            row = load_json(line)
         except json.JSONDecodeError as e:
             problems.append(f"{path}:{n}: json: {e.msg} at column {e.colno}")
+            continue
+        except DuplicateKey as e:
+            problems.append(f"{path}:{n}: json: {e}")
             continue
         except RecursionError:  # the stdlib parser recurses once per [ or {
             raise DataError([f"{path}:{n}: json: {TOO_DEEP}"]) from None
@@ -117,9 +150,11 @@ TOO_DEEP = "nested too deeply (thousands of [ or {); an item is a flat object"
 
 def _json_rows(path: Path, text: str) -> Iterator[tuple[str, dict]]:
     try:
-        data = json.loads(text)
+        data = load_json(text)
     except json.JSONDecodeError as e:
         raise DataError([f"{path}:{e.lineno}: json: {e.msg} at column {e.colno}"]) from None
+    except DuplicateKey as e:
+        raise DataError([f"{path}: json: {e}"]) from None
     except RecursionError:
         raise DataError([f"{path}: json: {TOO_DEEP}"]) from None
     if isinstance(data, dict):  # PubMedQA ori_pqal.json: {PMID: row}
@@ -152,7 +187,8 @@ def _parquet_rows(path: Path) -> Iterator[tuple[str, dict]]:
 def _csv_rows(path: Path, header_given: bool) -> Iterator[tuple[str, dict]]:
     import io
 
-    reader = csv.reader(io.StringIO(read_text(path), newline=""))
+    # strict: a quote left open is an error, not a field that swallows the rows after it
+    reader = csv.reader(io.StringIO(read_text(path), newline=""), strict=True)
     rows, lines, start = [], [], 1
     try:
         for values in reader:  # a quoted field can span lines: a row is named by the line it starts on
@@ -160,7 +196,9 @@ def _csv_rows(path: Path, header_given: bool) -> Iterator[tuple[str, dict]]:
             lines.append(start)
             start = reader.line_num + 1
     except csv.Error as e:  # named by the line the broken row starts on (line_num is past the end at EOF)
-        raise DataError([f"{path}:{start}: csv: {e}"]) from None
+        hint = " (a quote opened on this line is never closed)" if "end of data" in str(e) or "expected after" in str(
+            e) else ""
+        raise DataError([f"{path}:{start}: csv: {e}{hint}"]) from None
     header = [h.strip() for h in rows[0]] if rows else []
     has_header = header_given or "question" in [h.lower() for h in header]
     if not has_header:  # MMLU as published: question,A,B,C,D,answer with no header
