@@ -232,9 +232,7 @@ def _bad_row(row) -> str | None:
         if row.get(key) is not None and not isinstance(row[key], str):
             return f"{key}: expected a letter or null, got {row[key]!r:.40}"
     logprobs = row.get("logprobs")
-    if logprobs is not None:
-        if not isinstance(logprobs, dict) or not all(
-                isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-                for v in logprobs.values()):
-            return "logprobs: expected {letter: finite log-probability}"
+    if logprobs is not None and (not isinstance(logprobs, dict) or not all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in logprobs.values())):
+        return "logprobs: expected {letter: finite log-probability}"
     return None
