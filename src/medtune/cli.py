@@ -28,6 +28,10 @@ Model_ = Annotated[str | None, typer.Option(help="embedded, a Hub id, or a local
 Data_ = Annotated[str | None, typer.Option(help="A file, `demo`, or a preset (medqa, medmcqa, ...).")]
 Adapter_ = Annotated[str | None, typer.Option(help="A PEFT adapter dir (e.g. RUN/adapter).")]
 Mode_ = Annotated[str | None, typer.Option(help="fast (bf16 + fp32 re-score of close calls) or exact.")]
+Limit_ = Annotated[int | None, typer.Option(help="The first N items only.")]
+PromptStyle_ = Annotated[str | None, typer.Option(help="harness, chat or seed (an adapter's or export's saved style "
+                                                       "wins).")]
+BatchSize_ = Annotated[int | None, typer.Option(help="Questions per forward pass.")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
 Json = Annotated[bool, typer.Option("--json", help="Print the result as JSON.")]
 CopBase = Annotated[int | None, typer.Option("--cop-base", help="MedMCQA `cop` base (0 Hub, 1 published).")]
@@ -125,39 +129,42 @@ def env(json_out: Json = False) -> None:
     typer.echo(json.dumps(rep, indent=1) if json_out else hardware.render(rep))
 
 
+def _scoring_config(config, sets, model, prompt_style, device, adapter, values: dict):
+    """eval's and audit's config and adapter (a run dir RUN or RUN/adapter, as ask takes it), with every check that
+    needs no data or model made first: the prompt style, the device, the adapter."""
+    from medtune.hardware import resolve_device
+    from medtune.prompts import check_style
+
+    cfg = _config(config, sets, model=model, prompt_style=prompt_style, device=device, **values)
+    check_style(cfg.prompt_style)
+    resolve_device(cfg.device)  # a device that is not there: one line, before any data or model is read
+    if adapter:
+        from medtune.models import adapter_dir, check_adapter
+
+        adapter = adapter_dir(adapter)
+        check_adapter(adapter)
+    return cfg, adapter
+
+
 @app.command("eval")
 @user_errors
 def eval_(
-    model: Model_ = None,
-    data: Data_ = None,
-    adapter: Adapter_ = None,
-    limit: Annotated[int | None, typer.Option(help="Evaluate the first N items.")] = None,
+    model: Model_ = None, data: Data_ = None, adapter: Adapter_ = None, limit: Limit_ = None,
     out: Annotated[Path | None, typer.Option(help="Output dir (default runs/eval-<data>).")] = None,
-    mode: Mode_ = None,
     permute: Annotated[str | None, typer.Option(help="none or cyclic (debiased accuracy).")] = None,
     method: Annotated[str | None, typer.Option(help="letter (default), answer (whole answer line) or generate.")]
     = None,
-    prompt_style: Annotated[str | None, typer.Option(help="harness, chat or seed (an adapter's or export's saved style wins).")] = None,
-    batch_size: Annotated[int | None, typer.Option(help="Questions per forward pass.")] = None,
+    mode: Mode_ = None, prompt_style: PromptStyle_ = None, batch_size: BatchSize_ = None,
     cop_base: CopBase = None, mapping: Map = None, config: Config_ = None, sets: Set_ = None, quiet: Quiet = False,
     json_out: Json = False, overwrite: Overwrite = False, device: Device = None,
 ) -> None:
     """Score a model (optionally with an adapter) on MCQ items: accuracy with CI, letter baselines, calibration."""
     from medtune.data import sources
     from medtune.data.formats import parse_mapping
-    from medtune.hardware import resolve_device
-    from medtune.prompts import check_style
 
-    cfg = _config(config, sets, model=model, prompt_style=prompt_style, device=device, **{
+    cfg, adapter = _scoring_config(config, sets, model, prompt_style, device, adapter, {
         "data.source": data, "data.limit": limit, "eval.mode": mode, "eval.permute": permute,
         "eval.batch_size": batch_size, "eval.method": method})
-    check_style(cfg.prompt_style)
-    resolve_device(cfg.device)  # a device that is not there: one line, before any data or model is read
-    if adapter:
-        from medtune.models import adapter_dir, check_adapter
-
-        adapter = adapter_dir(adapter)  # a run dir (RUN) or its adapter (RUN/adapter), as ask takes it
-        check_adapter(adapter)  # before any data or model is loaded
     if cfg.data.source in sources.SUITES:
         from medtune.evaluate import run_suite
 
@@ -291,15 +298,10 @@ def _parity(a: Path, b: Path, json_out: bool, tolerance_logprob: float | None, t
 @app.command()
 @user_errors
 def audit(
-    model: Model_ = None,
-    data: Data_ = None,
-    adapter: Adapter_ = None,
-    limit: Annotated[int | None, typer.Option(help="Audit the first N items.")] = None,
+    model: Model_ = None, data: Data_ = None, adapter: Adapter_ = None, limit: Limit_ = None,
     out: Annotated[Path | None, typer.Option(help="Output dir (default runs/audit-<data>).")] = None,
-    mode: Mode_ = None,
     method: Annotated[str | None, typer.Option(help="letter (default) or answer.")] = None,
-    prompt_style: Annotated[str | None, typer.Option(help="harness, chat or seed (an adapter's or export's saved style wins).")] = None,
-    batch_size: Annotated[int | None, typer.Option(help="Questions per forward pass.")] = None,
+    mode: Mode_ = None, prompt_style: PromptStyle_ = None, batch_size: BatchSize_ = None,
     cop_base: CopBase = None, mapping: Map = None, config: Config_ = None, sets: Set_ = None, quiet: Quiet = False,
     json_out: Json = False, overwrite: Overwrite = False, device: Device = None,
 ) -> None:
@@ -308,19 +310,10 @@ def audit(
     the per-item rows in OUT/predictions.jsonl."""
     from medtune.data import sources
     from medtune.data.formats import parse_mapping
-    from medtune.hardware import resolve_device
-    from medtune.prompts import check_style
 
-    cfg = _config(config, sets, model=model, prompt_style=prompt_style, device=device, **{
+    cfg, adapter = _scoring_config(config, sets, model, prompt_style, device, adapter, {
         "data.source": data, "data.limit": limit, "eval.mode": mode, "eval.batch_size": batch_size,
         "eval.method": method})
-    check_style(cfg.prompt_style)
-    resolve_device(cfg.device)  # a device that is not there: one line, before any data or model is read
-    if adapter:
-        from medtune.models import adapter_dir, check_adapter
-
-        adapter = adapter_dir(adapter)
-        check_adapter(adapter)
     if cfg.data.source in sources.SUITES:
         raise MedtuneError(f"{cfg.data.source} is a suite; audit one source at a time (e.g. --data medqa)")
     out = out or Path("runs") / f"audit-{Path(cfg.data.source).stem}"
@@ -423,8 +416,6 @@ ModelOpt = Annotated[str, typer.Option(help="embedded, a Hub id, a local model d
 AdapterOpt = Annotated[str | None, typer.Option(help="A PEFT adapter dir, or a run dir holding adapter/.")]
 MethodOpt = Annotated[str | None, typer.Option(help="letter or answer (default: the one its results.json used).")]
 ModeOpt = Annotated[str, typer.Option(help="exact (fp32) or fast (bf16 + fp32 re-score of close calls).")]
-StyleOpt = Annotated[str | None, typer.Option(help="harness, chat or seed (an adapter's saved style wins).")]
-
 
 @app.command()
 @user_errors
@@ -432,7 +423,7 @@ def ask(question: Annotated[str | None, typer.Option(help="The question (or a JS
         option: Annotated[list[str] | None, typer.Option("--option", "-o", help="An option; repeat 2-10 times.")]
         = None,
         model: ModelOpt = "embedded", adapter: AdapterOpt = None, method: MethodOpt = None, mode: ModeOpt = "exact",
-        prompt_style: StyleOpt = None,
+        prompt_style: PromptStyle_ = None,
         max_new_tokens: Annotated[int, typer.Option(help="Explanation length cap (tokens); 0: no explanation.")] = 96,
         json_out: Json = False, device: Device = None) -> None:
     """Ask one question: the scored answer, every option's probability (eval's scoring) and a greedy explanation."""
@@ -457,10 +448,10 @@ def predict(source: Annotated[str, typer.Argument(help="A file, `demo`, `demo:tr
             out: Annotated[Path, typer.Option(help="The .jsonl to write; a rerun resumes it.")]
             = Path("predictions.jsonl"),
             model: ModelOpt = "embedded", adapter: AdapterOpt = None, method: MethodOpt = None, mode: ModeOpt = "exact",
-            prompt_style: StyleOpt = None,
+            prompt_style: PromptStyle_ = None,
             csv_out: Annotated[bool, typer.Option("--csv", help="Also write the same rows as OUT.csv.")] = False,
             chunk: Annotated[int, typer.Option(help="Items scored and appended at a time (bounds memory).")] = 64,
-            limit: Annotated[int | None, typer.Option(help="The first N items only.")] = None,
+            limit: Limit_ = None,
             cop_base: CopBase = None, mapping: Map = None, quiet: Quiet = False, json_out: Json = False,
             device: Device = None) -> None:
     """Score every item of a source into predictions.jsonl (letter, probabilities), streamed and resumable."""
@@ -486,7 +477,7 @@ def predict(source: Annotated[str, typer.Argument(help="A file, `demo`, `demo:tr
 @app.command()
 @user_errors
 def serve(model: ModelOpt = "embedded", adapter: AdapterOpt = None, method: MethodOpt = None, mode: ModeOpt = "exact",
-          prompt_style: StyleOpt = None,
+          prompt_style: PromptStyle_ = None,
           host: Annotated[str, typer.Option(help="Interface to bind; the default is this machine only.")]
           = "127.0.0.1",
           port: int = 7860,

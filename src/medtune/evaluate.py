@@ -17,13 +17,12 @@ def run_eval(items: list[MCQItem], cfg, out_dir: Path | None, adapter: str | Non
     """Score `items`, write predictions.jsonl and results.json to out_dir (if given); return results and rows."""
     import time
 
+    from medtune.cost import Recorder
     from medtune.hardware import resolve_device
     from medtune.models import load_model, placement
     from medtune.report import environment, metrics
 
     started = time.time()
-    from medtune.cost import Recorder
-
     recorder = Recorder("eval")  # wall time, device, energy -> out_dir/cost.json
     # an adapter's, or a merged export's (RUN/merged holds medtune.json), saved prompt style and training-item hashes
     saved = adapter or (cfg.model if (Path(cfg.model) / "medtune.json").is_file() else None)
@@ -41,6 +40,29 @@ def run_eval(items: list[MCQItem], cfg, out_dir: Path | None, adapter: str | Non
     margin = e.margin if e.margin is not None else default_margin(e.method)
     with tqdm(total=len(items), desc=f"eval {label}".strip(), unit="q", disable=quiet) as bar:
         rows = score_items(model, tokenizer, items, style, e.method, e.mode, margin, e.batch_size, bar)
+    debiased, details, permute = _debias(items, rows, model, tokenizer, style, e, margin, quiet, log)
+    m = metrics(items, rows, debiased, details)
+    results = {
+        "metrics": m, "method": f"{e.method}-logprob", "mode": e.mode, "prompt_style": style, "permute": permute,
+        "decides": "argmax of the summed log-likelihood (lm-eval's acc); accuracy_norm, where reported, is lm-eval's "
+                   "acc_norm (log-likelihood / characters of the choice)",
+        "model": cfg.model, "model_path": str(path), "adapter": adapter, "data": fingerprint,
+        "contamination": contamination, "question_cut": sum(1 for r in rows if r.get("question_cut_chars")),
+        "rescored_fp32": sum(r.get("rescored_fp32", False) for r in rows) if e.mode == "fast" else None,
+        "precision": precision_record(rows, details), "placement": placement(model),
+        "wall_s": round(time.time() - started, 2),
+        "environment": environment(),
+    }
+    _write(out_dir, rows, results, recorder)
+    return results, rows
+
+
+def _debias(items: list[MCQItem], rows: list[dict], model, tokenizer, style: str, e, margin: float, quiet: bool,
+            log) -> tuple[list | None, list | None, str]:
+    """eval.permute=cyclic: score every rotation of the options, add the debiased prediction and the option chosen
+    under each rotation to `rows`; returns (debiased scores, per-item details, what permute did)."""
+    from tqdm.auto import tqdm
+
     debiased = details = None
     permute = e.permute
     if permute == "cyclic" and not all(lettered(it, style) for it in items):
@@ -62,20 +84,7 @@ def run_eval(items: list[MCQItem], cfg, out_dir: Path | None, adapter: str | Non
         for row, d, det in zip(rows, debiased, details):
             row["debiased_pred"] = LETTERS[argmax(d)]
             row["rotation_choices"] = [LETTERS[c] for c in det["rotation_choice"]]  # original option per rotation
-    m = metrics(items, rows, debiased, details)
-    results = {
-        "metrics": m, "method": f"{e.method}-logprob", "mode": e.mode, "prompt_style": style, "permute": permute,
-        "decides": "argmax of the summed log-likelihood (lm-eval's acc); accuracy_norm, where reported, is lm-eval's "
-                   "acc_norm (log-likelihood / characters of the choice)",
-        "model": cfg.model, "model_path": str(path), "adapter": adapter, "data": fingerprint,
-        "contamination": contamination, "question_cut": sum(1 for r in rows if r.get("question_cut_chars")),
-        "rescored_fp32": sum(r.get("rescored_fp32", False) for r in rows) if e.mode == "fast" else None,
-        "precision": precision_record(rows, details), "placement": placement(model),
-        "wall_s": round(time.time() - started, 2),
-        "environment": environment(),
-    }
-    _write(out_dir, rows, results, recorder)
-    return results, rows
+    return debiased, details, permute
 
 
 def precision_record(rows: list[dict], details: list[dict] | None) -> dict:

@@ -12,6 +12,7 @@ Examples and the seeded batch plan are built in batches.py.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import shutil
@@ -38,28 +39,45 @@ def train(cfg: Config, items: list[MCQItem], out_dir: Path, resume: bool = False
 
     `val_items` (data.prepare.validation_split): validated every train.eval_every steps (validation.py); the row of
     that step in metrics.jsonl gets val_accuracy, val_correct, val_n, val_ci95 and val_best_step."""
-    import torch
+    out_dir = Path(out_dir)
+    if cfg.train.eval_every and not val_items:
+        raise MedtuneError(f"train.eval_every={cfg.train.eval_every}: no validation items were held out; set "
+                           "data.validation (train() takes them as val_items, from data.prepare.validation_split)")
+    launch = _launch(cfg, out_dir, items, resume, log)
+    run, tokenizer, plan = _prepare(cfg, launch, items, out_dir, log, base_model, val_items)
+    loss = _loop(run, plan, tokenizer, len(items), quiet)
+    summary = _finish(run, launch, plan, tokenizer, loss, cfg, items, out_dir, extra_meta, val_items, log)
+    if base_model is not None:
+        _release_base(launch.accelerator.unwrap_model(run.model), base_model)
+    return summary
+
+
+@dataclasses.dataclass
+class Launch:
+    """What train() decides before the model loads: the accelerator, the hardware policy, the checkpoint to resume."""
+    accelerator: object
+    info: object
+    policy: object
+    recorder: object
+    ckpt: Path | None
+
+
+def _launch(cfg: Config, out_dir: Path, items: list[MCQItem], resume: bool, log) -> Launch:
+    """Device, policy and accelerator, with every refusal that needs no weights (a missing device, a checkpoint that
+    does not match, another world size) made before the model loads."""
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
     from accelerate.utils import set_seed
-    from transformers import get_scheduler
 
     from medtune import checkpoint
-
-    t = cfg.train
-    out_dir = Path(out_dir)
-    if t.eval_every and not val_items:
-        raise MedtuneError(f"train.eval_every={t.eval_every}: no validation items were held out; set data.validation "
-                           "(train() takes them as val_items, from data.prepare.validation_split)")
+    from medtune.cost import Recorder
     from medtune.doctor import preflight
     from medtune.hardware import decide, detect, prepare_env
-    from medtune.models import placement
 
+    t = cfg.train
     prepare_env()  # before anything initializes the GPU runtime (ROCm reads HSA_OVERRIDE_GFX_VERSION once)
     device = _select_device(cfg.device)  # a device that is not there: one line, before anything loads
     info = detect()
-    from medtune.cost import Recorder
-
     recorder = Recorder("train")  # wall time, device, energy -> out_dir/cost.json
     policy = decide(info)
     ckpt = _checkpoint_to_resume(out_dir, cfg, log, items) if resume else None  # refused before the model loads
@@ -76,9 +94,19 @@ def train(cfg: Config, items: list[MCQItem], out_dir: Path, resume: bool = False
                            "(sharded weights); train under DDP or set train.eval_every=0")
     set_seed(t.seed, deterministic=False)
     preflight(cfg, log if accelerator.is_main_process else (lambda *_: None), info)  # warnings before weights load
-    model, tokenizer = lora_model(cfg, accelerator, log, attention_kernel(cfg, info, policy), base_model)
-    world = accelerator.num_processes
-    plan = batch_plan(items, cfg, tokenizer, world)
+    return Launch(accelerator, info, policy, recorder, ckpt)
+
+
+def _prepare(cfg: Config, launch: Launch, items: list[MCQItem], out_dir: Path, log, base_model,
+             val_items: list[MCQItem] | None):
+    """The LoRA model, its batches, optimizer and schedule, prepared by accelerate, in a TrainRun at its start step
+    (0, or the resumed checkpoint's)."""
+    import torch
+    from transformers import get_scheduler
+
+    t, accelerator = cfg.train, launch.accelerator
+    model, tokenizer = lora_model(cfg, accelerator, log, attention_kernel(cfg, launch.info, launch.policy), base_model)
+    plan = batch_plan(items, cfg, tokenizer, accelerator.num_processes)
     steps = len(plan) if t.max_steps is None else min(t.max_steps, len(plan))
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
@@ -93,13 +121,21 @@ def train(cfg: Config, items: list[MCQItem], out_dir: Path, resume: bool = False
         from medtune.validation import Validation
 
         run.validation = Validation(cfg, val_items, tokenizer, accelerator)
-    run.begin(ckpt, items, plan)
-    progress = _progress(steps, run.step, quiet or not accelerator.is_main_process)
-    model.train()
+    run.begin(launch.ckpt, items, plan)
+    return run, tokenizer, plan
+
+
+def _loop(run: TrainRun, plan: list, tokenizer, n_items: int, quiet: bool) -> float:
+    """The steps from run.step to the end (or early stop); a signal checkpoints and stops. Returns the last loss."""
+    from medtune import checkpoint
+
+    accelerator = run.acc
+    progress = _progress(run.steps, run.step, quiet or not accelerator.is_main_process)
+    run.model.train()
     loss = run.loss  # the checkpoint's, when a finished run is resumed
     with checkpoint.Signals() as signals:
-        for step in range(run.step, run.step if run.stopped() else steps):  # an early-stopped run stays stopped
-            loss, real = _guarded_step(run, plan[step], tokenizer, step, len(items))
+        for step in range(run.step, run.step if run.stopped() else run.steps):  # an early-stopped run stays stopped
+            loss, real = _guarded_step(run, plan[step], tokenizer, step, n_items)
             run.finish_step(step + 1, loss, real, progress)  # validates when due, before any checkpoint of this step
             stop = signals.agreed(accelerator)  # the same on every rank: all stop after this same step
             if stop:
@@ -111,6 +147,15 @@ def train(cfg: Config, items: list[MCQItem], out_dir: Path, resume: bool = False
     progress.close()
     if run.last_saved != run.step and run.step > run.start:
         run.save(run.step)  # the end of training is a checkpoint too: `--resume` of a finished run is a no-op
+    return loss
+
+
+def _finish(run: TrainRun, launch: Launch, plan: list, tokenizer, loss: float, cfg: Config, items: list[MCQItem],
+            out_dir: Path, extra_meta: dict | None, val_items: list[MCQItem] | None, log) -> dict:
+    """The summary, the kept weights (train.keep) and the adapter with its record, written by the main process."""
+    from medtune.models import placement
+
+    accelerator, model = launch.accelerator, run.model
     wall = time.time() - run.t0
     summary = {"steps": run.step, "final_loss": loss, "wall_s": round(wall, 2), "real_tokens": run.tokens,
                "tokens_per_s": round(run.tokens / max(wall, 1e-9), 1), "resumed_from_step": run.start,
@@ -125,14 +170,13 @@ def train(cfg: Config, items: list[MCQItem], out_dir: Path, resume: bool = False
     state = accelerator.get_state_dict(model)  # every rank: FSDP / ZeRO-3 gather the sharded weights whole
     if accelerator.is_main_process:
         save_adapter(accelerator.unwrap_model(model), state, tokenizer, cfg, items, out_dir, summary, extra_meta)
-        recorder.stop(out_dir, train_tokens=run.tokens, steps=run.step - run.start, device_count=max(world, 1))
+        launch.recorder.stop(out_dir, train_tokens=run.tokens, steps=run.step - run.start,
+                             device_count=max(accelerator.num_processes, 1))
         log(f"trained {run.step} steps in {summary['wall_s']} s, {summary['tokens_per_s']} real tokens/s, "
             f"final loss {loss:.4f}")
     accelerator.wait_for_everyone()
-    if t.report_to:
+    if cfg.train.report_to:
         accelerator.end_training()
-    if base_model is not None:
-        _release_base(accelerator.unwrap_model(model), base_model)
     return summary
 
 
