@@ -150,3 +150,12 @@ def test_run_audit_on_tiny_model_equals_scoring_each_variant(tiny):
     assert not summary["options_only"]["chance_exact"]
     assert rows[4]["rotation_choices"] == [rows[4]["pred_full"]]  # unlettered options are not rotated
     assert summary["rotations"]["changed"] == sum(r["flips"] > 0 for r in rows) and summary["rotations"]["n"] == 4
+
+
+def test_a_paired_change_is_worded_by_its_sign():
+    """A none-of-the-others score above the full prompt's is a rise, never "drop -6.2 points" (demo report)."""
+    from medtune.audit import change_in_points
+
+    assert change_in_points(0.0625) == "a drop of 6.2 points"
+    assert change_in_points(-0.0625) == "a rise of 6.2 points"
+    assert change_in_points(0.0) == "no change"

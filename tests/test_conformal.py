@@ -147,3 +147,49 @@ def test_summary_from_prediction_rows_refuses_eval_rows_in_calibration():
     assert sum(r["set_size"] for r in per_item) / 400 == pytest.approx(summary["evaluation"]["mean_set_size"])
     with pytest.raises(MedtuneError, match="calibration rows are evaluation rows"):
         conformal_summary(cal_rows, cal_rows[:10])
+
+
+def test_conformal_verb_calibrates_on_one_eval_and_covers_another(tmp_path, tiny_model_dir):
+    """`medtune conformal CAL EVAL`: two real evaluations of one model (a dev-like file and an eval file), sets and
+    coverage printed and in --json; a calibration eval on a test split, or of another model, is one line, exit 2."""
+    import json
+    import shutil
+
+    from typer.testing import CliRunner
+
+    from medtune.cli import app
+    from medtune.data.sources import demo_items
+
+    items = demo_items()
+    for name, part in (("dev.jsonl", items[:24]), ("eval.jsonl", items[24:40])):
+        (tmp_path / name).write_text("".join(json.dumps({"id": it.id, "question": it.question,
+                                                         "options": list(it.options), "answer": it.answer}) + "\n"
+                                             for it in part))
+    runner = CliRunner()
+    for name in ("dev", "eval"):
+        result = runner.invoke(app, ["eval", "--model", tiny_model_dir, "--data", str(tmp_path / f"{name}.jsonl"),
+                                     "--out", str(tmp_path / name), "--quiet", "--mode", "exact"])
+        assert result.exit_code == 0, result.output
+    result = runner.invoke(app, ["conformal", str(tmp_path / "dev"), str(tmp_path / "eval"), "--json"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.output)
+    cal, ev = summary["calibration"], summary["evaluation"]
+    assert cal["n"] == 24 and ev["n"] == 16 and cal["alpha"] == 0.1
+    assert 0 <= ev["coverage"] <= 1 and 0 <= ev["mean_set_size"] <= 4
+    text = runner.invoke(app, ["conformal", str(tmp_path / "dev"), str(tmp_path / "eval"), "--method", "aps"])
+    assert text.exit_code == 0 and "conformal APS, alpha 0.1, calibrated on 24 items: coverage" in text.output
+    # calibrating on a test split is refused, as training on one is
+    shutil.copytree(tmp_path / "dev", tmp_path / "test")
+    rec = json.loads((tmp_path / "test" / "results.json").read_text())
+    rec["data"]["source"] = str(tmp_path / "medqa_test.jsonl")
+    (tmp_path / "test" / "results.json").write_text(json.dumps(rec))
+    refused = runner.invoke(app, ["conformal", str(tmp_path / "test"), str(tmp_path / "eval")])
+    assert refused.exit_code == 2 and "test split" in refused.output, refused.output
+    # another model's evaluation is refused
+    rec = json.loads((tmp_path / "dev" / "results.json").read_text())
+    (tmp_path / "dev" / "results.json").write_text(json.dumps({**rec, "model": "someone/else"}))
+    refused = runner.invoke(app, ["conformal", str(tmp_path / "dev"), str(tmp_path / "eval")])
+    assert refused.exit_code == 2 and "differ in model" in refused.output, refused.output
+    # the same items in both: refused (coverage would be circular)
+    refused = runner.invoke(app, ["conformal", str(tmp_path / "eval"), str(tmp_path / "eval")])
+    assert refused.exit_code == 2 and "calibration rows are evaluation rows" in refused.output, refused.output

@@ -181,7 +181,7 @@ def render(summary: dict) -> str:
     if nota is not None:
         nlo, nhi = nota["ci95"]
         lines.append(f"none of the other answers: accuracy {nota['accuracy']:.3f} [{nlo:.3f}, {nhi:.3f}] vs "
-                     f"{nota['accuracy_full']:.3f} with the original text: drop {nota['drop'] * 100:.1f} points, "
+                     f"{nota['accuracy_full']:.3f} with the original text: {change_in_points(nota['drop'])}, "
                      f"McNemar p = {nota['vs_full']['mcnemar_p']:.3g} (n = {nota['n']})")
     if rot is None:
         return "\n".join(lines)
@@ -201,3 +201,10 @@ def _paired(cmp: dict) -> dict:
     """paired_compare without its id lists (they are in the per-item rows)."""
     return {"diff": cmp["diff"], "diff_ci": list(cmp["diff_ci"]), "b": cmp["b"], "c": cmp["c"],
             "mcnemar_p": cmp["mcnemar_p"]}
+
+
+def change_in_points(drop: float) -> str:
+    """A paired drop as words: "a drop of 6.2 points", "a rise of 3.1 points" (never "drop -3.1"), "no change"."""
+    if round(drop * 100, 1) == 0:
+        return "no change"
+    return f"a {'drop' if drop > 0 else 'rise'} of {abs(drop) * 100:.1f} points"

@@ -281,6 +281,25 @@ def compare(a: Path, b: Path, json_out: Json = False,
     typer.echo(compare_files(a, b, as_json=json_out))
 
 
+@app.command()
+@user_errors
+def conformal(calibration: Annotated[Path, typer.Argument(help="Eval output on a non-test split (e.g. MedQA dev).")],
+              evaluation: Annotated[Path, typer.Argument(help="Eval output of the same model on the items to cover.")],
+              alpha: Annotated[float, typer.Option(help="Miscoverage: sets hold the answer with probability >= "
+                                                        "1 - alpha.")] = 0.1,
+              method: Annotated[str, typer.Option(help="lac (smallest sets) or aps (adaptive).")] = "lac",
+              json_out: Json = False) -> None:
+    """Conformal prediction sets: calibrate on one evaluation, report coverage (with CI), mean set size and accuracy
+    when answering only single-option sets on another. Assumes the two sets of items are exchangeable."""
+    from medtune.compare import conformal_files
+    from medtune.conformal import METHODS, render
+
+    if not 0 < alpha < 1 or method not in METHODS:
+        raise MedtuneError(f"--alpha must be in (0, 1) and --method one of {', '.join(METHODS)}")
+    summary = conformal_files(calibration, evaluation, alpha, method)
+    typer.echo(json.dumps(summary, indent=1) if json_out else render(summary))
+
+
 def _parity(a: Path, b: Path, json_out: bool, tolerance_logprob: float | None, tolerance_flips: float | None) -> None:
     """Print the certificate; exit PARITY_FAILED on a "fail" verdict, so a script can gate on it."""
     from medtune.compare import parity_files, render_parity

@@ -197,6 +197,49 @@ def _same_items(rows_a: list[dict], rows_b: list[dict], what: str) -> None:
                            "not the same data")
 
 
+def conformal_files(calibration: Path, evaluation: Path, alpha: float = 0.1, method: str = "lac") -> dict:
+    """Split conformal sets from two evaluations of one model: calibrated on `calibration` (a non-test split the user
+    names, e.g. MedQA dev), evaluated on `evaluation`. Refused: a calibration eval on a test split, evaluations of
+    different models (or adapters, prompt styles, methods), shared items, rows without option probabilities."""
+    from medtune.conformal import conformal_summary
+    from medtune.data.sources import trains_on_test
+
+    records = [_record(calibration), _record(evaluation)]
+    data = records[0].get("data") or {}
+    why = trains_on_test(str(data.get("source", "")), "eval" if data.get("split") == "eval" else "train")
+    if why:
+        raise MedtuneError(f"{calibration}: calibrated on a test split ({why}); calibrate on a split kept out of "
+                           "every evaluation, e.g. MedQA dev")
+    differ = [k for k in ("model", "adapter", "prompt_style", "method") if records[0].get(k) != records[1].get(k)]
+    if differ:
+        raise MedtuneError(f"{calibration} and {evaluation} differ in {', '.join(differ)}: conformal sets need the "
+                           "same model scored the same way on both")
+    rows = [_rows(calibration), _rows(evaluation)]
+    for path, part in zip((calibration, evaluation), rows):
+        bad = next((r["id"] for r in part if not isinstance(r.get("probs"), dict) or r.get("gold") not in r["probs"]),
+                   None)
+        if bad is not None:
+            raise MedtuneError(f"{path}: item {bad} has no option probabilities with its gold letter (generation "
+                               "scoring has none); evaluate with --method letter or answer")
+    summary = conformal_summary(*rows, alpha=alpha, method=method)
+    return {"calibration_source": str(calibration), "evaluation_source": str(evaluation), **summary}
+
+
+def _record(path: Path) -> dict:
+    """An evaluation's results.json (beside predictions.jsonl), checked to be one."""
+    path = Path(path)
+    results = path / "results.json" if path.is_dir() else path.with_name("results.json")
+    if not results.is_file():
+        raise MedtuneError(f"{path}: no results.json; pass an eval output dir")
+    try:
+        record = load_json(results.read_text(encoding="utf-8"))
+    except (ValueError, RecursionError) as e:
+        raise MedtuneError(f"{results}: not valid JSON ({str(e)[:120]}); restore or rewrite it") from None
+    if not isinstance(record, dict) or "metrics" not in record:
+        raise MedtuneError(f"{results}: not a medtune eval results.json (no metrics)")
+    return record
+
+
 def _rows(path: Path) -> list[dict]:
     """An eval output dir, its results.json (predictions.jsonl beside it) or a predictions.jsonl."""
     path = Path(path)

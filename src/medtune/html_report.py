@@ -18,6 +18,7 @@ from pathlib import Path
 
 import yaml
 
+from medtune.audit import change_in_points
 from medtune.errors import MedtuneError
 
 EXAMPLES = 10
@@ -102,8 +103,8 @@ def _audit_section(a: dict) -> dict:
     if nota is not None:
         rows.append({"what": "right option replaced by \"None of the other answers\"", "n": nota["n"],
                      "accuracy": _ci(nota["accuracy"], nota["ci95"]),
-                     "against": f"{nota['accuracy_full']:.3f} with the original text; drop {nota['drop'] * 100:.1f} "
-                                f"points ({nota['n_ambiguous']} items have another none/all-of-the-above option)",
+                     "against": f"{nota['accuracy_full']:.3f} with the original text; {change_in_points(nota['drop'])} "
+                                f"({nota['n_ambiguous']} items have another none/all-of-the-above option)",
                      "diff": _points(nota["vs_full"]), "p": f"{nota['vs_full']['mcnemar_p']:.3g}"})
     positions = []
     if rot is not None:
