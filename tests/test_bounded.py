@@ -285,13 +285,15 @@ def test_explain_maps_each_library_error_and_leaves_bugs_alone(tmp_path):
         "yaml": (raised(lambda: yaml.safe_load("a: [")), "not valid YAML"),
         "enospc": (OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "x")), "disk full"),
         "edquot": (OSError(errno.EDQUOT, "Disk quota exceeded", str(tmp_path / "x")), "quota"),
+        "erofs": (OSError(errno.EROFS, "Read-only file system", str(tmp_path / "x")), "read-only file system"),
+        "eacces": (OSError(errno.EACCES, "Permission denied", str(tmp_path / "x")), "permission denied on"),
         "memory": (MemoryError(), "out of memory"),
     }
     assert isinstance(cases["safetensors"][0], SafetensorError)
     for name, (exc, expected) in cases.items():
         mapped = explain(exc)
         assert isinstance(mapped, MedtuneError) and expected in str(mapped) and "\n" not in str(mapped), name
-    for bug in (KeyError("x"), ValueError("y"), TypeError("z"), OSError(errno.EACCES, "denied")):
+    for bug in (KeyError("x"), ValueError("y"), TypeError("z"), OSError(errno.EBADF, "bad file descriptor")):
         assert explain(bug) is None
 
 

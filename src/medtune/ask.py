@@ -151,16 +151,18 @@ def explanation(loaded: Loaded, item: MCQItem, choice: int, max_new_tokens: int)
 def find_headline(model: str, adapter: str | None) -> dict | None:
     """Accuracy with its CI from the results.json that measured this adapter (RUN/tuned/results.json beside
     RUN/adapter) or this export (RUN/merged or RUN/export, whose medtune.json names the run)."""
+    from medtune.models import read_meta
+    from medtune.records import read_record
+
     candidates = [Path(adapter).parent / "tuned" / "results.json"] if adapter else []
     for d in (adapter, model):
-        meta = Path(d) / "medtune.json" if d else None
-        if meta is not None and meta.is_file():
-            run = json.loads(meta.read_text()).get("export", {}).get("run")
+        if d and (Path(d) / "medtune.json").is_file():
+            run = read_meta(d).get("export", {}).get("run")
             if run and Path(d).resolve().parent.name == run:
                 candidates.append(Path(d).resolve().parent / "tuned" / "results.json")
     for path in candidates:
         if path.is_file():
-            return headline_of(json.loads(path.read_text()), path)
+            return headline_of(read_record(path, "eval"), path)
     return None
 
 

@@ -94,6 +94,18 @@ def user_errors(fn):
     return wrapper
 
 
+def _in_range(flag: str, value, low=None, high=None) -> None:
+    """A numeric option checked before any work: finite, and within [low, high] where given; one line otherwise."""
+    import math
+
+    if value is None:
+        return
+    if not math.isfinite(value) or (low is not None and value < low) or (high is not None and value > high):
+        span = f"in {low}..{high}" if low is not None and high is not None else f">= {low}" if low is not None \
+            else f"<= {high}"
+        raise MedtuneError(f"{flag} {value!r} is out of range; must be {span}")
+
+
 def _inputs(cfg, adapter: str | None = None) -> tuple:
     """What a command reads: an --overwrite of --out must never delete them (io.claim_out_dir refuses)."""
     return (cfg.model, adapter, cfg.data.source, cfg.data.eval_source)
@@ -304,10 +316,10 @@ def _parity(a: Path, b: Path, json_out: bool, tolerance_logprob: float | None, t
     """Print the certificate; exit PARITY_FAILED on a "fail" verdict, so a script can gate on it."""
     from medtune.compare import parity_files, render_parity
 
+    _in_range("--tolerance-logprob", tolerance_logprob, 0)
+    _in_range("--tolerance-flips", tolerance_flips, 0, 1)
     tolerance = {k: v for k, v in (("max_abs_dlogprob", tolerance_logprob), ("flip_rate", tolerance_flips))
                  if v is not None}
-    if any(v < 0 for v in tolerance.values()) or tolerance.get("flip_rate", 0) > 1:
-        raise MedtuneError("tolerances must be >= 0 (and --tolerance-flips at most 1)")
     cert = parity_files(a, b, tolerance)
     typer.echo(json.dumps({"a": str(a), "b": str(b), **cert}, indent=1) if json_out else render_parity(cert, a, b))
     if cert["verdict"] != "pass":
@@ -368,6 +380,7 @@ def cost(runs: Annotated[list[Path], typer.Argument(help="Run dirs (or train/eva
     """What each run cost: wall time x devices x price, per million training tokens, per accuracy point gained."""
     from medtune import cost as cost_mod
 
+    _in_range("--price-per-hour", price_per_hour, 0)
     if (price_per_hour is None) == (prices is None):
         raise MedtuneError("give exactly one of --price-per-hour and --prices")
     table = cost_mod.load_prices(prices) if prices else None
@@ -386,6 +399,9 @@ def report(run_dir: Path, out: Annotated[Path | None, typer.Option(help="Default
     """A self-contained HTML report of a run: curves, before/after with CIs, calibration, examples, cost."""
     from medtune.html_report import write_report
 
+    _in_range("--price-per-hour", price_per_hour, 0)
+    if out is not None and out.is_dir():
+        raise MedtuneError(f"--out {out}: is a directory; name the .html file to write")
     path = write_report(run_dir, out, price_per_hour=price_per_hour, explain=explain, log=_log(quiet))
     typer.echo(f"report: {path}")
 
@@ -401,6 +417,8 @@ def data_validate(source: str, cop_base: CopBase = None, mapping: Map = None,
     warning for items longer than the token limit (they are cut from the left of the question; docs/reliability.md)."""
     from medtune.data.inspect import validate
     from medtune.prompts import overlong_warnings
+
+    _in_range("--max-length", max_length, 16, 1 << 20)
 
     line, items = validate(source, cop_base, mapping)
     tokenizer = None
@@ -428,6 +446,7 @@ def data_split(source: str, train_size: Annotated[int, typer.Option(help="Items 
     """Seeded, subject-stratified train/eval partition; reports exact duplicates between the parts."""
     from medtune.data.inspect import split_to_files
 
+    _in_range("--seed", seed, 0, 2**32 - 1)
     typer.echo(split_to_files(source, train_size, out, seed, cop_base, overwrite=overwrite))
 
 
@@ -454,8 +473,7 @@ def ask(question: Annotated[str | None, typer.Option(help="The question (or a JS
         item = ask_mod.item_from_json(sys.stdin.read())
     else:
         item = ask_mod.make_item(question, option or [])
-    if max_new_tokens < 0:
-        raise MedtuneError("--max-new-tokens must be 0 or more")
+    _in_range("--max-new-tokens", max_new_tokens, 0, 1 << 16)
     loaded = ask_mod.load(model, adapter, method, mode, prompt_style, device=device, log=_log(json_out))
     result = ask_mod.answer(loaded, item, max_new_tokens, explain=max_new_tokens > 0)
     typer.echo(json.dumps(result, indent=1) if json_out else ask_mod.render(result))
@@ -507,10 +525,14 @@ def serve(model: ModelOpt = "embedded", adapter: AdapterOpt = None, method: Meth
           device: Device = None) -> None:
     """A local web page to ask the model questions (Gradio), with probabilities, explanation and disclaimer."""
     from medtune import ask as ask_mod
+    from medtune.serve import check_listen
     from medtune.serve import serve as serve_fn
 
-    if max_new_tokens < 1:
-        raise MedtuneError("--max-new-tokens must be 1 or more")
+    _in_range("--max-new-tokens", max_new_tokens, 1, 1 << 16)
+    _in_range("--port", port, 1, 65535)
+    _in_range("--concurrency", concurrency, 1, 256)
+    _in_range("--max-queue", max_queue, 1, 1 << 16)
+    check_listen(host, port)
     loaded = ask_mod.load(model, adapter, method, mode, prompt_style, device=device, log=_log())
     serve_fn(loaded, host, port, share, concurrency, max_queue, max_new_tokens, log=_log())
 

@@ -231,13 +231,9 @@ def _record(path: Path) -> dict:
     results = path / "results.json" if path.is_dir() else path.with_name("results.json")
     if not results.is_file():
         raise MedtuneError(f"{path}: no results.json; pass an eval output dir")
-    try:
-        record = load_json(results.read_text(encoding="utf-8"))
-    except (ValueError, RecursionError) as e:
-        raise MedtuneError(f"{results}: not valid JSON ({str(e)[:120]}); restore or rewrite it") from None
-    if not isinstance(record, dict) or "metrics" not in record:
-        raise MedtuneError(f"{results}: not a medtune eval results.json (no metrics)")
-    return record
+    from medtune.records import read_record
+
+    return read_record(results, "eval")
 
 
 def _rows(path: Path) -> list[dict]:
@@ -276,6 +272,6 @@ def _bad_row(row) -> str | None:
             return f"{key}: expected a letter or null, got {row[key]!r:.40}"
     logprobs = row.get("logprobs")
     if logprobs is not None and (not isinstance(logprobs, dict) or not all(
-            isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in logprobs.values())):
-        return "logprobs: expected {letter: finite log-probability}"
+            isinstance(v, (int, float)) and not isinstance(v, bool) and abs(v) <= 1e6 for v in logprobs.values())):
+        return "logprobs: expected {letter: log-probability, finite and within 1e6 of 0}"
     return None

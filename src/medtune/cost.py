@@ -15,13 +15,14 @@ record says so (`energy_source: null` with the reason) and no energy figure is i
 
 from __future__ import annotations
 
-import json
+import math
 import os
 import platform
 import time
 from pathlib import Path
 
 from medtune.errors import MedtuneError
+from medtune.records import read_record
 
 RAPL = Path("/sys/class/powercap")
 
@@ -164,7 +165,7 @@ def collect(run_dir: Path) -> dict:
     parts = {}
     for path in sorted([run_dir / "cost.json", *run_dir.glob("*/cost.json")]):
         if path.is_file():
-            rec = json.loads(path.read_text())
+            rec = read_record(path, "cost")
             parts[path.parent.name if path.parent != run_dir else rec["kind"]] = rec  # train, base, tuned, ...
     if not parts:
         raise MedtuneError(f"{run_dir}: no cost.json here or in its subdirs; runs recorded by this version of "
@@ -186,7 +187,7 @@ def _gain(run_dir: Path) -> dict:
     path = run_dir / "results.json"
     if not path.is_file():
         return {"gain_points": None, "gain_kind": None}
-    comparison = json.loads(path.read_text()).get("comparison")
+    comparison = read_record(path, "run").get("comparison")
     if not comparison:
         return {"gain_points": None, "gain_kind": None}
     kind = "debiased" if isinstance(comparison.get("debiased"), dict) else "raw"
@@ -197,11 +198,19 @@ def load_prices(path: Path) -> dict[str, float]:
     """A YAML mapping of device name -> price per device-hour (names as `medtune cost` prints them)."""
     import yaml
 
+    if not Path(path).is_file():  # a FIFO or a device would block or never end
+        raise MedtuneError(f"{path}: not a regular file; pass a YAML file of device name -> price per device-hour")
     try:
-        data = yaml.safe_load(Path(path).read_text())
-    except (OSError, yaml.YAMLError) as e:
+        data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as e:
         raise MedtuneError(f"{path}: cannot read prices: {e}") from None
-    if not isinstance(data, dict) or not all(isinstance(v, (int, float)) for v in data.values()):
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f":{mark.line + 1}" if mark is not None else ""
+        raise MedtuneError(f"{path}{where}: not valid YAML ({getattr(e, 'problem', None) or type(e).__name__}); "
+                           "expected lines like 'NVIDIA H100 80GB HBM3: 2.5'") from None
+    if not isinstance(data, dict) or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and
+                                             math.isfinite(v) and v >= 0 for v in data.values()):
         raise MedtuneError(f"{path}: expected a mapping of device name to price per device-hour, e.g. "
                            "'NVIDIA H100 80GB HBM3: 2.5'")
     return {str(k): float(v) for k, v in data.items()}

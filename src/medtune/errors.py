@@ -35,6 +35,13 @@ class TrainingInterrupted(MedtuneError):
 # PEFT, safetensors or jinja lands here: the file is found in the raising frames' locals when the exception does not
 # carry it, so the line still names it.
 
+WRITE_ERRORS = {errno.ENOSPC: ("disk full while writing", "free space at {} and rerun"),
+                errno.EDQUOT: ("disk quota exceeded while writing", "free space at {} and rerun"),
+                errno.EROFS: ("read-only file system while writing", "write somewhere else (--out)"),
+                errno.EACCES: ("permission denied on", "check its permissions, or write somewhere else (--out)"),
+                errno.EPERM: ("permission denied on", "check its permissions, or write somewhere else (--out)")}
+
+
 def explain(exc: BaseException, path: str | None = None) -> MedtuneError | None:
     """A one-line MedtuneError for a known library error (naming the file and what to do), or None for a bug."""
     kind, module = type(exc).__name__, type(exc).__module__ or ""
@@ -64,11 +71,11 @@ def explain(exc: BaseException, path: str | None = None) -> MedtuneError | None:
         mark = getattr(exc, "problem_mark", None)
         return MedtuneError(f"{where}{f':{mark.line + 1}' if mark else ''}: not valid YAML: "
                             f"{getattr(exc, 'problem', None) or detail}")
-    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+    if isinstance(exc, OSError) and exc.errno in WRITE_ERRORS:
         where = path or exc.filename or _file_in_traceback(exc) or "the output directory"
         where = re.sub(r"(^|/)\.([^/]+)\.tmp-\d+(?=/|$)", r"\1\2", str(where))  # io's temp names: the final one
-        what = "disk full" if exc.errno == errno.ENOSPC else "disk quota exceeded"
-        return MedtuneError(f"{what} while writing {where}: free space at {_existing_dir(where)} and rerun")
+        what, advice = WRITE_ERRORS[exc.errno]
+        return MedtuneError(f"{what} {where}: {advice.format(_existing_dir(where))}")
     if isinstance(exc, UnicodeError):  # a lone surrogate in JSON text, invalid bytes on the command line
         return MedtuneError(f"the input holds text that is not valid Unicode{f' ({path})' if path else ''}: "
                             f"{getattr(exc, 'reason', exc)} at character {getattr(exc, 'start', '?')} of a field; "

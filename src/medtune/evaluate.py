@@ -4,7 +4,6 @@ surface that shows a model's answer."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from medtune.data.items import LETTERS, MCQItem
@@ -137,10 +136,9 @@ def _generate_eval(items, cfg, out_dir, model, tokenizer, style, path, adapter, 
 
 def adapter_style(adapter: str, requested: str, log) -> str:
     """The prompt style saved with the adapter wins: scoring with another style measures a different thing."""
-    meta = Path(adapter) / "medtune.json"
-    if not meta.is_file():
-        return requested
-    saved = json.loads(meta.read_text()).get("prompt_style", requested)
+    from medtune.models import read_meta
+
+    saved = read_meta(adapter).get("prompt_style", requested)
     if saved != requested:
         log(f"note: the adapter was trained with prompt style {saved!r}; evaluating with it, not {requested!r}")
     return saved
@@ -149,12 +147,12 @@ def adapter_style(adapter: str, requested: str, log) -> str:
 def contamination_check(items: list[MCQItem], adapter: str, log) -> dict | None:
     """Compare eval items with the items the adapter was trained on (recorded in its medtune.json)."""
     from medtune.data.split import overlap
+    from medtune.models import read_meta
 
-    meta = Path(adapter) / "medtune.json"
-    if not meta.is_file():
+    if not (Path(adapter) / "medtune.json").is_file():
         log(f"warning: {adapter} has no medtune.json, so its training items are unknown: no contamination check")
         return None
-    record = json.loads(meta.read_text())
+    record = read_meta(adapter)
     if "train_items" in record:  # adapters from before the hashes (or exported with the items)
         found = overlap([MCQItem(**{**d, "options": tuple(d["options"])}) for d in record["train_items"]], items)
     else:  # the training text stays in the run dir; the adapter carries hashes of it (data/split.py)

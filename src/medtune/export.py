@@ -22,6 +22,7 @@ import yaml
 
 from medtune import io
 from medtune.errors import MedtuneError
+from medtune.records import read_record
 
 TAGS = ["medical", "multiple-choice", "lora", "medtune"]
 
@@ -58,7 +59,7 @@ def export(run_dir: Path, out: Path | None = None, merge: bool = True, log=print
         # contamination checks work on the export exactly as on the adapter.
         io.write_json(tmp / "medtune.json", public)
         results = run_dir / "results.json"
-        card = model_card(meta, adapter, json.loads(results.read_text()) if results.is_file() else None, merge)
+        card = model_card(meta, adapter, read_record(results, "run") if results.is_file() else None, merge)
         if gguf:
             from medtune import export_gguf
 
@@ -78,10 +79,9 @@ def _adapter_meta(adapter: Path) -> dict:
     if not (adapter / "medtune.json").is_file():
         raise MedtuneError(f"{adapter}: no medtune.json, so the base model and prompt style are unknown; export "
                            "needs an adapter written by medtune")
-    try:
-        meta = json.loads((adapter / "medtune.json").read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise MedtuneError(f"{adapter / 'medtune.json'}: corrupt ({e})") from None
+    from medtune.models import read_meta
+
+    meta = read_meta(adapter)
     missing = [k for k in ("base_model", "prompt_style") if not meta.get(k)]
     if missing:
         raise MedtuneError(f"{adapter / 'medtune.json'}: missing {', '.join(missing)}")

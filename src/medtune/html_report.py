@@ -169,10 +169,9 @@ def _load_results(run_dir: Path) -> dict:
     if not path.is_file():
         raise MedtuneError(f"{run_dir}: no results.json; `medtune report` reads the directory of a finished "
                            "`medtune run`")
-    results = json.loads(path.read_text())
-    if results.get("kind") != "run":
-        raise MedtuneError(f"{path}: not a `medtune run` result (it has no before/after comparison)")
-    return results
+    from medtune.records import read_record
+
+    return read_record(path, "run")
 
 
 def _rows(d: Path) -> list[dict]:

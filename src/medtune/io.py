@@ -127,12 +127,18 @@ def describe(path: Path, limit: int = 5) -> str:
     return ", ".join(names[:limit]) + more
 
 
+def _lexical(path) -> Path:
+    """`a/missing/..` is `a`: judged and created as the directory it names (the OS would resolve it only once
+    `missing` exists, so a check of the unnormalized path saw an empty new dir while the write landed in `a`)."""
+    return Path(os.path.normpath(path))
+
+
 def check_out_dir(path: Path, overwrite: bool = False, flag: str = "--out", allow_existing: bool = False) -> Path:
     """Refuse an output dir that is a file, lies under a file, can't be written, or already holds something (unless
     `overwrite`, or `allow_existing` for `train --resume`); when it would be replaced or written into, refuse it if it
     or an entry in it is a symlink (medtune would change the link's target, outside --out). Creates nothing: see
     `claim_out_dir`."""
-    path = Path(path)
+    path = _lexical(path)
     if path.exists() and not path.is_dir():
         raise MedtuneError(f"{flag} {path}: is a file, not a directory; choose a directory")
     ancestor = path
@@ -188,7 +194,7 @@ def claim_out_dir(path: Path, overwrite: bool = False, flag: str = "--out",
       stopped by a signal (`TrainingInterrupted`: a checkpoint was written and the user told to `--resume`) is swapped
       in too, so the resume continues it and not the old run.
     """
-    path = Path(path)
+    path = _lexical(path)
     with out_dir_lock(path, flag) as main:
         where = Path(os.path.abspath(path))  # `.` and `..` have no name to put a sibling beside
         if main:

@@ -123,12 +123,24 @@ def _pretrained(path: str) -> tuple[str, dict]:
     return path, {}
 
 
+VOCAB_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model")
+
+
 def load_tokenizer(path: str, padding_side: str = "left"):
     from transformers import AutoTokenizer
 
     where, kwargs = _pretrained(path)
-    # no code from a model's or an adapter's tokenizer_config.json `auto_map`, whatever it asks
-    tokenizer = AutoTokenizer.from_pretrained(where, trust_remote_code=False, **kwargs)
+    if not kwargs and Path(where).is_dir() and not any((Path(where) / f).is_file() for f in VOCAB_FILES):
+        # transformers 5 would build an empty tokenizer from config.json alone, and scoring would fail on no tokens
+        raise MedtuneError(f"{where}: no tokenizer here (none of {', '.join(VOCAB_FILES)}); save the model's "
+                           "tokenizer beside it (tokenizer.save_pretrained)")
+    try:  # no code from a model's or an adapter's tokenizer_config.json `auto_map`, whatever it asks
+        tokenizer = AutoTokenizer.from_pretrained(where, trust_remote_code=False, **kwargs)
+    except ValueError as e:
+        why = ("it asks to run its own Python code (auto_map); medtune never runs code from a model or adapter"
+               if "trust_remote_code" in str(e) else str(e).strip().splitlines()[0][:200] if str(e).strip() else
+               type(e).__name__)
+        raise MedtuneError(f"{where}: cannot load its tokenizer ({why})") from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = padding_side
@@ -170,6 +182,7 @@ def load_weights(name: str, path: str, dtype, **kwargs):
     """AutoModelForCausalLM.from_pretrained under medtune's rules, for every loader (load_model, train.lora_model):
     safetensors only (a pickled .bin can run code when loaded; a `.gguf` goes through transformers' own GGUF reader,
     no pickle either), no remote code, and a load failure is one line naming `name`. dtype: torch dtype or "auto"."""
+    from huggingface_hub.errors import StrictDataclassError
     from transformers import AutoModelForCausalLM
 
     where, gguf = _pretrained(path)
@@ -182,6 +195,10 @@ def load_weights(name: str, path: str, dtype, **kwargs):
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise MedtuneError(f"{name}: could not load the model ({first}). medtune loads safetensors weights only; "
                            "offline, use `embedded` or a local dir.") from None
+    except (RuntimeError, StrictDataclassError) as e:  # shapes that do not match, a config transformers refuses
+        first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+        raise MedtuneError(f"{name}: config.json does not fit these weights ({first}); use the config saved with "
+                           "them") from None
 
 
 def check_config_fits(path: str) -> None:
@@ -287,6 +304,7 @@ def check_adapter(adapter: str | Path) -> dict:
     problem = _bad_lora_field(cfg)
     if problem:
         raise MedtuneError(f"{config}: {problem}; re-export the adapter")
+    read_meta(adapter)  # a medtune.json beside it is checked now, before any model loads
     if not (adapter / "adapter_model.safetensors").is_file():
         pickles = sorted(p.name for p in adapter.iterdir() if p.suffix.lower() in PICKLE_SUFFIXES)
         why = (f"has {', '.join(pickles)} (pickle: loading it can run arbitrary code) and no adapter_model.safetensors;"
@@ -313,6 +331,29 @@ def _bad_lora_field(cfg: dict) -> str | None:
         if key in cfg and not ok(cfg[key]):
             return f"{key}: {cfg[key]!r:.60} is not a valid value"
     return None
+
+
+def read_meta(directory: str | Path) -> dict:
+    """An adapter's or export's medtune.json ({} when there is none), checked for the fields medtune acts on: a JSON
+    object; prompt_style one of prompts.STYLES; base_model text; train_ids a list of text; export an object."""
+    from medtune.prompts import STYLES
+
+    path = Path(directory) / "medtune.json"
+    if not path.is_file():
+        return {}
+    try:
+        meta = load_json(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise MedtuneError(f"{path}: corrupt ({str(e)[:200]}); re-export the adapter") from None
+    checks = {"prompt_style": lambda v: v in STYLES, "base_model": lambda v: isinstance(v, str) and v,
+              "train_ids": lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v),
+              "export": lambda v: isinstance(v, dict)}
+    if not isinstance(meta, dict):
+        raise MedtuneError(f"{path}: expected a JSON object, got {type(meta).__name__}; re-export the adapter")
+    bad = next((k for k, ok in checks.items() if k in meta and not ok(meta[k])), None)
+    if bad:
+        raise MedtuneError(f"{path}: {bad}: {meta[bad]!r:.60} is not valid; re-export the adapter")
+    return meta
 
 
 def attach_adapter(model, adapter: str, base: tuple[str, str] | None = None, log=print):
@@ -343,11 +384,7 @@ def base_signature(config) -> dict:
 
 
 def _check_base(model, adapter: str, cfg: dict, base: tuple[str, str], log) -> None:
-    meta_path = Path(adapter) / "medtune.json"
-    try:
-        meta = json.loads(meta_path.read_text(encoding="utf-8")) if meta_path.is_file() else {}
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise MedtuneError(f"{meta_path}: corrupt ({e})") from None
+    meta = read_meta(adapter)
     trained = {str(x) for x in (meta.get("base_model"), cfg.get("base_model_name_or_path")) if x}
     name, path = base
     same = {name, str(path)} | ({str(Path(path).resolve())} if Path(path).exists() else set())

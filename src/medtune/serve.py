@@ -120,6 +120,21 @@ def serve(loaded: Loaded, host: str = "127.0.0.1", port: int = 7860, share: bool
     return page
 
 
+def check_listen(host: str, port: int) -> None:
+    """Refuse, in one line and before the model loads, an address the page could not listen on: a host that does not
+    resolve, a port in use or not ours to bind."""
+    import socket
+
+    try:
+        family, kind, _, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        with socket.socket(family, kind) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(address)
+    except (OSError, UnicodeError) as e:
+        raise MedtuneError(f"--host {host} --port {port}: cannot listen there ({getattr(e, 'strerror', None) or e})"
+                           ) from None
+
+
 ABANDON_S = 5.0  # how long a queued question may wait with nobody reading its answer (the browser and gradio_client
 # open their answer stream milliseconds after joining; `curl` users of /call/ask run the GET right after the POST)
 

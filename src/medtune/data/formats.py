@@ -45,6 +45,7 @@ def load_json(text: str):
     return json.loads(text, object_pairs_hook=_unique_keys)
 
 
+MAX_ROWS = 2_000_000  # 10x MedMCQA's training set; a 120 KB Parquet file can claim millions of rows
 MAX_FIELD_CHARS = 100_000  # 50x a long MedQA vignette, beyond any model's context: more is a broken file, not a question
 
 
@@ -79,6 +80,8 @@ def read_file(path: str | Path, cop_base: int | None = None, mapping: dict[str, 
 
 def _bounded(item: MCQItem) -> None:
     """Work per item stays bounded: no text beyond MAX_FIELD_CHARS (tokenizing 50 MB is minutes, scoring it memory)."""
+    if len(item.options) < 2:
+        raise RowError("options", f"{len(item.options)} option(s); a multiple-choice item needs at least 2")
     for field, texts in (("question", [item.question]), ("options", item.options),
                          ("explanation", [item.explanation or ""])):
         longest = max(len(t) for t in texts)
@@ -132,8 +135,8 @@ def read_rows(path: Path, header: bool = False) -> Iterator[tuple[str, dict]]:
         except json.JSONDecodeError as e:
             problems.append(f"{path}:{n}: json: {e.msg} at column {e.colno}")
             continue
-        except DuplicateKey as e:
-            problems.append(f"{path}:{n}: json: {e}")
+        except ValueError as e:  # DuplicateKey, or a number of over 4,300 digits
+            problems.append(f"{path}:{n}: json: {str(e)[:200]}")
             continue
         except RecursionError:  # the stdlib parser recurses once per [ or {
             raise DataError([f"{path}:{n}: json: {TOO_DEEP}"]) from None
@@ -153,12 +156,13 @@ def _json_rows(path: Path, text: str) -> Iterator[tuple[str, dict]]:
         data = load_json(text)
     except json.JSONDecodeError as e:
         raise DataError([f"{path}:{e.lineno}: json: {e.msg} at column {e.colno}"]) from None
-    except DuplicateKey as e:
-        raise DataError([f"{path}: json: {e}"]) from None
+    except ValueError as e:  # DuplicateKey, or a number of over 4,300 digits
+        raise DataError([f"{path}: json: {str(e)[:200]}"]) from None
     except RecursionError:
         raise DataError([f"{path}: json: {TOO_DEEP}"]) from None
     if isinstance(data, dict):  # PubMedQA ori_pqal.json: {PMID: row}
-        pairs = [(f"{path}:{key}", {"__key__": key, **row} if isinstance(row, dict) else row)
+        pairs = [(f"{path}:{key if key.isprintable() else repr(key)}", {"__key__": key, **row} if isinstance(row, dict)
+                  else row)
                  for key, row in data.items()]
     elif isinstance(data, list):
         pairs = [(f"{path}:{i}", row) for i, row in enumerate(data, start=1)]
@@ -177,6 +181,9 @@ def _parquet_rows(path: Path) -> Iterator[tuple[str, dict]]:
     import pyarrow.parquet as pq
 
     try:
+        rows = pq.ParquetFile(path).metadata.num_rows  # from the footer: nothing is decompressed yet
+        if rows > MAX_ROWS:
+            raise DataError([f"{path}: parquet: {rows:,} rows; the limit is {MAX_ROWS:,} (split the file)"])
         table = pq.read_table(path)
     except (pa.ArrowException, OSError) as e:
         raise DataError([f"{path}: parquet: not a readable Parquet file ({str(e).splitlines()[0][:200]})"]) from None
@@ -388,7 +395,7 @@ def parse_mapping(spec: str) -> dict[str, str]:
 
 def _mapped(row, where, path, mapping, **_) -> MCQItem:
     cols = mapping["options"].split("|")
-    texts = tuple(_text({c: str(row[c]) if c in row and row[c] is not None else None}, c) for c in cols)
+    texts = tuple(_text({c: str(row[c]) if isinstance(row.get(c), (int, float)) else row.get(c)}, c) for c in cols)
     gold = row.get(mapping["answer"])
     if isinstance(gold, str) and gold.strip().upper() in LETTERS[: len(texts)]:
         answer = LETTERS.index(gold.strip().upper())
