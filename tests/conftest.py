@@ -1,9 +1,34 @@
 import json
+import logging
+import sys
 from pathlib import Path
 
 import pytest
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+class _CurrentStderr:
+    """transformers' log handler keeps the stderr it was created with; under CliRunner that is one invocation's
+    capture, closed afterwards, and a later warning prints "--- Logging error --- Traceback" into another test's
+    output. Writing to whatever sys.stderr is now keeps each invocation's output its own (a terminal never changes)."""
+
+    def write(self, text):
+        return sys.stderr.write(text)
+
+    def flush(self):
+        sys.stderr.flush()
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _library_logs_follow_stderr():
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.get_logger("transformers")  # creates transformers' handler now
+    for handler in logging.getLogger("transformers").handlers:
+        if isinstance(handler, logging.StreamHandler):
+            handler.setStream(_CurrentStderr())
+    yield
 
 
 def write_jsonl(path: Path, rows: list) -> Path:

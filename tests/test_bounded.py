@@ -447,3 +447,145 @@ def test_predict_resume_names_the_corrupt_line(tmp_path, tiny_model_dir, good):
     assert runner.invoke(app, argv).exit_code == 0
     out.write_text(out.read_text() + "{not json\n" + json.dumps({"id": "q9"}) + "\n")
     one_line(runner.invoke(app, argv), f"{out}:2")
+
+
+# --- round three: a fresh probe of 242 cases (40 not clean before these fixes) ----------------------------------------
+
+@pytest.mark.parametrize("name,content,expected", [
+    ("results.json", "[1]", "expected a JSON object"),
+    ("results.json", json.dumps({"kind": "run", "tuned": {}}), "base.metrics"),
+    ("results.json", json.dumps({"kind": "run", "base": {"metrics": {"accuracy": 0.5, "n": 2, "ci95": [0, 1]}},
+                                 "tuned": {"metrics": {"accuracy": 0.5, "n": 2, "ci95": [0, 1]}}, "comparison": {}}),
+     "comparison.raw"),
+    ("cost.json", "{}", "kind"), ("cost.json", "[]", "expected a JSON object"),
+    ("cost.json", json.dumps({"kind": "train", "wall_s": "abc", "device_kind": "cpu", "device_name": "x",
+                              "device_count": 1}), "wall_s"),
+])
+@pytest.mark.parametrize("verb", ["report", "cost"])
+def test_edited_run_records_are_one_line_in_report_and_cost(tmp_path, name, content, expected, verb):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / name).write_text(content)
+    if name == "results.json":  # cost reads cost.json first, report results.json: give each the other file sound
+        (run / "cost.json").write_text(json.dumps({"kind": "run", "wall_s": 1.0, "device_kind": "cpu",
+                                                   "device_name": "cpu", "device_count": 1}))
+    argv = ["report", str(run), "-q"] if verb == "report" else ["cost", str(run), "--price-per-hour", "1"]
+    result = runner.invoke(app, argv)
+    if verb == "report" and name == "cost.json":
+        one_line(result, "results.json")  # the report reads results.json first; there is none here
+    else:
+        one_line(result, name, expected)
+
+
+@pytest.mark.parametrize("meta,expected", [("[]", "expected a JSON object"),
+                                           (json.dumps({"prompt_style": "__import__('os')"}), "prompt_style")])
+def test_adapter_medtune_json_is_checked_before_the_model_loads(adapter, tmp_path, tiny_model_dir, good, meta,
+                                                                expected):
+    shutil.copytree(adapter, tmp_path / "ad")
+    (tmp_path / "ad" / "medtune.json").write_text(meta)
+    result = runner.invoke(app, ["eval", "--model", tiny_model_dir, "--data", good, "--out", str(tmp_path / "out"),
+                                 "--adapter", str(tmp_path / "ad")])
+    one_line(result, "medtune.json", expected)
+
+
+def test_a_model_dir_without_tokenizer_files_is_one_line(tiny_model_dir, tmp_path, good):
+    (tmp_path / "m").mkdir()
+    for f in ("config.json", "model.safetensors"):
+        shutil.copy(Path(tiny_model_dir) / f, tmp_path / "m" / f)
+    result = runner.invoke(app, ["eval", "--model", str(tmp_path / "m"), "--data", good, "--out", str(tmp_path / "o")])
+    one_line(result, "no tokenizer here")
+
+
+@pytest.mark.parametrize("change", [{"hidden_size": 64}, {"num_hidden_layers": 100_000}])
+def test_a_config_that_does_not_fit_its_weights_is_one_line(tiny_model_dir, tmp_path, good, change):
+    shutil.copytree(tiny_model_dir, tmp_path / "m")
+    cfg = json.loads((tmp_path / "m" / "config.json").read_text())
+    (tmp_path / "m" / "config.json").write_text(json.dumps({**cfg, **change}))
+    result = runner.invoke(app, ["eval", "--model", str(tmp_path / "m"), "--data", good, "--out", str(tmp_path / "o")])
+    one_line(result, "config.json")
+
+
+def test_parquet_claiming_more_rows_than_the_limit_is_refused_before_reading(tmp_path, monkeypatch):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from medtune.data import formats
+
+    monkeypatch.setattr(formats, "MAX_ROWS", 10)  # the rule, at a size a test can write
+    pq.write_table(pa.table({"question": ["q"] * 11}), tmp_path / "rows.parquet")
+    one_line(runner.invoke(app, ["data", "validate", str(tmp_path / "rows.parquet")]), "11 rows", "limit is 10")
+
+
+@pytest.mark.parametrize("text,expected", [
+    ('{"id": "q", "question": "Q", "options": ["a", "b"], "answer": 1' + "0" * 5000 + "}\n", "d.jsonl:1"),
+    ('{"id": "q", "question": "Q", "options": ["only one"], "answer": 0}\n', "options"),
+])
+def test_numbers_beyond_python_limits_and_one_option_items_are_refused(tmp_path, text, expected):
+    (tmp_path / "d.jsonl").write_text(text)
+    one_line(runner.invoke(app, ["data", "validate", str(tmp_path / "d.jsonl")]), expected)
+
+
+def test_csv_with_one_option_column_and_mapped_object_options_are_refused(tmp_path):
+    (tmp_path / "one.csv").write_text("q1,only,A\n")
+    one_line(runner.invoke(app, ["data", "validate", str(tmp_path / "one.csv")]), "at least 2")
+    (tmp_path / "m.jsonl").write_text(json.dumps({"qq": "Q", "o1": {"x": 1}, "o2": "b", "lab": 0}) + "\n")
+    one_line(runner.invoke(app, ["data", "validate", str(tmp_path / "m.jsonl"), "--map",
+                                 "question=qq,options=o1|o2,answer=lab"]), "o1", "expected text")
+
+
+def test_a_pubmedqa_key_with_a_newline_stays_one_line(tmp_path):
+    (tmp_path / "p.json").write_text(json.dumps({"12\n34": "not an object"}))
+    one_line(runner.invoke(app, ["data", "validate", str(tmp_path / "p.json")]), "'12\\n34'")
+
+
+def test_out_through_a_missing_dir_and_dotdot_is_judged_as_the_dir_it_names(tmp_path, good):
+    keep = tmp_path / "keep"
+    keep.mkdir()
+    (keep / "train.jsonl").write_text("PRECIOUS")
+    result = runner.invoke(app, ["data", "split", good, "--train-size", "1", "--out", f"{keep}/missing/.."])
+    one_line(result, "keep")
+    assert (keep / "train.jsonl").read_text() == "PRECIOUS" and not (keep / "missing").exists()
+
+
+@pytest.mark.parametrize("argv,expected", [
+    (["data", "split", "GOOD", "--train-size", "1", "--out", "OUT", "--seed", "-1"], "--seed"),
+    (["data", "validate", "GOOD", "--max-length", "-5"], "--max-length"),
+    (["ask", "--question", "Q?", "-o", "a", "-o", "b", "--max-new-tokens", "1000000000"], "--max-new-tokens"),
+    (["cost", "RUN", "--price-per-hour", "-5"], "--price-per-hour"),
+    (["cost", "RUN", "--price-per-hour", "nan"], "--price-per-hour"),
+    (["report", "RUN", "--price-per-hour", "nan"], "--price-per-hour"),
+    (["compare", "RUN", "RUN", "--parity", "--tolerance-flips", "nan"], "--tolerance-flips"),
+    (["serve", "--port", "99999"], "--port"),
+    (["serve", "--host", "no such host..", "--port", "7992"], "cannot listen there"),
+])
+def test_numeric_flags_and_addresses_are_checked_before_any_work(tmp_path, good, argv, expected):
+    argv = [a.replace("GOOD", good).replace("OUT", str(tmp_path / "o")).replace("RUN", str(tmp_path)) for a in argv]
+    started = time.monotonic()
+    one_line(runner.invoke(app, argv), expected)
+    assert time.monotonic() - started < 20  # before any model loads
+
+
+@pytest.mark.parametrize("prices,expected", [("FIFO", "not a regular file"), ("x: !!python/object:os.system ls",
+                                                                                "not valid YAML"),
+                                             ("cpu: .nan", "expected a mapping")])
+def test_hostile_prices_files_are_one_line(tmp_path, prices, expected):
+    path = tmp_path / "prices.yaml"
+    if prices == "FIFO":
+        os.mkfifo(path)
+    else:
+        path.write_text(prices)
+    started = time.monotonic()
+    one_line(runner.invoke(app, ["cost", str(tmp_path), "--prices", str(path)]), "prices.yaml", expected)
+    assert time.monotonic() - started < 20
+
+
+def test_report_out_that_is_a_directory_is_one_line(tmp_path):
+    one_line(runner.invoke(app, ["report", str(tmp_path), "--out", str(tmp_path)]), "is a directory")
+
+
+def test_parity_on_huge_logprobs_is_one_line_not_an_overflow(tmp_path):
+    row = {"id": "q1", "pred": "A", "gold": "A", "correct": True, "logprobs": {"A": -1e308, "B": -1e308}}
+    for d in ("a", "b"):
+        (tmp_path / d).mkdir()
+        (tmp_path / d / "predictions.jsonl").write_text(json.dumps(row) + "\n")
+    one_line(runner.invoke(app, ["compare", str(tmp_path / "a"), str(tmp_path / "b"), "--parity"]), "logprobs")
