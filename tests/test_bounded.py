@@ -589,3 +589,50 @@ def test_parity_on_huge_logprobs_is_one_line_not_an_overflow(tmp_path):
         (tmp_path / d).mkdir()
         (tmp_path / d / "predictions.jsonl").write_text(json.dumps(row) + "\n")
     one_line(runner.invoke(app, ["compare", str(tmp_path / "a"), str(tmp_path / "b"), "--parity"]), "logprobs")
+
+
+def test_adapter_tokenizer_asking_for_its_own_code_never_runs_it_even_on_a_terminal(adapter, tmp_path, tiny_model_dir,
+                                                                                    good):
+    """An adapter whose tokenizer_config.json has an `auto_map` to its own Python: with a pseudo-terminal attached
+    (where transformers would ask "run the custom code? [y/N]" if medtune left trust_remote_code unset), medtune
+    answers one line, exit 2, and the adapter's code never runs."""
+    import pty
+    import select
+    import sys
+
+    ad = tmp_path / "ad"
+    shutil.copytree(adapter, ad)
+    for f in Path(tiny_model_dir).glob("tokenizer*"):
+        shutil.copy(f, ad / f.name)
+    marker = tmp_path / "PWNED"
+    (ad / "evil_tok.py").write_text(f"open({str(marker)!r}, 'w').write('ran')\n"
+                                    "from transformers import PreTrainedTokenizerFast as EvilTokenizer\n")
+    cfg = json.loads((ad / "tokenizer_config.json").read_text())
+    cfg.update({"auto_map": {"AutoTokenizer": [None, "evil_tok.EvilTokenizer"]}, "tokenizer_class": "EvilTokenizer"})
+    (ad / "tokenizer_config.json").write_text(json.dumps(cfg))
+    main, child = pty.openpty()
+    proc = subprocess.Popen([sys.executable, "-m", "medtune", "eval", "--model", tiny_model_dir, "--data", good,
+                             "--out", str(tmp_path / "out"), "--adapter", str(ad), "--quiet"],
+                            stdin=child, stdout=child, stderr=child, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    os.close(child)
+    output, deadline = b"", time.monotonic() + 120
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([main], [], [], 1)
+        if ready:
+            try:
+                chunk = os.read(main, 4096)
+            except OSError:  # the child closed the terminal
+                break
+            if not chunk:
+                break
+            output += chunk
+        elif proc.poll() is not None:
+            break
+    proc.kill() if proc.poll() is None else None
+    os.close(main)
+    text = output.decode(errors="replace")
+    assert proc.wait() == 2, text
+    assert "[y/N]" not in text and "Traceback" not in text, text
+    errors = [line for line in text.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "own Python code" in errors[0], text
+    assert not marker.exists() and not (tmp_path / "out").exists()

@@ -82,7 +82,7 @@ def model_params(name: str) -> int | None:
     from medtune.models import resolve
 
     try:
-        config = AutoConfig.from_pretrained(resolve(name, log=lambda *_: None))
+        config = AutoConfig.from_pretrained(resolve(name, log=lambda *_: None), trust_remote_code=False)
         with init_empty_weights():
             model = AutoModelForCausalLM.from_config(config)
     except (OSError, ValueError, KeyError):  # unreachable Hub id, unknown architecture: the load reports it later

@@ -97,7 +97,7 @@ def _check_gguf(gguf: str, merge: bool, base_model: str) -> None:
     check_type(gguf)
     if not merge:
         raise MedtuneError("--gguf needs the merged model; drop --no-merge")
-    check_architecture(AutoConfig.from_pretrained(resolve(base_model, log=lambda *_: None)).to_dict())
+    check_architecture(AutoConfig.from_pretrained(resolve(base_model, log=lambda *_: None), trust_remote_code=False).to_dict())
 
 
 def _check_target(out: Path, run_dir: Path, adapter: Path, overwrite: bool) -> None:
@@ -407,7 +407,7 @@ def _tokenizer_or_none(adapter: Path):
         return None
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(adapter)
+    return AutoTokenizer.from_pretrained(adapter, trust_remote_code=False)
 
 
 def _version() -> str | None:

@@ -132,7 +132,7 @@ def _add_tokenizer(writer, model_dir: Path, config: dict) -> None:
             "type") != "ByteLevel":
         raise MedtuneError(f"{model_dir}: GGUF export supports byte-level BPE tokenizers (SmolLM2, Llama 3, Qwen); "
                            "this one is not")
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)
     by_id = {i: t for t, i in tokenizer.get_vocab().items()}
     added = tokenizer.added_tokens_decoder
     n_vocab = max(config["vocab_size"], len(by_id))  # Qwen pads the embedding past the tokenizer's last id
@@ -242,7 +242,7 @@ def _llama3_rope_factors(model_dir: Path) -> np.ndarray:
     from transformers import AutoConfig
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-    config = AutoConfig.from_pretrained(model_dir)
+    config = AutoConfig.from_pretrained(model_dir, trust_remote_code=False)
     scaled, _ = ROPE_INIT_FUNCTIONS["llama3"](config, "cpu")
     dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     plain = 1.0 / (config.rope_parameters["rope_theta"] ** (torch.arange(0, dim, 2).float() / dim))

@@ -84,14 +84,14 @@ def _convert_gguf(gguf: Path, out: Path, stamp: dict) -> None:
 
     from medtune import io
 
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, trust_remote_code=False)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, trust_remote_code=False)
     if getattr(model, "hf_quantizer", None) is not None:  # save_pretrained refuses a GGUF-loaded model otherwise
         model.hf_quantizer.remove_quantization_config(model)
     with io.atomic_dir(out) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        AutoModelForCausalLM.from_pretrained(tmp)  # verify: the saved directory loads
+        AutoModelForCausalLM.from_pretrained(tmp, trust_remote_code=False)  # verify: the saved directory loads
         io.write_json(tmp / "medtune-source.json", stamp, indent=None)
 
 
