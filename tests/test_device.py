@@ -270,3 +270,25 @@ def test_run_trains_the_one_base_it_evaluated(tiny_model_dir, tmp_path, monkeypa
                              f"out_dir={tmp_path / 'run'}"])
     run(cfg, quiet=True, log=lambda *_: None)
     assert len(loaded) == 1 and len(trained) == 1 and trained[0] is loaded[0][0]
+
+
+def test_bf16_holding_keeps_fp32_values_only_where_bf16_would_lose_them():
+    """`run` widens a bf16 checkpoint to fp32 for training, then holds it in bf16 again for the tuned evaluation: those
+    values are bf16 values, so no fp32 copy is kept (it made `run` 1.5x `train`'s peak memory); values bf16 cannot
+    hold (a GGUF's dequantized weights) keep theirs, and fp32 scoring still sees exactly the fp32 values."""
+    import torch
+
+    from medtune.models import hold_in_bf16, hold_in_fp32
+
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 8))
+    with torch.no_grad():
+        model[0].weight.copy_(model[0].weight.bfloat16().float())  # bf16-exact, widened
+        model[0].bias.copy_(model[0].bias.bfloat16().float())
+    exact = [p.detach().clone() for p in model.parameters()]
+    hold_in_bf16(model)
+    assert getattr(model[0].weight, "medtune_fp32", None) is None and getattr(model[0].bias, "medtune_fp32", None) \
+        is None
+    assert model[1].weight.medtune_fp32 is not None  # random fp32 values: kept
+    assert all(p.dtype == torch.bfloat16 for p in model.parameters())
+    hold_in_fp32(model)
+    assert all(torch.equal(p, e) for p, e in zip(model.parameters(), exact))

@@ -239,15 +239,18 @@ def _stored_values(file: Path) -> int | None:
 
 
 def hold_in_bf16(model, device: str = "cpu") -> None:
-    """Hold every floating parameter in bf16 on `device`; one saved in higher precision keeps its fp32 value on the
-    Parameter (`medtune_fp32`, in host memory), which fp32 scoring swaps in layer by layer. Nothing is copied twice on
-    the device; on a CPU the fp32 values are the loaded tensors themselves."""
+    """Hold every floating parameter in bf16 on `device`; one whose values bf16 cannot hold exactly keeps its fp32 value
+    on the Parameter (`medtune_fp32`, in host memory), which fp32 scoring swaps in layer by layer. A parameter whose
+    values are bf16 values (a bf16 checkpoint widened for fp32 training, as `run` does) keeps no second copy. Nothing
+    is copied twice on the device; on a CPU the fp32 values are the loaded tensors themselves."""
     import torch
 
     for param in model.parameters():
         if param.is_floating_point() and param.dtype != torch.bfloat16:
-            param.medtune_fp32 = param.data.float().cpu()
-            param.data = param.data.to(device=device, dtype=torch.bfloat16)
+            low = param.data.to(torch.bfloat16)
+            if not torch.equal(low.float(), param.data.float()):  # bf16 would lose precision: keep the exact values
+                param.medtune_fp32 = param.data.float().cpu()
+            param.data = low.to(device)  # else (a bf16 checkpoint widened for fp32 training) bf16 is exact
 
 
 def hold_in_fp32(model) -> None:
