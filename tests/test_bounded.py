@@ -552,6 +552,7 @@ def test_out_through_a_missing_dir_and_dotdot_is_judged_as_the_dir_it_names(tmp_
     (["data", "validate", "GOOD", "--max-length", "-5"], "--max-length"),
     (["ask", "--question", "Q?", "-o", "a", "-o", "b", "--max-new-tokens", "1000000000"], "--max-new-tokens"),
     (["cost", "RUN", "--price-per-hour", "-5"], "--price-per-hour"),
+    (["cost", "RUN", "--price-per-hour", "1e308"], "--price-per-hour"),
     (["cost", "RUN", "--price-per-hour", "nan"], "--price-per-hour"),
     (["report", "RUN", "--price-per-hour", "nan"], "--price-per-hour"),
     (["compare", "RUN", "RUN", "--parity", "--tolerance-flips", "nan"], "--tolerance-flips"),
@@ -636,3 +637,145 @@ def test_adapter_tokenizer_asking_for_its_own_code_never_runs_it_even_on_a_termi
     errors = [line for line in text.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "own Python code" in errors[0], text
     assert not marker.exists() and not (tmp_path / "out").exists()
+
+
+# --- round four: the re-run probe's new cases ------------------------------------------------------------------------
+
+def test_report_and_predict_never_replace_a_fifo_a_dir_or_a_device(tmp_path, good, tiny_model_dir):
+    fifo = tmp_path / "fifo.html"
+    os.mkfifo(fifo)
+    one_line(runner.invoke(app, ["report", str(tmp_path), "--out", str(fifo)]), "not a regular file")
+    assert fifo.is_fifo()
+    (tmp_path / "file").write_text("x")
+    one_line(runner.invoke(app, ["report", str(tmp_path), "--out", str(tmp_path / "file" / "r.html")]), "is a file")
+    (tmp_path / "p.csv").mkdir()
+    argv = ["predict", good, "--model", tiny_model_dir, "--out", str(tmp_path / "p.jsonl"), "--csv", "-q"]
+    one_line(runner.invoke(app, argv), "p.csv", "not a regular file")
+    assert not (tmp_path / "p.jsonl").exists() and not (tmp_path / "p.meta.json").exists()
+    os.mkfifo(tmp_path / "q.jsonl")
+    one_line(runner.invoke(app, ["predict", good, "--model", tiny_model_dir, "--out", str(tmp_path / "q.jsonl")]),
+             "not a regular file")
+    node = tmp_path / "null.html"  # a character device like /dev/null, where the test may make one
+    try:
+        os.mknod(node, 0o666 | __import__("stat").S_IFCHR, os.makedev(1, 3))
+    except PermissionError:
+        return
+    one_line(runner.invoke(app, ["report", str(tmp_path), "--out", str(node)]), "not a regular file")
+    assert node.is_char_device()
+
+
+def test_an_out_name_over_255_bytes_is_one_line(tmp_path, good, tiny_model_dir):
+    one_line(runner.invoke(app, ["eval", "--model", tiny_model_dir, "--data", good, "--out",
+                                 str(tmp_path / ("a" * 300))]), "over 255 bytes")
+
+
+def test_sigterm_during_eval_is_one_line_and_leaves_no_out_dir(tmp_path, tiny_model_dir, shared_data):
+    import signal
+    import sys
+
+    out = tmp_path / "o"
+    proc = subprocess.Popen([sys.executable, "-m", "medtune", "eval", "--model", tiny_model_dir, "--data",
+                             str(shared_data / "medmcqa" / "dev.jsonl"), "--out", str(out), "--quiet"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    deadline = time.monotonic() + 120
+    while not out.exists() and proc.poll() is None and time.monotonic() < deadline:  # claimed: the model is loading
+        time.sleep(0.2)
+    time.sleep(1)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    errors = [x for x in err.splitlines() if x.startswith("error:")]
+    assert len(errors) == 1 and "SIGTERM" in errors[0] and "Traceback" not in err, err
+    assert not out.exists()
+
+
+def _eval_dir(path: Path, rows: list[dict], data=None) -> Path:
+    path.mkdir()
+    (path / "predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (path / "results.json").write_text(json.dumps({
+        "metrics": {"accuracy": 0.5, "n": len(rows), "ci95": [0.1, 0.9]}, "model": "m", "adapter": None,
+        "prompt_style": "harness", "method": "letter-logprob",
+        "data": data if data is not None else {"source": "dev.jsonl", "split": "file"}}))
+    return path
+
+
+def _prob_row(i: int, probs) -> dict:
+    return {"id": f"q{i}", "pred": "A", "gold": "A", "correct": True, "probs": probs}
+
+
+@pytest.mark.parametrize("probs,expected", [
+    ({"A": "0.5", "B": "0.5"}, "numbers in [0, 1]"), ({"A": {"x": 1}, "B": 0.5}, "numbers in [0, 1]"),
+    ({"A": float("nan"), "B": 0.5}, "numbers in [0, 1]"), ({"A": 5.0, "B": -4.0}, "numbers in [0, 1]"),
+    ({"A": True, "B": False}, "numbers in [0, 1]"), ({"A": 0.5, "D": 0.5}, "not A, B"),
+    ({"a": 0.5, "b": 0.5}, "not A, B"), ({"A": 0.9, "B": 0.9}, "sum to"),
+])
+def test_conformal_refuses_rows_whose_probabilities_are_not_probabilities(tmp_path, probs, expected):
+    cal = _eval_dir(tmp_path / "cal", [_prob_row(i, {"A": 0.6, "B": 0.4}) for i in range(10)])
+    ev = _eval_dir(tmp_path / "ev", [_prob_row(100, probs)])
+    one_line(runner.invoke(app, ["conformal", str(cal), str(ev)]), "q100", expected)
+
+
+def test_conformal_refuses_empty_predictions_and_a_data_record_that_is_not_one(tmp_path):
+    cal = _eval_dir(tmp_path / "cal", [])
+    ev = _eval_dir(tmp_path / "ev", [_prob_row(1, {"A": 0.6, "B": 0.4})])
+    one_line(runner.invoke(app, ["conformal", str(cal), str(ev)]), "no predictions")
+    odd = _eval_dir(tmp_path / "odd", [_prob_row(2, {"A": 0.6, "B": 0.4})], data="dev.jsonl")
+    one_line(runner.invoke(app, ["conformal", str(odd), str(ev)]), "data")
+
+
+@pytest.mark.parametrize("spec,expected", [
+    ("question=qq,options=" + "|".join(f"o{i}" for i in range(11)) + ",answer=lab", "2 to 10 different columns"),
+    ("question=qq,options=o1|o1,answer=lab", "2 to 10 different columns"),
+    ("question=qq,question=o1,options=o1|o2,answer=lab", "question given twice"),
+])
+def test_map_specs_that_cannot_be_meant_are_refused(tmp_path, spec, expected):
+    (tmp_path / "m.csv").write_text("qq,o1,o2,lab\nQ,a,b,0\n")
+    one_line(runner.invoke(app, ["data", "validate", str(tmp_path / "m.csv"), "--map", spec]), expected)
+
+
+def test_cop_base_other_than_0_or_1_is_refused_for_any_file(good):
+    one_line(runner.invoke(app, ["data", "validate", good, "--cop-base", "2"]), "--cop-base")
+
+
+def test_a_config_with_an_unknown_dtype_is_one_line(tiny_model_dir, tmp_path, good):
+    shutil.copytree(tiny_model_dir, tmp_path / "m")
+    cfg = json.loads((tmp_path / "m" / "config.json").read_text())
+    (tmp_path / "m" / "config.json").write_text(json.dumps({**cfg, "torch_dtype": "float1024",
+                                                             "dtype": "float1024"}))
+    one_line(runner.invoke(app, ["eval", "--model", str(tmp_path / "m"), "--data", good, "--out", str(tmp_path / "o"),
+                                 "--mode", "exact"]), "config.json")
+
+
+def test_explanations_decode_greedily_whatever_generation_config_asks(tiny_model_dir, tmp_path):
+    """A generation_config.json asking for 100,000 beams made `ask` allocate ~20 GB and crash."""
+    shutil.copytree(tiny_model_dir, tmp_path / "m")
+    (tmp_path / "m" / "generation_config.json").write_text(json.dumps({"num_beams": 100_000, "do_sample": True,
+                                                                       "temperature": 5.0}))
+    started = time.monotonic()
+    result = runner.invoke(app, ["ask", "--model", str(tmp_path / "m"), "--question", "Which organ pumps blood?",
+                                 "-o", "Heart", "-o", "Lung", "--max-new-tokens", "3", "--json"])
+    assert result.exit_code == 0, result.output
+    assert time.monotonic() - started < 60
+
+
+def test_report_refuses_an_edited_cost_json_instead_of_saying_there_is_none(tmp_path):
+    from medtune.html_report import _cost
+
+    (tmp_path / "cost.json").write_text("{}")
+    with pytest.raises(MedtuneError, match="cost.json"):
+        _cost(tmp_path, None)
+    assert _cost(tmp_path / "nothing", None) is None
+
+
+@pytest.mark.parametrize("prices,expected", [("cpu: 1\ncpu: 2\n", "duplicate key"), ("cpu: 1.0e+308\n", "mapping")])
+def test_prices_listed_twice_or_absurd_are_refused(tmp_path, prices, expected):
+    (tmp_path / "p.yaml").write_text(prices)
+    one_line(runner.invoke(app, ["cost", str(tmp_path), "--prices", str(tmp_path / "p.yaml")]), expected)
+
+
+def test_results_with_an_accuracy_outside_0_1_are_refused(tmp_path):
+    metrics = {"accuracy": 5.0, "n": 4, "ci95": [-3.0, 7.0]}
+    (tmp_path / "results.json").write_text(json.dumps({"kind": "run", "base": {"metrics": metrics},
+                                                       "tuned": {"metrics": metrics}, "comparison": {"raw": {}}}))
+    one_line(runner.invoke(app, ["report", str(tmp_path), "-q"]), "base.metrics")

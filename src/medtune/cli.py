@@ -53,10 +53,24 @@ def _prepare(ctx: typer.Context) -> None:
 
     # bitsandbytes' CPU backend logs a warning about an optional Hub kernel package whenever transformers imports it
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    # transformers' load reports and warnings (a 19-line table before a one-line error): medtune says what matters
+    # itself; TRANSFORMERS_VERBOSITY=warning brings them back
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    # SIGTERM and SIGHUP end a command as Ctrl-C does: one line, exit 128 + the signal, an unfinished --out rolled back
+    # (training installs its own handlers, which checkpoint first: checkpoint.Signals)
+    import threading
+
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        if threading.current_thread() is threading.main_thread() and signal.getsignal(sig) is signal.SIG_DFL:
+            signal.signal(sig, _interrupt)
     if ctx.invoked_subcommand not in NO_DEVICE:
         from medtune.hardware import prepare_env
 
         prepare_env()
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt(signum)
 
 
 def user_errors(fn):
@@ -380,7 +394,7 @@ def cost(runs: Annotated[list[Path], typer.Argument(help="Run dirs (or train/eva
     """What each run cost: wall time x devices x price, per million training tokens, per accuracy point gained."""
     from medtune import cost as cost_mod
 
-    _in_range("--price-per-hour", price_per_hour, 0)
+    _in_range("--price-per-hour", price_per_hour, 0, 1e6)
     if (price_per_hour is None) == (prices is None):
         raise MedtuneError("give exactly one of --price-per-hour and --prices")
     table = cost_mod.load_prices(prices) if prices else None
@@ -398,10 +412,11 @@ def report(run_dir: Path, out: Annotated[Path | None, typer.Option(help="Default
            quiet: Quiet = False) -> None:
     """A self-contained HTML report of a run: curves, before/after with CIs, calibration, examples, cost."""
     from medtune.html_report import write_report
+    from medtune.io import check_file_target
 
-    _in_range("--price-per-hour", price_per_hour, 0)
-    if out is not None and out.is_dir():
-        raise MedtuneError(f"--out {out}: is a directory; name the .html file to write")
+    _in_range("--price-per-hour", price_per_hour, 0, 1e6)
+    if out is not None:
+        check_file_target(out)
     path = write_report(run_dir, out, price_per_hour=price_per_hour, explain=explain, log=_log(quiet))
     typer.echo(f"report: {path}")
 
@@ -495,12 +510,13 @@ def predict(source: Annotated[str, typer.Argument(help="A file, `demo`, `demo:tr
     from medtune import ask as ask_mod
     from medtune.data import sources
     from medtune.data.formats import parse_mapping
+    from medtune.hardware import resolve_device
+    from medtune.io import check_file_target
     from medtune.predict import predict as predict_fn
 
-    if limit is not None and limit < 1:
-        raise MedtuneError("--limit must be 1 or more")
-    from medtune.hardware import resolve_device
-
+    _in_range("--limit", limit, 1)
+    for path in (out, out.with_name(out.stem + ".meta.json"), *([out.with_suffix(".csv")] if csv_out else [])):
+        check_file_target(path)  # never a device, FIFO or directory; before anything is read
     device = resolve_device(device)  # before the data is read or the model loads
     items = sources.load(source, "eval", cop_base=cop_base, mapping=parse_mapping(mapping) if mapping else None)
     items = items[:limit] if limit else items

@@ -206,6 +206,9 @@ def conformal_files(calibration: Path, evaluation: Path, alpha: float = 0.1, met
 
     records = [_record(calibration), _record(evaluation)]
     data = records[0].get("data") or {}
+    if not isinstance(data, dict):
+        raise MedtuneError(f"{calibration}: results.json data is {type(data).__name__}, not the data record medtune "
+                           "writes; re-run the evaluation")
     why = trains_on_test(str(data.get("source", "")), "eval" if data.get("split") == "eval" else "train")
     if why:
         raise MedtuneError(f"{calibration}: calibrated on a test split ({why}); calibrate on a split kept out of "
@@ -216,13 +219,33 @@ def conformal_files(calibration: Path, evaluation: Path, alpha: float = 0.1, met
                            "same model scored the same way on both")
     rows = [_rows(calibration), _rows(evaluation)]
     for path, part in zip((calibration, evaluation), rows):
-        bad = next((r["id"] for r in part if not isinstance(r.get("probs"), dict) or r.get("gold") not in r["probs"]),
-                   None)
+        if not part:
+            raise MedtuneError(f"{path}: no predictions; conformal sets need scored items on both sides")
+        bad = next(((r["id"], why) for r in part for why in [_bad_probs(r)] if why), None)
         if bad is not None:
-            raise MedtuneError(f"{path}: item {bad} has no option probabilities with its gold letter (generation "
-                               "scoring has none); evaluate with --method letter or answer")
+            raise MedtuneError(f"{path}: item {bad[0]}: {bad[1]}; evaluate with --method letter or answer (generation "
+                               "scoring has no option probabilities)")
     summary = conformal_summary(*rows, alpha=alpha, method=method)
     return {"calibration_source": str(calibration), "evaluation_source": str(evaluation), **summary}
+
+
+def _bad_probs(row: dict) -> str | None:
+    """What is wrong with a row's option probabilities for conformal sets: letters A, B, ... in order, each a number
+    in [0, 1], summing to 1, with the gold letter among them."""
+    from medtune.data.items import LETTERS
+
+    probs = row.get("probs")
+    if not isinstance(probs, dict) or not 2 <= len(probs) <= len(LETTERS):
+        return "no option probabilities (probs)"
+    if list(probs) != list(LETTERS[: len(probs)]):
+        return f"probs letters {list(probs)[:10]} are not A, B, ... in order"
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v <= 1 for v in probs.values()):
+        return "probs must be numbers in [0, 1]"
+    if abs(math.fsum(probs.values()) - 1) > 1e-3:
+        return f"probs sum to {math.fsum(probs.values()):.4g}, not 1"
+    if row.get("gold") not in probs:
+        return f"gold {row.get('gold')!r:.20} is not one of its options"
+    return None
 
 
 def _record(path: Path) -> dict:

@@ -105,7 +105,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if not path.is_file():
             raise MedtuneError(f"{path}: config file not found")
         try:
-            raw = _load_yaml(path.read_text(encoding="utf-8-sig"), str(path)) or {}  # a BOM is fine
+            raw = load_yaml(path.read_text(encoding="utf-8-sig"), str(path)) or {}  # a BOM is fine
         except UnicodeDecodeError as e:
             raise MedtuneError(f"{path}: not a text file (invalid UTF-8 at byte {e.start}); a recipe is YAML") from None
         if not isinstance(raw, dict):
@@ -120,7 +120,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             node = node.setdefault(p, {})
             if not isinstance(node, dict):
                 raise MedtuneError(f"--set {item!r}: {p} is not a section")
-        node[leaf] = _load_yaml(value, f"--set {item!r}") if value.strip() else None
+        node[leaf] = load_yaml(value, f"--set {item!r}") if value.strip() else None
     cfg = _build(Config, raw, where=str(path) if path else "config")
     validate(cfg, where=str(path) if path else "config")
     return cfg
@@ -159,7 +159,7 @@ class _RecipeLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
-def _load_yaml(text: str, where: str):
+def load_yaml(text: str, where: str):
     """YAML through _RecipeLoader; every failure is one MedtuneError line naming `where` (and the line)."""
     try:
         return yaml.load(text, Loader=_RecipeLoader)  # a SafeLoader: builds plain values only

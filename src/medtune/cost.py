@@ -196,21 +196,17 @@ def _gain(run_dir: Path) -> dict:
 
 def load_prices(path: Path) -> dict[str, float]:
     """A YAML mapping of device name -> price per device-hour (names as `medtune cost` prints them)."""
-    import yaml
+    from medtune.config import load_yaml
 
     if not Path(path).is_file():  # a FIFO or a device would block or never end
         raise MedtuneError(f"{path}: not a regular file; pass a YAML file of device name -> price per device-hour")
     try:
-        data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+        text = Path(path).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
         raise MedtuneError(f"{path}: cannot read prices: {e}") from None
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f":{mark.line + 1}" if mark is not None else ""
-        raise MedtuneError(f"{path}{where}: not valid YAML ({getattr(e, 'problem', None) or type(e).__name__}); "
-                           "expected lines like 'NVIDIA H100 80GB HBM3: 2.5'") from None
+    data = load_yaml(text, str(path))  # safe, one line per error, a device listed twice refused
     if not isinstance(data, dict) or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and
-                                             math.isfinite(v) and v >= 0 for v in data.values()):
+                                             math.isfinite(v) and 0 <= v <= 1e6 for v in data.values()):
         raise MedtuneError(f"{path}: expected a mapping of device name to price per device-hour, e.g. "
                            "'NVIDIA H100 80GB HBM3: 2.5'")
     return {str(k): float(v) for k, v in data.items()}

@@ -27,17 +27,20 @@ def greedy(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size
     """(text up to EOS, hit the max_new_tokens cap) per prompt, greedy; the one decode loop (eval's generate method,
     ask's explanation). Longest prompts first, left-padded batches."""
     import torch
+    from transformers import GenerationConfig
 
     device = next(model.parameters()).device
     outputs: list[tuple[str, bool]] = [("", False)] * len(prompts)
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     tokenizer.padding_side = "left"
+    # greedy decoding, whatever the model's generation_config.json asks (100,000 beams, sampling, a huge length)
+    decoding = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
+                              pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
     for start in range(0, len(order), batch_size):
         idx = order[start: start + batch_size]
         enc = tokenizer([prompts[i] for i in idx], return_tensors="pt", padding=True, add_special_tokens=False)
         with torch.inference_mode():
-            out = model.generate(**enc.to(device), max_new_tokens=max_new_tokens, do_sample=False,
-                                 pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+            out = model.generate(**enc.to(device), generation_config=decoding)
         for row, i in enumerate(idx):
             new = out[row, enc.input_ids.shape[1]:].tolist()
             ended = tokenizer.eos_token_id in new

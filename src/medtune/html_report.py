@@ -336,10 +336,9 @@ def _cost(run_dir: Path, price_per_hour: float | None) -> dict | None:
     """The run's recorded cost (medtune cost's figures), in device-hours and, with a price, in money."""
     from medtune import cost
 
-    try:
-        c = cost.collect(run_dir)
-    except MedtuneError:
-        return None
+    if not [*Path(run_dir).glob("cost.json"), *Path(run_dir).glob("*/cost.json")]:
+        return None  # a run from before cost.json; a cost.json that is not as medtune writes it is refused in collect
+    c = cost.collect(run_dir)
     device_hours = c["wall_s"] * c["device_count"] / 3600
     train_dh = (c["train_wall_s"] or 0) * c["device_count"] / 3600
     c["device_hours"] = device_hours

@@ -48,9 +48,30 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def check_file_target(path: Path, flag: str = "--out") -> Path:
+    """A file medtune is to write (a report, predictions): refused unless it is new or a regular file, in a directory
+    (or under a path where one can be made), with a name the file system takes. Never a device, FIFO or directory:
+    the atomic rename would replace /dev/null itself."""
+    path = _lexical(path)
+    if path.is_symlink() or (path.exists() and not path.is_file()):
+        raise MedtuneError(f"{flag} {path}: is not a regular file (a directory, device, FIFO or link); medtune writes "
+                           "only regular files: choose another name")
+    if any(len(part.encode()) > 255 for part in path.parts):
+        raise MedtuneError(f"{flag} {str(path)[:80]}...: a name in it is over 255 bytes, more than a file system takes")
+    ancestor = path.parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise MedtuneError(f"{flag} {path}: {ancestor} is a file, so no directory can be created under it")
+    return path
+
+
 def write_bytes(path: Path, data: bytes) -> Path:
-    """Write `data` to `path` atomically (temp name, fsync, rename)."""
+    """Write `data` to `path` atomically (temp name, fsync, rename). Refuses to replace anything but a regular file."""
     path = Path(path)
+    if path.exists() and not path.is_file():
+        raise MedtuneError(f"{path}: is not a regular file (a directory, device or FIFO); medtune replaces only regular "
+                           "files")
     tmp = _tmp_name(path)
     try:
         with open(tmp, "wb") as f:
@@ -139,6 +160,8 @@ def check_out_dir(path: Path, overwrite: bool = False, flag: str = "--out", allo
     or an entry in it is a symlink (medtune would change the link's target, outside --out). Creates nothing: see
     `claim_out_dir`."""
     path = _lexical(path)
+    if any(len(part.encode()) > 255 for part in path.parts):
+        raise MedtuneError(f"{flag} {str(path)[:80]}...: a name in it is over 255 bytes, more than a file system takes")
     if path.exists() and not path.is_dir():
         raise MedtuneError(f"{flag} {path}: is a file, not a directory; choose a directory")
     ancestor = path

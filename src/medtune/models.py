@@ -195,7 +195,8 @@ def load_weights(name: str, path: str, dtype, **kwargs):
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise MedtuneError(f"{name}: could not load the model ({first}). medtune loads safetensors weights only; "
                            "offline, use `embedded` or a local dir.") from None
-    except (RuntimeError, StrictDataclassError) as e:  # shapes that do not match, a config transformers refuses
+    except (RuntimeError, StrictDataclassError, AttributeError, TypeError) as e:  # shapes that do not match, a
+        # config transformers refuses (torch_dtype "float1024", a layer count its own checks reject)
         first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
         raise MedtuneError(f"{name}: config.json does not fit these weights ({first}); use the config saved with "
                            "them") from None

@@ -21,9 +21,13 @@ def _texts(v) -> bool:
     return isinstance(v, list) and all(isinstance(x, str) for x in v)
 
 
-EVAL_FIELDS = {"metrics": lambda v: isinstance(v, dict) and _number(v.get("accuracy")) and isinstance(v.get("n"), int)
-               and isinstance(v.get("ci95"), list) and all(_number(x) for x in v["ci95"])}
-COMPARISON = {"diff": _number, "won": _texts, "lost": _texts}
+def _share(v) -> bool:
+    return _number(v) and 0 <= v <= 1
+
+
+EVAL_FIELDS = {"metrics": lambda v: isinstance(v, dict) and _share(v.get("accuracy")) and isinstance(v.get("n"), int)
+               and isinstance(v.get("ci95"), list) and len(v["ci95"]) == 2 and all(_share(x) for x in v["ci95"])}
+COMPARISON = {"diff": lambda v: _number(v) and -1 <= v <= 1, "won": _texts, "lost": _texts}
 COST_FIELDS = {"kind": lambda v: isinstance(v, str), "wall_s": lambda v: _number(v) and v >= 0,
                "device_kind": lambda v: isinstance(v, str), "device_name": lambda v: isinstance(v, str),
                "device_count": lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1,

@@ -53,6 +53,8 @@ def read_file(path: str | Path, cop_base: int | None = None, mapping: dict[str, 
               subject: str | None = None) -> list[MCQItem]:
     """Read every row of a local file into items; raise DataError listing every bad row, or MedtuneError."""
     path = Path(path)
+    if cop_base not in (None, 0, 1):
+        raise MedtuneError(f"--cop-base {cop_base}: must be 0 (Hub) or 1 (published)")
     if not path.is_file():
         raise MedtuneError(f"{path}: file not found")
     rows = list(read_rows(path, header=mapping is not None))
@@ -384,7 +386,12 @@ def parse_mapping(spec: str) -> dict[str, str]:
         if not sep or key not in {"question", "options", "answer", "answer_base", "id", "subject", "explanation"}:
             raise MedtuneError(f"--map {spec!r}: bad entry {part!r}; keys: question, options, answer, answer_base, "
                                "id, subject, explanation")
+        if key in mapping:
+            raise MedtuneError(f"--map {spec!r}: {key} given twice")
         mapping[key] = value
+    columns = mapping.get("options", "").split("|")
+    if len(set(columns)) != len(columns) or not 2 <= len(columns) <= len(LETTERS):
+        raise MedtuneError(f"--map {spec!r}: options must name 2 to {len(LETTERS)} different columns")
     if mapping.get("answer_base", "0") not in ("0", "1"):
         raise MedtuneError(f"--map {spec!r}: answer_base must be 0 or 1")
     missing = {"question", "options", "answer"} - set(mapping)
