@@ -779,3 +779,21 @@ def test_results_with_an_accuracy_outside_0_1_are_refused(tmp_path):
     (tmp_path / "results.json").write_text(json.dumps({"kind": "run", "base": {"metrics": metrics},
                                                        "tuned": {"metrics": metrics}, "comparison": {"raw": {}}}))
     one_line(runner.invoke(app, ["report", str(tmp_path), "-q"]), "base.metrics")
+
+
+def test_a_closed_or_full_standard_output_is_named_as_such(tmp_path, good):
+    import sys
+
+    base = [sys.executable, "-m", "medtune", "data", "show", good, "--json"]
+    closed = subprocess.run(" ".join(base) + " >&-", shell=True, capture_output=True, text=True, timeout=120)
+    assert closed.returncode == 2 and closed.stderr.strip() == \
+        "error: standard output is closed; medtune prints its results there", closed.stderr
+    full = tmp_path / "full"
+    try:
+        os.mknod(full, 0o666 | __import__("stat").S_IFCHR, os.makedev(1, 7))  # like /dev/full
+    except PermissionError:
+        return
+    with open(full, "w") as out:
+        result = subprocess.run(base, stdout=out, stderr=subprocess.PIPE, text=True, timeout=120)
+    assert result.returncode == 2 and result.stderr.strip().startswith("error: disk full while writing the standard "
+                                                                       "output"), result.stderr

@@ -50,6 +50,12 @@ def _prepare(ctx: typer.Context) -> None:
     # Runs before any command's own code: ROCm reads HSA_OVERRIDE_GFX_VERSION once, when HIP starts, and
     # detect(), accelerate or a model load would start it. Reads only the kernel driver and torch's arch list.
     import logging
+    import warnings
+
+    if sys.stdout is None:  # started with stdout closed (`>&-`): what the command prints would be lost silently
+        typer.echo("error: standard output is closed; medtune prints its results there", err=True)
+        raise typer.Exit(2)
+    warnings.filterwarnings("ignore", message="Initializing zero-element tensors is a no-op")  # torch, on odd configs
 
     # bitsandbytes' CPU backend logs a warning about an optional Hub kernel package whenever transformers imports it
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)

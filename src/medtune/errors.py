@@ -72,9 +72,12 @@ def explain(exc: BaseException, path: str | None = None) -> MedtuneError | None:
         return MedtuneError(f"{where}{f':{mark.line + 1}' if mark else ''}: not valid YAML: "
                             f"{getattr(exc, 'problem', None) or detail}")
     if isinstance(exc, OSError) and exc.errno in WRITE_ERRORS:
-        where = path or exc.filename or _file_in_traceback(exc) or "the output directory"
+        where = path or exc.filename or ("the standard output" if _writing_stdout(exc) else None) or \
+            _file_in_traceback(exc) or "the output directory"
         where = re.sub(r"(^|/)\.([^/]+)\.tmp-\d+(?=/|$)", r"\1\2", str(where))  # io's temp names: the final one
         what, advice = WRITE_ERRORS[exc.errno]
+        if where == "the standard output":
+            return MedtuneError(f"{what} the standard output: redirect it to a file or device with room")
         return MedtuneError(f"{what} {where}: {advice.format(_existing_dir(where))}")
     if isinstance(exc, UnicodeError):  # a lone surrogate in JSON text, invalid bytes on the command line
         return MedtuneError(f"the input holds text that is not valid Unicode{f' ({path})' if path else ''}: "
@@ -90,6 +93,17 @@ def explain(exc: BaseException, path: str | None = None) -> MedtuneError | None:
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return (text[0][:300] if text else type(exc).__name__)
+
+
+def _writing_stdout(exc: BaseException) -> bool:
+    """The error came from printing (click's echo, print): stdout is full or closed, not a file medtune writes."""
+    tb = exc.__traceback__
+    while tb is not None:
+        code = tb.tb_frame.f_code
+        if code.co_name in ("echo", "print") or code.co_filename.endswith(("click/utils.py", "rich/console.py")):
+            return True
+        tb = tb.tb_next
+    return False
 
 
 def _file_in_traceback(exc: BaseException, suffixes: tuple[str, ...] = ()) -> str | None:
