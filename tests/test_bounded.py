@@ -785,7 +785,8 @@ def test_a_closed_or_full_standard_output_is_named_as_such(tmp_path, good):
     import sys
 
     base = [sys.executable, "-m", "medtune", "data", "show", good, "--json"]
-    closed = subprocess.run(" ".join(base) + " >&-", shell=True, capture_output=True, text=True, timeout=120)
+    closed = subprocess.run(" ".join(base) + " >&-", check=False, shell=True, capture_output=True, text=True,
+                            timeout=120)
     assert closed.returncode == 2 and closed.stderr.strip() == \
         "error: standard output is closed; medtune prints its results there", closed.stderr
     full = tmp_path / "full"
@@ -794,6 +795,6 @@ def test_a_closed_or_full_standard_output_is_named_as_such(tmp_path, good):
     except PermissionError:
         return
     with open(full, "w") as out:
-        result = subprocess.run(base, stdout=out, stderr=subprocess.PIPE, text=True, timeout=120)
+        result = subprocess.run(base, check=False, stdout=out, stderr=subprocess.PIPE, text=True, timeout=120)
     assert result.returncode == 2 and result.stderr.strip().startswith("error: disk full while writing the standard "
                                                                        "output"), result.stderr

@@ -52,7 +52,7 @@ def load(model: str = "embedded", adapter: str | None = None, method: str | None
     The scoring method defaults to the one its results.json was measured with, so the numbers shown beside the
     headline come from the same scoring; otherwise `letter`, eval's default."""
     from medtune.evaluate import adapter_style
-    from medtune.hardware import resolve_device
+    from medtune.hardware import resolve_device, weights_dtype
     from medtune.models import adapter_dir, load_model
     from medtune.prompts import check_style
 
@@ -72,7 +72,8 @@ def load(model: str = "embedded", adapter: str | None = None, method: str | None
     saved_from = adapter or (model if (Path(model) / "medtune.json").is_file() else None)
     if saved_from:
         style = adapter_style(saved_from, style, log)
-    m, tokenizer, _ = load_model(model, adapter=adapter, device=device, log=log, merge=True)
+    m, tokenizer, _ = load_model(model, adapter=adapter, dtype=weights_dtype(device, mode=mode), device=device, log=log,
+                                 merge=True)
     return Loaded(m, tokenizer, model, adapter, style, method, mode, headline)
 
 

@@ -42,7 +42,7 @@ Device = Annotated[str | None, typer.Option("--device", help="auto (the policy's
                                                          "CPU), cpu, cuda, cuda:N, xpu, xpu:N or mps.")]
 
 
-NO_DEVICE = {"compare", "data"}  # never touch a GPU; every other command, present or future, is prepared
+NO_DEVICE = {"compare", "conformal", "data"}  # never touch a GPU; every other command, present or future, is prepared
 
 
 @app.callback()

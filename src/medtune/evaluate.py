@@ -17,7 +17,7 @@ def run_eval(items: list[MCQItem], cfg, out_dir: Path | None, adapter: str | Non
     import time
 
     from medtune.cost import Recorder
-    from medtune.hardware import resolve_device
+    from medtune.hardware import resolve_device, weights_dtype
     from medtune.models import load_model, placement
     from medtune.report import environment, metrics
 
@@ -26,7 +26,9 @@ def run_eval(items: list[MCQItem], cfg, out_dir: Path | None, adapter: str | Non
     # an adapter's, or a merged export's (RUN/merged holds medtune.json), saved prompt style and training-item hashes
     saved = adapter or (cfg.model if (Path(cfg.model) / "medtune.json").is_file() else None)
     style = adapter_style(saved, cfg.prompt_style, log) if saved else cfg.prompt_style
-    model, tokenizer, path = loaded or load_model(cfg.model, adapter=adapter, device=resolve_device(cfg.device), log=log,
+    device = resolve_device(cfg.device)
+    model, tokenizer, path = loaded or load_model(cfg.model, adapter=adapter, device=device, log=log,
+                                                  dtype=weights_dtype(device, mode=cfg.eval.mode),
                                                   merge=cfg.eval.merge_adapter)
     contamination = contamination_check(items, saved, log) if saved else None
     e = cfg.eval

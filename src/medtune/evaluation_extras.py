@@ -31,7 +31,7 @@ def audit_eval(items: list[MCQItem], cfg, out: Path | None, adapter: str | None 
     from medtune.audit import run_audit
     from medtune.errors import MedtuneError
     from medtune.evaluate import adapter_style
-    from medtune.hardware import resolve_device
+    from medtune.hardware import resolve_device, weights_dtype
     from medtune.models import load_model, placement
     from medtune.report import environment, write_json, write_jsonl
 
@@ -39,7 +39,9 @@ def audit_eval(items: list[MCQItem], cfg, out: Path | None, adapter: str | None 
         raise MedtuneError("the audit re-scores options: use --method letter or answer, not generate")
     started = time.time()
     style = adapter_style(adapter, cfg.prompt_style, log) if adapter else cfg.prompt_style
-    model, tokenizer, path = load_model(cfg.model, adapter=adapter, device=resolve_device(cfg.device), log=log,
+    device = resolve_device(cfg.device)
+    model, tokenizer, path = load_model(cfg.model, adapter=adapter, device=device, log=log,
+                                        dtype=weights_dtype(device, mode=cfg.eval.mode),
                                         merge=cfg.eval.merge_adapter)
     log(f"audit: {len(items)} items, each scored as is, without its stem, with none-of-the-others and rotated")
     summary, rows = run_audit(model, tokenizer, items, style, cfg.eval.method, cfg.eval.mode, cfg.eval.batch_size)
