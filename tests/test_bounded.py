@@ -581,7 +581,7 @@ def test_hostile_prices_files_are_one_line(tmp_path, prices, expected):
 
 
 def test_report_out_that_is_a_directory_is_one_line(tmp_path):
-    one_line(runner.invoke(app, ["report", str(tmp_path), "--out", str(tmp_path)]), "is a directory")
+    one_line(runner.invoke(app, ["report", str(tmp_path), "--out", str(tmp_path)]), "not a regular file")
 
 
 def test_parity_on_huge_logprobs_is_one_line_not_an_overflow(tmp_path):
@@ -743,8 +743,8 @@ def test_a_config_with_an_unknown_dtype_is_one_line(tiny_model_dir, tmp_path, go
     cfg = json.loads((tmp_path / "m" / "config.json").read_text())
     (tmp_path / "m" / "config.json").write_text(json.dumps({**cfg, "torch_dtype": "float1024",
                                                              "dtype": "float1024"}))
-    one_line(runner.invoke(app, ["eval", "--model", str(tmp_path / "m"), "--data", good, "--out", str(tmp_path / "o"),
-                                 "--mode", "exact"]), "config.json")
+    one_line(runner.invoke(app, ["eval", "--model", str(tmp_path / "m"), "--data", good, "--out", str(tmp_path / "o")]),
+             "config.json")  # the default mode reads the checkpoint in its own dtype ("auto"): the config's
 
 
 def test_explanations_decode_greedily_whatever_generation_config_asks(tiny_model_dir, tmp_path):
@@ -760,12 +760,12 @@ def test_explanations_decode_greedily_whatever_generation_config_asks(tiny_model
 
 
 def test_report_refuses_an_edited_cost_json_instead_of_saying_there_is_none(tmp_path):
-    from medtune.html_report import _cost
+    from medtune.html_report import run_cost
 
     (tmp_path / "cost.json").write_text("{}")
     with pytest.raises(MedtuneError, match="cost.json"):
-        _cost(tmp_path, None)
-    assert _cost(tmp_path / "nothing", None) is None
+        run_cost(tmp_path, None)
+    assert run_cost(tmp_path / "nothing", None) is None
 
 
 @pytest.mark.parametrize("prices,expected", [("cpu: 1\ncpu: 2\n", "duplicate key"), ("cpu: 1.0e+308\n", "mapping")])

@@ -64,7 +64,7 @@ def build(run_dir: Path, price_per_hour: float | None = None, explain: bool = Fa
     curves = _jsonl(run_dir / "metrics.jsonl")
     if curves:
         images["training"] = figures.training_curves(curves)
-    cost = _cost(run_dir, price_per_hour)
+    cost = run_cost(run_dir, price_per_hour)
     if cost:
         images["cost"] = figures.cost_bars({k: v["wall_s"] for k, v in cost["parts"].items()})
     examples, explain_note = _examples(run_dir, results, items, tuned_rows, explain, log, loaded)
@@ -332,7 +332,7 @@ def explain_items(run_dir: Path, results: dict, items: list, log, loaded=None) -
     return generate_rows(model, tokenizer, items, style, EXPLAIN_TOKENS, len(items))
 
 
-def _cost(run_dir: Path, price_per_hour: float | None) -> dict | None:
+def run_cost(run_dir: Path, price_per_hour: float | None) -> dict | None:
     """The run's recorded cost (medtune cost's figures), in device-hours and, with a price, in money."""
     from medtune import cost
 

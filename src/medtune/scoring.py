@@ -104,7 +104,9 @@ def _freed_memory_returned():
     come from a heap it does not give back (benchmarks/memory_fit.py, Qwen3-1.7B shape: eval peaked at 7,315 MB
     before this and the batch token cap, 5,076 MB after; docs/benchmarks.md). Afterwards the threshold is
     set to 32 MiB (glibc's own ceiling for its dynamic threshold). Elsewhere than glibc this does nothing."""
-    libc = _glibc()
+    from medtune.models import glibc
+
+    libc = glibc()
     if libc is not None:
         libc.mallopt(M_MMAP_THRESHOLD, 1 << 20)
     try:
@@ -116,18 +118,6 @@ def _freed_memory_returned():
 
 
 M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
-
-
-def _glibc():
-    import ctypes
-    import platform
-
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
-        return None
-    try:
-        return ctypes.CDLL("libc.so.6")
-    except OSError:
-        return None
 
 
 def _score(model, encoded: list[Encoded], batch_size: int, mode: str, margin: float, progress):
