@@ -274,7 +274,7 @@ def test_run_trains_the_one_base_it_evaluated(tiny_model_dir, tmp_path, monkeypa
 
 def test_bf16_holding_keeps_fp32_values_only_where_bf16_would_lose_them():
     """`run` widens a bf16 checkpoint to fp32 for training, then holds it in bf16 again for the tuned evaluation: those
-    values are bf16 values, so no fp32 copy is kept (it made `run` 1.5x `train`'s peak memory); values bf16 cannot
+    values are bf16 values, so no fp32 copy is kept (a wasted copy of the base); values bf16 cannot
     hold (a GGUF's dequantized weights) keep theirs, and fp32 scoring still sees exactly the fp32 values."""
     import torch
 

@@ -274,8 +274,8 @@ def native_bf16(device: str, torch: Any = None) -> bool:
 def weights_dtype(device: str, torch: Any = None, mode: str = "fast") -> str:
     """How evaluation holds the weights on `device`: once, in bf16 where bf16 is native (fast mode, the default),
     else fp32. Exact mode computes everything in fp32, so it holds fp32 weights: computing fp32 layer by layer from
-    bf16 holding costs more time than it saves memory when every layer runs in fp32 (MedQA on this CPU: 1.25x
-    lm-eval's wall time held in bf16)."""
+    bf16 holding costs time when every layer runs in fp32 (MedQA on this CPU, benchmarks/lmeval_parity.py: 0.907x
+    lm-eval's wall time held in bf16, 0.716x with fp32 weights on 2026-12-01; docs/benchmarks.md)."""
     return "bfloat16" if mode != "exact" and native_bf16(device, torch) else "float32"
 
 

@@ -269,9 +269,9 @@ def glibc():
 
 
 def release_freed_memory() -> None:
-    """Give the heap's free pages back to the OS (glibc malloc_trim). A dtype change frees one copy of every weight
-    tensor below glibc's mmap threshold; without this the process keeps it, and `run` trained (fp32) and evaluated
-    (bf16) with both copies resident: 1.5x train's peak."""
+    """Give the heap's free pages back to the OS (glibc malloc_trim) after a dtype change freed one copy of the weights.
+    Measured on `run` (benchmarks/memory_fit.py, Qwen3-1.7B shape): peak 1.505x train's without it, 1.478x with it:
+    a small part of run's excess, whose main cause is not yet found (docs/benchmarks.md)."""
     libc = glibc()
     if libc is not None:
         libc.malloc_trim(0)
