@@ -292,3 +292,20 @@ def test_bf16_holding_keeps_fp32_values_only_where_bf16_would_lose_them():
     assert all(p.dtype == torch.bfloat16 for p in model.parameters())
     hold_in_fp32(model)
     assert all(torch.equal(p, e) for p, e in zip(model.parameters(), exact))
+
+
+def test_the_vocabulary_projection_gets_a_contiguous_input_whatever_slice_the_model_takes(tiny_model_dir):
+    """transformers keeps the last position for the logits (`logits_to_keep=1`) as a strided slice of the hidden
+    states; torch 2.13's CPU bf16 linear on such an input allocated ~6 GB for Qwen3-1.7B's head, which was `run`'s peak
+    (the report's explanations). Every loaded model's head sees a contiguous input, also with an adapter attached."""
+    import torch
+
+    from medtune.models import load_model
+
+    model, _, _ = load_model(tiny_model_dir, dtype="bfloat16")
+    seen = []
+    model.get_output_embeddings().register_forward_pre_hook(lambda m, a: seen.append(a[0].is_contiguous()))
+    with torch.inference_mode():
+        model(input_ids=torch.tensor([[5, 6, 7, 8], [9, 10, 11, 12]]), logits_to_keep=1)
+        model.generate(input_ids=torch.tensor([[5, 6, 7]]), max_new_tokens=2, do_sample=False)
+    assert seen and all(seen)

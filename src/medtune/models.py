@@ -189,8 +189,8 @@ def load_weights(name: str, path: str, dtype, **kwargs):
     if not gguf:
         check_config_fits(path)
     try:
-        return AutoModelForCausalLM.from_pretrained(where, dtype=dtype, trust_remote_code=False,
-                                                    **(gguf or {"use_safetensors": True}), **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, trust_remote_code=False,
+                                                     **(gguf or {"use_safetensors": True}), **kwargs)
     except (OSError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise MedtuneError(f"{name}: could not load the model ({first}). medtune loads safetensors weights only; "
@@ -200,6 +200,18 @@ def load_weights(name: str, path: str, dtype, **kwargs):
         first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
         raise MedtuneError(f"{name}: config.json does not fit these weights ({first}); use the config saved with "
                            "them") from None
+    head = model.get_output_embeddings()
+    if head is not None:
+        head.register_forward_pre_hook(_contiguous_input)
+    return model
+
+
+def _contiguous_input(module, args):
+    """The vocabulary projection's input made contiguous. Generation and scoring keep only the last position
+    (`logits_to_keep=1`: a strided slice of the hidden states), and torch 2.13's CPU bf16 linear on a strided 3-D input
+    allocated ~6 GB for Qwen3-1.7B's 151,936 x 2,048 head (10 prompts): that was `run`'s peak, in the report's
+    explanations (benchmarks/memory_fit.py). The copy is batch x hidden values."""
+    return (args[0].contiguous(), *args[1:]) if args and hasattr(args[0], "contiguous") else None
 
 
 def check_config_fits(path: str) -> None:
