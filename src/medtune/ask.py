@@ -77,9 +77,13 @@ def load(model: str = "embedded", adapter: str | None = None, method: str | None
     return Loaded(m, tokenizer, model, adapter, style, method, mode, headline)
 
 
-def make_item(question: str, options: list[str], item_id: str = "asked") -> MCQItem:
+def make_item(question: str, options: list[str], item_id: str = "asked",
+              names: tuple[str, str] = ("--question", "--option")) -> MCQItem:
     """A question typed by a person, checked against the input limits. The answer index is a placeholder: an asked
-    question has no gold answer, and nothing here reads it."""
+    question has no gold answer, and nothing here reads it. `names`: how the question and the options were given
+    (flags, or stdin's fields), for the message about text that is not valid Unicode."""
+    from medtune.data.formats import not_unicode
+
     question = (question or "").strip()
     options = [o.strip() for o in options if o and o.strip()]
     if not question:
@@ -91,22 +95,47 @@ def make_item(question: str, options: list[str], item_id: str = "asked") -> MCQI
     for i, text in enumerate(options):
         if len(text) > MAX_OPTION_CHARS:
             raise MedtuneError(f"option {LETTERS[i]} is {len(text)} characters; the limit is {MAX_OPTION_CHARS}")
+    # a lone surrogate (undecodable bytes on the command line, or a JSON "\ud800") breaks the tokenizer: refused here
+    for name, text in [(names[0], question), *((f"{names[1]} {LETTERS[i]}", o) for i, o in enumerate(options))]:
+        problem = not_unicode(text)
+        if problem:
+            raise MedtuneError(f"{name}: {problem}")
     return MCQItem(id=item_id, question=question, options=tuple(options), answer=0)
 
 
 def item_from_json(text: str) -> MCQItem:
-    """A JSON item as medtune's JSONL files hold it: {"question": ..., "options": [...] or {"A": ...}}."""
+    """A JSON item as medtune's JSONL files hold it: {"question": ..., "options": [...] or {"A": ..., "B": ...}}.
+    Read as data files are (a duplicate key is refused); options keyed by letters keep their letters."""
+    from medtune.data.formats import load_json
+
     try:
-        raw = json.loads(text)
+        raw = load_json(text)
     except json.JSONDecodeError as e:
-        raise MedtuneError(f"stdin: not a JSON item ({e})") from None
+        raise MedtuneError(f"stdin:{e.lineno}: not a JSON item ({e.msg} at column {e.colno})") from None
+    except ValueError as e:  # a duplicate key, or a number of over 4,300 digits
+        raise MedtuneError(f"stdin: {str(e)[:200]}; give each field once") from None
+    except RecursionError:
+        raise MedtuneError("stdin: nested too deeply; an item is a flat object") from None
     if not isinstance(raw, dict) or "question" not in raw or "options" not in raw:
         raise MedtuneError('stdin: expected {"question": "...", "options": ["...", "..."]}')
+    if not isinstance(raw["question"], str):
+        raise MedtuneError(f"stdin: question: expected text, got {type(raw['question']).__name__}")
     options = raw["options"]
-    options = list(options.values()) if isinstance(options, dict) else options
+    if isinstance(options, dict):  # the letter the user gave is the letter shown and answered, whatever the key order
+        letters = sorted(options)
+        if letters != list(LETTERS[: len(letters)]):
+            raise MedtuneError(f"stdin: options: keys {', '.join(map(str, letters))[:200]}; key them A, B, C, ... "
+                               f"in sequence from A (at most {MAX_OPTIONS}), or give a list")
+        blank = [k for k in letters if isinstance(options[k], str) and not options[k].strip()]
+        if blank:
+            raise MedtuneError(f"stdin: options.{blank[0]}: empty; give every letter a text, or drop the last ones")
+        options = [options[k] for k in letters]
     if not isinstance(options, list) or not all(isinstance(o, str) for o in options):
-        raise MedtuneError("stdin: options must be a list of strings or a {letter: text} mapping")
-    return make_item(str(raw["question"]), options, str(raw.get("id", "asked")))
+        raise MedtuneError("stdin: options: must be a list of strings or a {letter: text} mapping of strings")
+    item_id = raw.get("id", "asked")
+    if isinstance(item_id, bool) or not isinstance(item_id, (str, int)):
+        raise MedtuneError(f"stdin: id: expected text or an integer, got {type(item_id).__name__}")
+    return make_item(raw["question"], options, str(item_id), names=("stdin: question", "stdin: options"))
 
 
 def answer(loaded: Loaded, item: MCQItem, max_new_tokens: int = MAX_NEW_TOKENS, explain: bool = True) -> dict:
@@ -122,6 +151,7 @@ def answer(loaded: Loaded, item: MCQItem, max_new_tokens: int = MAX_NEW_TOKENS, 
                            f"{MAX_PROMPT_TOKENS - max_new_tokens}")
     row = score_items(loaded.model, loaded.tokenizer, [item], loaded.style, loaded.method, loaded.mode,
                       batch_size=1)[0]
+    refuse_nonfinite([row], loaded)
     choice = LETTERS.index(row["pred"])
     out = {"id": item.id, "answer": row["pred"], "answer_text": item.options[choice], "probs": row["probs"],
            "logprobs": row["logprobs"], "scoring": {"method": f"{loaded.method}-logprob", "mode": loaded.mode,
@@ -132,6 +162,20 @@ def answer(loaded: Loaded, item: MCQItem, max_new_tokens: int = MAX_NEW_TOKENS, 
         out["explanation"], out["explanation_hit_cap"] = text, capped
         out["explanation_dtype"] = str(loaded.model.get_input_embeddings().weight.dtype).removeprefix("torch.")
     return out
+
+
+def refuse_nonfinite(rows: list[dict], loaded: Loaded) -> None:
+    """NaN or infinite probabilities (NaN weights in the model or adapter) are no answer: one line naming the weights,
+    before a percentage is formatted or a row written (json.dumps would write NaN, which no JSON reader accepts)."""
+    import math
+
+    for row in rows:
+        if not all(isinstance(p, (int, float)) and math.isfinite(p) for p in row["probs"].values()):
+            weights = f"adapter {loaded.adapter} (on {loaded.model_name})" if loaded.adapter else \
+                f"model {loaded.model_name}"
+            raise MedtuneError(f"{weights}: item {row.get('id')!r}: the option probabilities are not finite "
+                               f"({', '.join(f'{k}={v}' for k, v in row['probs'].items())[:200]}); its weights hold "
+                               "NaN or inf: retrain it, or use another checkpoint")
 
 
 def explanation(loaded: Loaded, item: MCQItem, choice: int, max_new_tokens: int) -> tuple[str, bool]:

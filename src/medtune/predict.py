@@ -23,6 +23,7 @@ def predict(loaded, items: list[MCQItem], out: Path, source: str, chunk: int = 6
     """Score `items` with a loaded model (see ask.load) into out (a .jsonl path); return a summary."""
     from tqdm.auto import tqdm
 
+    from medtune.ask import refuse_nonfinite
     from medtune.scoring import score_items
 
     out = Path(out)
@@ -44,6 +45,7 @@ def predict(loaded, items: list[MCQItem], out: Path, source: str, chunk: int = 6
             part = todo[start: start + chunk]
             rows = score_items(loaded.model, loaded.tokenizer, part, loaded.style, loaded.method, loaded.mode,
                                batch_size=min(16, chunk), progress=bar)
+            refuse_nonfinite(rows, loaded)  # json.dumps would write NaN: a line no JSON reader accepts
             f.write("".join(json.dumps(r) + "\n" for r in rows))
             f.flush()
             os.fsync(f.fileno())
@@ -68,7 +70,7 @@ def _resume(out: Path, meta: dict) -> set[str]:
     meta_path = out.with_name(out.stem + ".meta.json")
     if out.is_file() and out.stat().st_size:
         if meta_path.is_file():
-            old = json.loads(meta_path.read_text())
+            old = _read_meta(meta_path, out)
             diff = sorted(k for k in meta if old.get(k) != meta[k])
             if diff:
                 changes = ", ".join(f"{k}: {old.get(k)!r} -> {meta[k]!r}" for k in diff)
@@ -94,6 +96,22 @@ def _resume(out: Path, meta: dict) -> set[str]:
 
     io.write_json(meta_path, meta)
     return set()
+
+
+def _read_meta(meta_path: Path, out: Path) -> dict:
+    """The sidecar of a predictions file; a broken one is named (not the predictions file beside it)."""
+    from medtune.data.formats import load_json
+
+    todo = f"it is corrupt: delete it and {out.name} to start again, or pass another --out"
+    try:
+        meta = load_json(meta_path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise MedtuneError(f"{meta_path}:{e.lineno}: not valid JSON ({e.msg} at column {e.colno}); {todo}") from None
+    except (ValueError, RecursionError) as e:  # bad UTF-8, a duplicate key, nesting
+        raise MedtuneError(f"{meta_path}: not readable ({str(e)[:120] or type(e).__name__}); {todo}") from None
+    if not isinstance(meta, dict):
+        raise MedtuneError(f"{meta_path}: expected a JSON object, got {type(meta).__name__}; {todo}")
+    return meta
 
 
 def _written_id(row) -> str:

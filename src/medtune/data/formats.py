@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -47,6 +48,12 @@ def load_json(text: str):
 
 MAX_ROWS = 2_000_000  # 10x MedMCQA's training set; a 120 KB Parquet file can claim millions of rows
 MAX_FIELD_CHARS = 100_000  # 50x a long MedQA vignette, beyond any model's context: more is a broken file, not a question
+# A Parquet file's decoded text: a 1 KB dictionary-encoded file can repeat one 99,000-character string 20,000 times
+# (2 GB of Python strings). About twice MedMCQA's whole training set with its explanations (182,822 rows at ~620
+# characters, as its 4,183-row dev file has): no real benchmark file comes near. Peak memory stays ~0.4 GB.
+MAX_PARQUET_CHARS = 256_000_000
+PARQUET_BATCH_ROWS = 256  # rows decoded at a time: at most 256 x a few fields x MAX_FIELD_CHARS before the count stops it
+SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 def read_file(path: str | Path, cop_base: int | None = None, mapping: dict[str, str] | None = None,
@@ -61,6 +68,8 @@ def read_file(path: str | Path, cop_base: int | None = None, mapping: dict[str, 
     if not rows:
         raise DataError([f"{path}: no rows"])
     fmt = "mapped" if mapping else detect_format(path, rows[0][1])
+    if mapping:
+        check_mapping(path, rows[0][0], rows[0][1], mapping)
     if fmt == "medmcqa":
         cop_base = decide_cop_base(path, rows, cop_base)
     items, problems, seen = [], [], {}
@@ -81,7 +90,9 @@ def read_file(path: str | Path, cop_base: int | None = None, mapping: dict[str, 
 
 
 def _bounded(item: MCQItem) -> None:
-    """Work per item stays bounded: no text beyond MAX_FIELD_CHARS (tokenizing 50 MB is minutes, scoring it memory)."""
+    """Work per item stays bounded: no text beyond MAX_FIELD_CHARS (tokenizing 50 MB is minutes, scoring it memory).
+    And every text is valid Unicode: a lone surrogate (JSON's "\\ud800" with no pair) passes json.loads but breaks the
+    tokenizer and every UTF-8 write later, so it is refused here, where the file and line are known."""
     if len(item.options) < 2:
         raise RowError("options", f"{len(item.options)} option(s); a multiple-choice item needs at least 2")
     for field, texts in (("question", [item.question]), ("options", item.options),
@@ -89,6 +100,22 @@ def _bounded(item: MCQItem) -> None:
         longest = max(len(t) for t in texts)
         if longest > MAX_FIELD_CHARS:
             raise RowError(field, f"{longest:,} characters; the limit is {MAX_FIELD_CHARS:,} (is the file broken?)")
+    for field, texts in (("id", [item.id]), ("question", [item.question]), ("options", item.options),
+                         ("explanation", [item.explanation or ""]), ("subject", [item.subject or ""])):
+        for k, text in enumerate(texts):
+            problem = not_unicode(text)
+            if problem:
+                raise RowError(f"{field}[{k}]" if field == "options" else field, problem)
+
+
+def not_unicode(text: str) -> str | None:
+    """Why `text` cannot be encoded as UTF-8 (a lone surrogate), or None. Python keeps a lone surrogate from a JSON
+    escape or from undecodable command-line bytes (surrogateescape) as a str that no tokenizer or writer accepts."""
+    found = SURROGATE.search(text)
+    if found is None:
+        return None
+    return (f"holds a lone surrogate U+{ord(found.group()):04X} at character {found.start() + 1}, which is not valid "
+            "Unicode (an unpaired \\ud800-style escape, or bytes that are not UTF-8); remove or replace it")
 
 
 BOMS = ((b"\xef\xbb\xbf", "utf-8"), (b"\xff\xfe", "utf-16-le"), (b"\xfe\xff", "utf-16-be"))
@@ -182,15 +209,46 @@ def _parquet_rows(path: Path) -> Iterator[tuple[str, dict]]:
     import pyarrow as pa  # only for parquet files
     import pyarrow.parquet as pq
 
+    def unreadable(e: Exception) -> DataError:
+        return DataError([f"{path}: parquet: not a readable Parquet file ({str(e).splitlines()[0][:200]})"])
+
     try:
-        rows = pq.ParquetFile(path).metadata.num_rows  # from the footer: nothing is decompressed yet
+        file = pq.ParquetFile(path)
+        rows = file.metadata.num_rows  # from the footer: nothing is decompressed yet
         if rows > MAX_ROWS:
             raise DataError([f"{path}: parquet: {rows:,} rows; the limit is {MAX_ROWS:,} (split the file)"])
-        table = pq.read_table(path)
+        batches = file.iter_batches(batch_size=PARQUET_BATCH_ROWS)
     except (pa.ArrowException, OSError) as e:
-        raise DataError([f"{path}: parquet: not a readable Parquet file ({str(e).splitlines()[0][:200]})"]) from None
-    for i, row in enumerate(table.to_pylist(), start=1):
-        yield f"{path}:row {i}", row
+        raise unreadable(e) from None
+    # Decoded in batches and counted as they come: the decoded text, not the file's size, is what costs memory
+    # (dictionary encoding + zstd store a repeated string once), so it is capped before it is all materialised.
+    i, chars = 0, 0
+    while True:
+        try:
+            batch = next(batches, None)
+        except (pa.ArrowException, OSError) as e:
+            raise unreadable(e) from None
+        if batch is None:
+            return
+        for row in batch.to_pylist():
+            i += 1
+            chars += _chars(row)
+            if chars > MAX_PARQUET_CHARS:
+                raise DataError([(f"{path}:row {i}: parquet: the text decoded so far is over {MAX_PARQUET_CHARS:,} "
+                                 "characters (twice MedMCQA's training set; repeated values compress to "
+                                 "almost nothing): is the file broken? split it into smaller files")])
+            yield f"{path}:row {i}", row
+
+
+def _chars(value) -> int:
+    """Characters of text in a decoded Parquet row (strings inside lists and structs included)."""
+    if isinstance(value, str):
+        return len(value)
+    if isinstance(value, dict):
+        return sum(_chars(v) for v in value.values())
+    if isinstance(value, list):
+        return sum(_chars(v) for v in value)
+    return 0
 
 
 def _csv_rows(path: Path, header_given: bool) -> Iterator[tuple[str, dict]]:
@@ -247,7 +305,7 @@ def decide_cop_base(path: Path, rows: list[tuple[str, dict]], cop_base: int | No
         if cop_base not in (0, 1):
             raise MedtuneError(f"--cop-base must be 0 or 1, got {cop_base}")
         return cop_base
-    values = {row.get("cop") for _, row in rows if isinstance(row.get("cop"), int)}  # the rest fail per row
+    values = {_integer(row.get("cop")) for _, row in rows}  # as _index reads them; the rest fail per row
     has0, has4 = 0 in values, 4 in values
     if has0 and has4:
         raise DataError([f"{path}: cop: both 0 and 4 occur, so the file mixes 0-based and 1-based answers"])
@@ -255,6 +313,10 @@ def decide_cop_base(path: Path, rows: list[tuple[str, dict]], cop_base: int | No
         return 0
     if has4:
         return 1
+    bad = [f"{where}: cop: expected an integer 0-4, got {row.get('cop')!r}" for where, row in rows
+           if _integer(row.get("cop")) is None]
+    if bad:  # undecidable, and these rows would fail whatever the base: say so, not "only values 1-3 occur"
+        raise DataError(bad)
     raise MedtuneError(
         f"{path}: cop: only values 1-3 occur, so the file alone can't tell 0-based (Hub) from 1-based (published); "
         "pass --cop-base 0 or --cop-base 1"
@@ -272,14 +334,20 @@ def _text(row: dict, key: str, required: bool = True) -> str | None:
     return value  # as published: lm-evaluation-harness builds its prompts from the unstripped text
 
 
-def _index(value, n: int, field: str, base: int = 0) -> int:
+def _integer(value) -> int | None:
+    """An integer as published (3 or "3"), else None ("B", "--5", a superscript digit, true)."""
     if isinstance(value, str):
         try:
             value = int(value.strip())
-        except ValueError:  # "B", "--5", a superscript digit: reported below as it was written
-            pass
-    if not isinstance(value, int) or isinstance(value, bool):
+        except ValueError:
+            return None
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def _index(value, n: int, field: str, base: int = 0) -> int:
+    if _integer(value) is None:  # reported as it was written
         raise RowError(field, f"expected an integer, got {value!r}")
+    value = _integer(value)
     if not base <= value < n + base:
         raise RowError(field, f"{value} is out of range {base}..{n - 1 + base}")
     return value - base
@@ -400,9 +468,21 @@ def parse_mapping(spec: str) -> dict[str, str]:
     return mapping
 
 
+def check_mapping(path: Path, where: str, row: dict, mapping: dict[str, str]) -> None:
+    """Every column --map names exists in the first row (a CSV's header): else one line naming the columns there are."""
+    named = [mapping[k] for k in ("question", "answer", "id", "subject", "explanation") if k in mapping]
+    columns = [k for k in row if not k.startswith("__")]
+    where = f"{path}:1" if "__csv__" in row else where  # a CSV's columns are its header line
+    for column in [*named[:2], *mapping["options"].split("|"), *named[2:]]:
+        if column not in row:
+            raise MedtuneError(f"{where}: {column}: no such column (the columns are {', '.join(columns)[:300]}); "
+                               "fix --map")
+
+
 def _mapped(row, where, path, mapping, **_) -> MCQItem:
     cols = mapping["options"].split("|")
-    texts = tuple(_text({c: str(row[c]) if isinstance(row.get(c), (int, float)) else row.get(c)}, c) for c in cols)
+    texts = tuple(_text({c: str(row[c]) if isinstance(row.get(c), (int, float)) else row.get(c)} if c in row else {},
+                        c) for c in cols)
     gold = row.get(mapping["answer"])
     if isinstance(gold, str) and gold.strip().upper() in LETTERS[: len(texts)]:
         answer = LETTERS.index(gold.strip().upper())

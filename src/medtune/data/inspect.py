@@ -7,9 +7,10 @@ from collections import Counter
 from pathlib import Path
 
 from medtune.data import sources
-from medtune.data.formats import decide_cop_base, parse_mapping, read_rows
+from medtune.data.formats import decide_cop_base, detect_format, parse_mapping, read_rows
 from medtune.data.items import LETTERS, MCQItem
 from medtune.data.split import overlap, split
+from medtune.errors import MedtuneError
 
 
 def _load(source: str, cop_base: int | None, mapping: str | None) -> list[MCQItem]:
@@ -22,9 +23,11 @@ def validate(source: str, cop_base: int | None = None, mapping: str | None = Non
     The overlong-item check needs prompts (and a tokenizer), layers above data: prompts.overlong_warnings."""
     items = _load(source, cop_base, mapping)
     note = ""
-    if Path(source).is_file() and items and items[0].benchmark == "medmcqa" and cop_base is None:
+    if Path(source).is_file() and items and items[0].benchmark == "medmcqa" and cop_base is None and not mapping:
         rows = list(read_rows(Path(source)))
-        note = f", cop {'1-based (published)' if decide_cop_base(Path(source), rows, None) else '0-based (Hub)'} detected"
+        if detect_format(Path(source), rows[0][1]) == "medmcqa":  # not medtune's own layout of MedMCQA items (no cop)
+            base = decide_cop_base(Path(source), rows, None)
+            note = f", cop {'1-based (published)' if base else '0-based (Hub)'} detected"
     return f"{source}: {len(items)} valid items ({items[0].benchmark} format{note})", items
 
 
@@ -57,6 +60,10 @@ def split_to_files(source: str, train_size: int, out: Path, seed: int = 42, cop_
 
     io.check_out_dir(out, overwrite)
     items = _load(source, cop_base, None)
+    if not 0 < train_size < len(items):  # the rest is the eval part: neither part may be empty
+        raise MedtuneError(f"--train-size {train_size}: {source} has {len(items)} item(s), and the rest after the "
+                           "training part is the eval part; " + (f"give 1 to {len(items) - 1}" if len(items) > 1
+                                                                 else "a split needs at least 2 items"))
     train, evals = split(items, train_size, seed)
     found = overlap(train, evals)
     with io.claim_out_dir(out, overwrite) as dest:  # dest: a fresh dir beside an old one, swapped in at the end

@@ -31,8 +31,12 @@ def prepare_data(cfg: Config, log=print) -> tuple[list[MCQItem], list[MCQItem], 
             train_items, eval_items = items, sources.load(d.eval_source, "eval", cop_base=d.cop_base)
             names = (d.source, d.eval_source)
         else:
+            check_split_size(d.source, len(items), d.train_size)
             train_items, eval_items = split(items, d.train_size or len(items) // 2, d.seed)
             names = (f"{d.source}:split-train", f"{d.source}:split-eval")
+    if d.train_size and len(train_items) < d.train_size:  # silently training on fewer items than asked is a wrong run
+        raise MedtuneError(f"data.train_size={d.train_size}: {names[0]} has only {len(train_items)} items; lower "
+                           "data.train_size (or leave it unset to train on all of them)")
     if d.train_size and len(train_items) > d.train_size:
         train_items = train_items[: d.train_size] if d.select == "first" else \
             random.Random(d.seed).sample(train_items, d.train_size)
@@ -55,6 +59,17 @@ def prepare_data(cfg: Config, log=print) -> tuple[list[MCQItem], list[MCQItem], 
             "eval": sources.fingerprint(eval_items, names[1], "eval"),
             "overlap": {"exact": len(found["exact"]), "near": len(found["near"])}}
     return train_items, eval_items, data
+
+
+def check_split_size(source: str, n: int, train_size: int | None) -> None:
+    """A file without data.eval_source is split in two: the training part (data.train_size, else half) and the rest
+    for eval; neither may be empty. Names the file and the numbers, and blames train_size only when it was given."""
+    if n < 2:
+        raise MedtuneError(f"data.source {source}: {n} item(s); splitting it into training and eval items needs at "
+                           "least 2: add items, or give the eval items as data.eval_source")
+    if train_size is not None and train_size >= n:
+        raise MedtuneError(f"data.train_size={train_size}: {source} has {n} items and the rest after the training "
+                           f"part is the eval part; give at most {n - 1}, or give the eval items as data.eval_source")
 
 
 def refuse_test(source: str) -> None:
