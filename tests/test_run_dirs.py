@@ -144,7 +144,7 @@ def test_an_interrupted_training_overwrite_is_swapped_in_for_resume(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     (out / "metrics.jsonl").write_text("old\n")
-    with pytest.raises(TrainingInterrupted) as caught, io.claim_out_dir(out, overwrite=True) as dest:
+    with pytest.raises(TrainingInterrupted) as caught, io.claim_out_dir(out, overwrite=True, resumable=True) as dest:
         (dest / "checkpoints").mkdir()
         raise TrainingInterrupted(f"stopped; resume with `medtune train --resume --out {dest}`", 143)
     assert str(caught.value) == f"stopped; resume with `medtune train --resume --out {out}`"

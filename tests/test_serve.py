@@ -37,6 +37,7 @@ def server(tiny_model_dir, tmp_path_factory):
                                  # docs/serve.png: MEDTUNE_SERVE_ARGS="--model embedded --max-new-tokens 96"
                                  *os.environ.get("MEDTUNE_SERVE_ARGS", "").split()],
                                 stdout=f, stderr=subprocess.STDOUT, env=env)
+    proc.log = log  # what the server printed (test_sigterm_stops_the_server_with_one_line_and_143 reads it)
     url = f"http://127.0.0.1:{port}/"
     deadline = time.time() + 180  # ~10-25 s on 2 idle cores; far more when the machine is shared
     while time.time() < deadline:
@@ -83,6 +84,7 @@ def test_binds_loopback_only_and_api_matches_ask(server, tiny_model_dir):
                                        ("Q?", "a\n" + "b" * 501, "option B is 501")]:
         with pytest.raises(AppError, match=message):
             _client(url).predict(question, options, api_name="/ask")
+    assert "Traceback" not in proc.log.read_text()  # a refused question is the client's error, not a server crash
 
 
 @pytest.mark.slow  # ~10 s: Chromium starts, loads the page, asks one question
@@ -240,3 +242,15 @@ def test_abandoned_queue_joins_lose_their_places(monkeypatch):
         assert "event: complete" in body and "Via curl?" in computed
     finally:
         page.close()
+
+
+def test_sigterm_stops_the_server_with_one_line_and_143(server):
+    """Last in this file (it stops the module's server): gradio catches the interrupt and returns normally, so
+    `medtune serve` exited 0 on SIGTERM; it ends as every command does on a signal."""
+    import signal
+
+    _, proc = server
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=30) == 128 + signal.SIGTERM
+    errors = [line for line in proc.log.read_text().splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith("error: SIGTERM") and "Traceback" not in proc.log.read_text()

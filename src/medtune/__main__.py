@@ -1,3 +1,3 @@
-from medtune.cli import app
+from medtune.cli import main
 
-app()
+main()

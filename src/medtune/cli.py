@@ -42,6 +42,33 @@ Device = Annotated[str | None, typer.Option("--device", help="auto (the policy's
                                                          "CPU), cpu, cuda, cuda:N, xpu, xpu:N or mps.")]
 
 
+def main() -> None:
+    """The `medtune` command (and `python -m medtune`): a usage error (an unknown flag, a value of the wrong type) is one
+    line, exit 2, as every other error is, instead of click's usage box."""
+    usage_error = typer.BadParameter.__mro__[1]  # click's UsageError (typer 0.29 vendors click; not exported)
+    try:
+        code = app(standalone_mode=False)
+    except usage_error as e:
+        if type(e).__name__ == "NoArgsIsHelpError":  # `medtune`, `medtune data`: the help, as before
+            typer.echo(e.ctx.get_help())
+            sys.exit(2)
+        where = f" (see `{e.ctx.command_path} --help`)" if e.ctx is not None else ""
+        typer.echo(f"error: {one_line(e.format_message())}{where}", err=True)
+        code = 2
+    except typer.Abort:  # Ctrl-C while click itself reads (a prompt)
+        typer.echo("error: SIGINT: stopped", err=True)
+        code = 130
+    sys.exit(code if isinstance(code, int) else 0)
+
+
+def one_line(message: str, limit: int = 2000) -> str:
+    """An error message as one line, whatever it quotes: newlines in a path shown as \\n, and a message that quotes
+    a 30 MB value cut to its start and end."""
+    text = str(message).replace("\r", "\\r").replace("\n", "\\n")
+    return text if len(text) <= limit else f"{text[: limit - 200]}... ({len(text) - limit + 20:,} characters cut) ..." \
+        f"{text[-180:]}"
+
+
 NO_DEVICE = {"compare", "conformal", "data"}  # never touch a GPU; every other command, present or future, is prepared
 
 
@@ -87,9 +114,11 @@ def user_errors(fn):
             return fn(*args, **kwargs)
         except DataError as e:
             if len(e.problems) == 1:  # one line: file:line: field: what is wrong
-                typer.echo(f"error: {e.problems[0]} (nothing was written)", err=True)
+                typer.echo(f"error: {one_line(e.problems[0])} (nothing was written)", err=True)
             else:
-                typer.echo(f"error: {len(e.problems)} problem(s) in the data; nothing was written:\n{e}", err=True)
+                problems = "\n".join(one_line(p) for p in e.problems[:50]) + (f"\n... and {len(e.problems) - 50} more "
+                                                                               "problems" if len(e.problems) > 50 else "")
+                typer.echo(f"error: {len(e.problems)} problem(s) in the data; nothing was written:\n{problems}", err=True)
             raise typer.Exit(2) from None
         except KeyboardInterrupt as e:  # Ctrl-C, or a second SIGTERM/SIGINT during training (checkpoint.Signals)
             signum = e.args[0] if e.args and isinstance(e.args[0], int) else signal.SIGINT
@@ -98,10 +127,10 @@ def user_errors(fn):
                        "checkpoint, if one was written)", err=True)
             raise typer.Exit(128 + signum) from None
         except TrainingInterrupted as e:  # checkpoint written; 128 + signal number, as a shell reports it
-            typer.echo(f"error: {e}", err=True)
+            typer.echo(f"error: {one_line(e)}", err=True)
             raise typer.Exit(e.exit_code) from None
         except MedtuneError as e:
-            typer.echo(f"error: {e}", err=True)
+            typer.echo(f"error: {one_line(e)}", err=True)
             raise typer.Exit(2) from None
         except Exception as e:  # last resort: a known library error (corrupt safetensors, full disk, ...) is one line
             from medtune.errors import explain
@@ -109,7 +138,7 @@ def user_errors(fn):
             mapped = explain(e)
             if mapped is None:  # a bug: the traceback is the report
                 raise
-            typer.echo(f"error: {mapped}", err=True)
+            typer.echo(f"error: {one_line(mapped)}", err=True)
             raise typer.Exit(2) from None
     return wrapper
 
@@ -124,6 +153,22 @@ def _in_range(flag: str, value, low=None, high=None) -> None:
         span = f"in {low}..{high}" if low is not None and high is not None else f">= {low}" if low is not None \
             else f"<= {high}"
         raise MedtuneError(f"{flag} {value!r} is out of range; must be {span}")
+
+
+TRACKER_PACKAGES = {"tensorboard": ("tensorboard", "tensorboardX"), "comet_ml": ("comet_ml",), "wandb": ("wandb",),
+                    "aim": ("aim",), "mlflow": ("mlflow",), "clearml": ("clearml",), "dvclive": ("dvclive",),
+                    "swanlab": ("swanlab",), "trackio": ("trackio",)}
+
+
+def _check_trackers(cfg) -> None:
+    """train.report_to names trackers that are installed (accelerate only warns and trains untracked otherwise)."""
+    import importlib.util
+
+    missing = [t for t in cfg.train.report_to if t in TRACKER_PACKAGES and not any(
+        importlib.util.find_spec(m) for m in TRACKER_PACKAGES[t])]
+    if missing:
+        raise MedtuneError(f"train.report_to: {', '.join(missing)} is not installed; pip install "
+                           f"{' '.join(TRACKER_PACKAGES[t][0] for t in missing)}, or drop it from train.report_to")
 
 
 def _inputs(cfg, adapter: str | None = None) -> tuple:
@@ -237,13 +282,15 @@ def train(config: Config_ = None, sets: Set_ = None,
 
     cfg = _config(config, sets, out_dir=str(out) if out else None, device=device)
     resolve_device(cfg.device)
+    _check_trackers(cfg)
     log = _log(quiet)
     if resume and not (Path(cfg.out_dir) / "checkpoints").is_dir():
         raise MedtuneError(f"--resume: {cfg.out_dir} holds no earlier run (no checkpoints/); drop --resume to start one")
     check_out_dir(Path(cfg.out_dir), overwrite, allow_existing=resume)
     train_items, eval_items, data = prepare_data(cfg, log)
     train_items, val_items, data = validation_split(cfg, train_items, eval_items, data)  # data.validation
-    with claim_out_dir(Path(cfg.out_dir), overwrite, allow_existing=resume, inputs=_inputs(cfg)) as dest:
+    with claim_out_dir(Path(cfg.out_dir), overwrite, allow_existing=resume, inputs=_inputs(cfg),
+                       resumable=True) as dest:
         train_fn(cfg, train_items, dest, resume=resume, quiet=quiet, log=log, extra_meta={"data": data},
                  val_items=val_items)
 
@@ -263,8 +310,14 @@ def run(config: Config_ = None, sets: Set_ = None,
     cfg = _config(config, sets, model=model, out_dir=str(out) if out else None, device=device,
                   **{"data.source": data, "data.train_size": train_size})
     resolve_device(cfg.device)
-    with claim_out_dir(Path(cfg.out_dir), overwrite, inputs=_inputs(cfg)) as dest:  # beside an old run, swapped in
-        results = run_fn(cfg, quiet=quiet, log=_log(quiet), out=dest)  # the config records the final --out
+    _check_trackers(cfg)
+    try:
+        with claim_out_dir(Path(cfg.out_dir), overwrite, inputs=_inputs(cfg)) as dest:  # beside an old run, swapped in
+            results = run_fn(cfg, quiet=quiet, log=_log(quiet), out=dest)  # the config records the final --out
+    except TrainingInterrupted as e:  # `run` has no --resume: rolled back like any failure, the old run kept whole
+        raise TrainingInterrupted(f"{str(e).split(':')[0]}: `medtune run` stopped during training; a run does not "
+                                  f"resume, so it was rolled back (an earlier run in {cfg.out_dir} is unchanged). "
+                                  "Rerun it, or use `medtune train` for a resumable training", e.exit_code) from None
     _print_results(results, json_out, Path(cfg.out_dir))
     if not json_out:
         typer.echo(f"report: {Path(cfg.out_dir) / Path(results['report']).relative_to(dest)}")
@@ -422,6 +475,8 @@ def report(run_dir: Path, out: Annotated[Path | None, typer.Option(help="Default
 
     _in_range("--price-per-hour", price_per_hour, 0, 1e6)
     if out is not None:
+        if out.suffix.lower() not in (".html", ".htm"):  # `--out RUN/results.json` replaced the run's results
+            raise MedtuneError(f"--out {out}: the report is an HTML page; name a .html file")
         check_file_target(out)
     path = write_report(run_dir, out, price_per_hour=price_per_hour, explain=explain, log=_log(quiet))
     typer.echo(f"report: {path}")

@@ -20,8 +20,8 @@ import math
 from pathlib import Path
 
 from medtune import stats
-from medtune.data.formats import load_json
 from medtune.errors import MedtuneError
+from medtune.records import read_rows
 
 DEFAULT_TOLERANCE = {"max_abs_dlogprob": 0.6, "flip_rate": 0.01}
 
@@ -36,7 +36,7 @@ def compare_files(a: Path, b: Path, as_json: bool = False, parity: bool = False,
     by_b = {r["id"]: r for r in rows_b}
     result = stats.paired_compare([r["correct"] for r in rows_a], [by_b[i]["correct"] for i in ids_a], ids_a)
     if as_json:
-        return json.dumps({"a": str(a), "b": str(b), **result}, indent=1)
+        return json.dumps({"path_a": str(a), "path_b": str(b), **result}, indent=1)  # result's a..d: McNemar counts
     lo, hi = result["diff_ci"]
     return "\n".join([
         f"A: {a}\nB: {b}\nitems: {result['n']}",
@@ -266,35 +266,6 @@ def _rows(path: Path) -> list[dict]:
         path.with_name("predictions.jsonl") if path.name == "results.json" else path)
     if not preds.is_file():
         raise MedtuneError(f"{path}: no predictions.jsonl beside it; pass an eval output dir or its results.json")
-    rows = []
-    for n, line in enumerate(preds.read_text(encoding="utf-8").split("\n"), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = load_json(line)
-        except (ValueError, RecursionError) as e:
-            raise MedtuneError(f"{preds}:{n}: not valid JSON ({str(e)[:120]}); it is corrupt or truncated: restore "
-                               "or rewrite it") from None
-        problem = _bad_row(row)
-        if problem:
-            raise MedtuneError(f"{preds}:{n}: {problem}; not a medtune predictions file (pass an eval output dir)")
-        rows.append(row)
-    return rows
+    return read_rows(preds, "predictions")
 
 
-def _bad_row(row) -> str | None:
-    """What is wrong with one predictions.jsonl row, for the fields a comparison reads; None when it is sound."""
-    if not isinstance(row, dict):
-        return f"expected a JSON object, got {type(row).__name__}"
-    if not isinstance(row.get("id"), str) or not row["id"]:
-        return f"id: expected text, got {row.get('id')!r:.40}"
-    if not isinstance(row.get("correct"), bool):
-        return f"correct: expected true or false, got {row.get('correct')!r:.40}"
-    for key in ("pred", "gold"):
-        if row.get(key) is not None and not isinstance(row[key], str):
-            return f"{key}: expected a letter or null, got {row[key]!r:.40}"
-    logprobs = row.get("logprobs")
-    if logprobs is not None and (not isinstance(logprobs, dict) or not all(
-            isinstance(v, (int, float)) and not isinstance(v, bool) and abs(v) <= 1e6 for v in logprobs.values())):
-        return "logprobs: expected {letter: log-probability, finite and within 1e6 of 0}"
-    return None

@@ -43,7 +43,7 @@ class LoraConfig:
 @dataclass
 class TrainConfig:
     epochs: float = 3.0
-    max_steps: int | None = None  # stop after this many optimizer steps (overrides epochs)
+    max_steps: int | None = None  # stop after at most this many optimizer steps (a cap on the epochs' steps)
     batch_size: int = 8
     grad_accum: int = 1
     lr: float = 2e-4
@@ -97,6 +97,9 @@ class Config:
         return dataclasses.asdict(self)
 
 
+MAX_RECIPE_BYTES = 1 << 20
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     """Defaults, then the YAML file, then `key.sub=value` overrides (values parsed as YAML scalars)."""
     raw: dict = {}
@@ -104,6 +107,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         path = Path(path)
         if not path.is_file():
             raise MedtuneError(f"{path}: config file not found")
+        if path.stat().st_size > MAX_RECIPE_BYTES:  # YAML parses at ~2 MB/s: a 30 MB "recipe" is not one
+            raise MedtuneError(f"{path}: {path.stat().st_size:,} bytes; a recipe is a few KB of settings (at most "
+                               f"{MAX_RECIPE_BYTES:,} bytes)")
         try:
             raw = load_yaml(path.read_text(encoding="utf-8-sig"), str(path)) or {}  # a BOM is fine
         except UnicodeDecodeError as e:

@@ -79,6 +79,11 @@ def explain(exc: BaseException, path: str | None = None) -> MedtuneError | None:
         if where == "the standard output":
             return MedtuneError(f"{what} the standard output: redirect it to a file or device with room")
         return MedtuneError(f"{what} {where}: {advice.format(_existing_dir(where))}")
+    if isinstance(exc, OSError) and exc.errno == errno.ENAMETOOLONG:
+        where = str(path or exc.filename or _file_in_traceback(exc) or "a path")
+        where = where if len(where) <= 120 else f"{where[:60]}...{where[-40:]} ({len(where):,} characters)"
+        return MedtuneError(f"{where}: a name in this path is longer than the file system allows (255 bytes per "
+                            "name, 4096 per path); use a shorter path")
     if isinstance(exc, UnicodeError):  # a lone surrogate in JSON text, invalid bytes on the command line
         return MedtuneError(f"the input holds text that is not valid Unicode{f' ({path})' if path else ''}: "
                             f"{getattr(exc, 'reason', exc)} at character {getattr(exc, 'start', '?')} of a field; "

@@ -61,7 +61,7 @@ def build(run_dir: Path, price_per_hour: float | None = None, explain: bool = Fa
         if not any(r.get("precision") == "bf16" for r in base_rows + tuned_rows):  # report.metrics: why fp32 only
             images["risk_coverage"] = figures.risk_coverage({"base": risk_coverage(base_rows),
                                                              "tuned": risk_coverage(tuned_rows)})
-    curves = _jsonl(run_dir / "metrics.jsonl")
+    curves = _jsonl(run_dir / "metrics.jsonl", "metrics")
     if curves:
         images["training"] = figures.training_curves(curves)
     cost = run_cost(run_dir, price_per_hour)
@@ -175,11 +175,13 @@ def _load_results(run_dir: Path) -> dict:
 
 
 def _rows(d: Path) -> list[dict]:
-    return _jsonl(d / "predictions.jsonl")
+    return _jsonl(d / "predictions.jsonl", "predictions")
 
 
-def _jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+def _jsonl(path: Path, kind: str) -> list[dict]:
+    from medtune.records import read_rows
+
+    return read_rows(path, kind) if path.is_file() else []
 
 
 def _items(run_dir: Path) -> tuple[dict, str | None]:
@@ -294,7 +296,7 @@ def _examples(run_dir: Path, results: dict, items: dict, tuned_rows: list[dict],
             from medtune.report import write_jsonl
 
             write_jsonl(saved, explain_items(run_dir, results, [items[r["id"]] for r in rows], log, loaded))
-        generated = {r["id"]: r for r in _jsonl(saved)}
+        generated = {r["id"]: r for r in _jsonl(saved, "explanations")}
         note = (f"Explanations: generated greedily for this report by the tuned model (base + adapter), at most "
                 f"{EXPLAIN_TOKENS} new tokens, with the run's prompt style (saved in explanations.jsonl).")
     else:
@@ -306,7 +308,7 @@ def _examples(run_dir: Path, results: dict, items: dict, tuned_rows: list[dict],
     for r in rows:
         item, g = items.get(r["id"]), generated.get(r["id"])
         letters = sorted(r["probs"]) if "probs" in r else [chr(65 + j) for j in range(len(item.options) if item else 0)]
-        options = [{"letter": ch, "text": item.options[j] if item else "", "prob": r.get("probs", {}).get(ch),
+        options = [{"letter": ch, "text": item.options[j] if item and j < len(item.options) else "", "prob": r.get("probs", {}).get(ch),
                     "gold": ch == r["gold"], "pred": ch == r["pred"]} for j, ch in enumerate(letters)]
         out.append({"id": r["id"], "question": item.question if item else "", "options": options, "gold": r["gold"],
                     "pred": r["pred"], "correct": r["correct"], "subject": r.get("subject"),

@@ -204,18 +204,19 @@ def _refuse_inputs_inside(where: Path, inputs: tuple, flag: str, path: Path) -> 
 
 @contextlib.contextmanager
 def claim_out_dir(path: Path, overwrite: bool = False, flag: str = "--out",
-                  allow_existing: bool = False, inputs: tuple = ()) -> Iterator[Path]:
+                  allow_existing: bool = False, inputs: tuple = (), resumable: bool = False) -> Iterator[Path]:
     """Lock `path` for the command's life (`out_dir_lock`), check it again under the lock, prove it writable (a
     probe file) before any heavy work, and yield the directory the command must write into:
 
     - `path` itself when it is new or empty, or for `train --resume` (`allow_existing`: continued in place). If the
-      body fails and the dir was created here and is still empty, it is removed again: a refused command leaves no
-      trace.
+      body fails, what it wrote there is removed again (a full disk in `eval` left predictions.jsonl that `compare`
+      then read as a finished evaluation): a failed command leaves no trace, except a `train` that wrote a checkpoint
+      (`resumable`), which `--resume` continues. An empty dir the user made stays, empty.
     - with `overwrite` over a non-empty `path`, a fresh `.NAME.new-<pid>` beside it: when the body succeeds it is
       swapped in and the old run deleted (nothing of the old run is kept, so nothing stale is read back as this
-      run's); when it fails (an error, Ctrl-C, a full disk) it is deleted and the old run stays whole. A training run
-      stopped by a signal (`TrainingInterrupted`: a checkpoint was written and the user told to `--resume`) is swapped
-      in too, so the resume continues it and not the old run.
+      run's); when it fails (an error, Ctrl-C, a full disk) it is deleted and the old run stays whole. With
+      `resumable` (`train`), a training run stopped by a signal (`TrainingInterrupted`: a checkpoint was written and
+      the user told to `--resume`) is kept, and swapped in, so the resume continues it and not the old run.
     """
     path = _lexical(path)
     with out_dir_lock(path, flag) as main:
@@ -231,6 +232,7 @@ def claim_out_dir(path: Path, overwrite: bool = False, flag: str = "--out",
             _refuse_inputs_inside(where, inputs, flag, path)
         target = where.with_name(f".{where.name}.new-{_launch_id()}") if swap else path
         created = not target.exists()
+        owned = swap or (not allow_existing and not _content(target))  # nothing in it is older than this command
         try:
             target.mkdir(parents=True, exist_ok=True)
             probe = _tmp_name(target / PROBE)
@@ -240,16 +242,17 @@ def claim_out_dir(path: Path, overwrite: bool = False, flag: str = "--out",
             raise MedtuneError(f"{flag} {path}: can't write there ({e.strerror or e})") from None
         try:
             yield target
-        except TrainingInterrupted as e:
-            if swap and main:
-                replace_dir(target, where)
-                raise TrainingInterrupted(str(e).replace(str(target), str(path)), e.exit_code) from None
-            raise
-        except BaseException:
-            if swap and main:
-                shutil.rmtree(target, ignore_errors=True)
-            elif created and target.is_dir() and not any(target.iterdir()):
-                target.rmdir()
+        except BaseException as e:
+            if isinstance(e, TrainingInterrupted) and resumable:  # `train`: the checkpoint is what --resume continues
+                if swap and main:
+                    replace_dir(target, where)
+                    raise TrainingInterrupted(str(e).replace(str(target), str(path)), e.exit_code) from None
+                raise
+            kept = resumable and any((target / "checkpoints").glob("step-*"))  # train's checkpoints: --resume
+            if main and owned and not kept and target.is_dir() and not target.is_symlink():
+                shutil.rmtree(target, ignore_errors=True)  # a failed command leaves nothing of itself
+                if not created and not swap:
+                    target.mkdir(exist_ok=True)  # the empty dir the user made stays
             raise
         if swap and main:
             replace_dir(target, where)

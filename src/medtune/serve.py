@@ -42,12 +42,13 @@ def build(loaded: Loaded, max_new_tokens: int = 96, guard: QueueGuard | None = N
 
     def ask_fn(question: str, options: str, request: gr.Request):
         if guard is not None and not guard.wait_for_listener(request.session_hash):
-            raise gr.Error("nobody is waiting for this answer (the client went away); it was not computed")
+            raise gr.Error("nobody is waiting for this answer (the client went away); it was not computed",
+                           print_exception=False)
         try:
             item = make_item(question, (options or "").splitlines())
             result = answer(loaded, item, max_new_tokens)
-        except MedtuneError as e:  # a clear message in the page (and an error for API clients), never a crash
-            raise gr.Error(str(e)) from None
+        except MedtuneError as e:  # a clear message in the page (and an error for API clients), never a crash, and
+            raise gr.Error(str(e), print_exception=False) from None  # no traceback in the server's log for bad input
         bars = {f"{letter}. {shorten(text, 60)}": p for (letter, p), text in zip(result["probs"].items(), item.options)}
         s = result["scoring"]
         head = (f"### Answer: {result['answer']}. {result['answer_text']}\n"
@@ -114,10 +115,32 @@ def serve(loaded: Loaded, host: str = "127.0.0.1", port: int = 7860, share: bool
     # Requests beyond max_queue waiting get a "queue is full" answer at once: a crowd sees "busy", memory stays flat.
     page.queue(max_size=max_queue, default_concurrency_limit=concurrency)
     log(f"serving on http://{host}:{port} (Ctrl-C stops it)")
+    stopped = _note_signals() if block else []
     page.launch(server_name=host, server_port=port, share=share, show_error=True, ssr_mode=False, pwa=False,
                 mcp_server=False, enable_monitoring=False, quiet=True, css=CSS, prevent_thread_lock=not block,
                 app_kwargs={"middleware": guard.middleware(page)})
+    if stopped:  # gradio closes the page on the interrupt and returns: the command still ends as a signal's does
+        raise KeyboardInterrupt(stopped[0])
     return page
+
+
+def _note_signals() -> list[int]:
+    """SIGINT, SIGTERM and SIGHUP stop the server (gradio catches the KeyboardInterrupt and returns normally) and are
+    noted, so that `medtune serve` exits 128 + the signal with one line, as every command does (not 0)."""
+    import signal
+    import threading
+
+    stopped: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        return stopped
+
+    def note(signum, frame):
+        stopped.append(signum)
+        raise KeyboardInterrupt(signum)
+
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, note)
+    return stopped
 
 
 def check_listen(host: str, port: int) -> None:
