@@ -7,6 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from medtune.data.items import LETTERS, MCQItem
+from medtune.errors import MedtuneError
 from medtune.prompts import lettered
 from medtune.scoring import argmax, default_margin, encode, permuted_scores, score, score_items
 
@@ -160,6 +161,7 @@ def contamination_check(items: list[MCQItem], adapter: str, log) -> dict | None:
     else:  # the training text stays in the run dir; the adapter carries hashes of it (data/split.py)
         from medtune.data.split import load_item_hashes, overlap_hashed
 
+        check_item_hashes(adapter, len(record.get("train_ids") or []))
         hashes = load_item_hashes(adapter, record.get("train_ids") or [])
         if hashes is None:
             log(f"warning: {adapter} records no training-item hashes: no contamination check")
@@ -171,6 +173,41 @@ def contamination_check(items: list[MCQItem], adapter: str, log) -> dict | None:
         log(f"warning: contamination: {len(found['exact'])} eval items duplicate training items and "
             f"{len(found['near'])} nearly do ({', '.join(ids[:10])}{' ...' if len(ids) > 10 else ''})")
     return found
+
+
+def check_item_hashes(adapter: str, n_ids: int) -> None:
+    """train-hashes.safetensors as data/split.save_item_hashes writes it: metadata ngram a small whole number; int64
+    vectors keys (one per training id), ngram_hashes and ngram_items of one length, each item index a training item.
+    Anything else is refused in one line naming the file and field, before the contamination check reads it."""
+    from safetensors import safe_open
+
+    from medtune.data.split import HASHES_FILE
+
+    path = Path(adapter) / HASHES_FILE
+    if not path.is_file():
+        return
+    fix = "re-export the adapter (medtune writes this file at training)"
+    with safe_open(str(path), framework="numpy") as f:
+        ngram = (f.metadata() or {}).get("ngram", "8")
+        if not (ngram.isascii() and ngram.isdigit() and 1 <= int(ngram) <= 64):
+            raise MedtuneError(f"{path}: metadata ngram: {ngram!r:.40} is not a word count in 1..64; {fix}")
+        shapes = {k: (f.get_slice(k).get_dtype(), f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118
+        for key in ("keys", "ngram_hashes", "ngram_items"):
+            if key not in shapes:
+                raise MedtuneError(f"{path}: {key}: missing (it holds {', '.join(sorted(shapes))[:100] or 'nothing'}); "
+                                   f"{fix}")
+            if shapes[key][0] != "I64" or len(shapes[key][1]) != 1:
+                raise MedtuneError(f"{path}: {key}: {shapes[key][0]} of shape {shapes[key][1]}, not a vector of int64; "
+                                   f"{fix}")
+        if shapes["keys"][1][0] != n_ids:
+            raise MedtuneError(f"{path}: keys: holds {shapes['keys'][1][0]} items but medtune.json lists {n_ids} "
+                               f"training ids; {fix}")
+        if shapes["ngram_hashes"][1] != shapes["ngram_items"][1]:
+            raise MedtuneError(f"{path}: ngram_items: {shapes['ngram_items'][1][0]} entries for "
+                               f"{shapes['ngram_hashes'][1][0]} ngram_hashes; {fix}")
+        owners = f.get_tensor("ngram_items")
+        if owners.size and not (0 <= owners.min() and owners.max() < n_ids):
+            raise MedtuneError(f"{path}: ngram_items: an item index outside 0..{n_ids - 1}; {fix}")
 
 
 def run_suite(cfg, out_dir: Path, adapter: str | None, quiet: bool, log) -> dict:

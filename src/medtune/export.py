@@ -119,15 +119,19 @@ def _training_items(run_dir: Path, meta: dict) -> Path:
 
 def public_meta(meta: dict, run_dir: Path, merged: bool) -> dict:
     """medtune.json for an export: the adapter's record with training text dropped and every local path reduced to
-    its last component; the base model named by its Hub id when it has one."""
+    its last component; the base model named by its Hub id when it has one. A merged export records the adapter
+    weights' sha256: attaching that adapter to it again is refused (models.check_not_merged)."""
+    from medtune.models import adapter_sha256
+
     keep = {k: v for k, v in meta.items() if k not in ("train_items",)}
     public = _scrub(keep)
     public["base_model"] = public_base(meta["base_model"])
     public["export"] = {"run": run_dir.resolve().name, "merged": merged, "base_model": public["base_model"],
                         "prompt_style": meta["prompt_style"], "medtune_version": _version(),
                         "exported_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                        "train_items_file": None}
+                        "train_items_file": None, "adapter_sha256": adapter_sha256(run_dir / "adapter")}
     return public
+
 
 
 def public_base(base_model: str) -> str:

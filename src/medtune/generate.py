@@ -9,6 +9,7 @@ checked for contradicting the chosen letter.
 from __future__ import annotations
 
 from medtune.data.items import MCQItem
+from medtune.errors import MedtuneError
 from medtune.parse import contradiction, parse_answer
 from medtune.prompts import clean_explanation, context_limit, fit_prompt
 from medtune.rouge import rouge_l
@@ -17,6 +18,10 @@ from medtune.rouge import rouge_l
 def generate_rows(model, tokenizer, items: list[MCQItem], style: str, max_new_tokens: int = 256,
                   batch_size: int = 8, progress=None) -> list[dict]:
     limit = context_limit(tokenizer) - max_new_tokens  # overlong items: the same rule as training and scoring
+    if limit < 1:
+        raise MedtuneError(f"max_new_tokens={max_new_tokens}: leaves no room for the question in the "
+                           f"{context_limit(tokenizer)} positions the model takes; lower it (eval.max_new_tokens, "
+                           "--max-new-tokens) well below that")
     prompts = [fit_prompt(item, style, tokenizer, limit)[1] for item in items]
     outputs = greedy(model, tokenizer, prompts, max_new_tokens, batch_size, progress)
     return [_row(item, text, cap) for item, (text, cap) in zip(items, outputs)]
@@ -40,7 +45,8 @@ def greedy(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size
         idx = order[start: start + batch_size]
         enc = tokenizer([prompts[i] for i in idx], return_tensors="pt", padding=True, add_special_tokens=False)
         with torch.inference_mode():
-            out = model.generate(**enc.to(device), generation_config=decoding)
+            out = model.generate(**enc.to(device), generation_config=decoding,
+                                 logits_processor=[_FiniteScores(model)])
         for row, i in enumerate(idx):
             new = out[row, enc.input_ids.shape[1]:].tolist()
             ended = tokenizer.eos_token_id in new
@@ -49,6 +55,25 @@ def greedy(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size
         if progress is not None:
             progress.update(len(idx))
     return outputs
+
+
+class _FiniteScores:
+    """A logits processor that refuses NaN scores: greedy decoding would take an arbitrary token from them (NaN
+    weights, adapter or config values), and the answer would be read from noise. One reduction per step."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def __call__(self, input_ids, scores):
+        import torch
+
+        if bool(torch.isnan(scores).any()):
+            from medtune.scoring import describe_model
+
+            raise MedtuneError(f"{describe_model(self.model)}: the model computed non-finite scores while generating: "
+                               "its weights, adapter or config (e.g. rms_norm_eps) hold NaN or infinite values; use "
+                               "the original checkpoint")
+        return scores
 
 
 def _row(item: MCQItem, text: str, capped: bool) -> dict:

@@ -52,7 +52,14 @@ def resolve(name: str, log=print) -> str:
     expected = {"gguf": gguf.name, "size": gguf.stat().st_size}
     if _converted(out, expected):
         return str(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # a regular file where the cache directory should be, no permission, a read-only disk
+        where = (f"MEDTUNE_CACHE={os.environ['MEDTUNE_CACHE']}" if os.environ.get("MEDTUNE_CACHE")
+                 else f"the cache directory {out.parent}")
+        why = "is a file, not a directory" if out.parent.exists() and not out.parent.is_dir() else (
+            e.strerror or type(e).__name__).lower()
+        raise MedtuneError(f"{where}: {why}; point MEDTUNE_CACHE at a directory medtune can write") from None
     from filelock import FileLock
 
     # several processes (accelerate launch ranks, parallel jobs) may start on an empty cache: one converts, the
@@ -137,14 +144,38 @@ def load_tokenizer(path: str, padding_side: str = "left"):
     try:  # no code from a model's or an adapter's tokenizer_config.json `auto_map`, whatever it asks
         tokenizer = AutoTokenizer.from_pretrained(where, trust_remote_code=False, **kwargs)
     except ValueError as e:
-        why = ("it asks to run its own Python code (auto_map); medtune never runs code from a model or adapter"
-               if "trust_remote_code" in str(e) else str(e).strip().splitlines()[0][:200] if str(e).strip() else
-               type(e).__name__)
-        raise MedtuneError(f"{where}: cannot load its tokenizer ({why})") from None
+        if "trust_remote_code" in str(e):
+            raise MedtuneError(f"{where}: cannot load its tokenizer (it asks to run its own Python code (auto_map); "
+                               "medtune never runs code from a model or adapter)") from None
+        raise MedtuneError(f"{_tokenizer_file(path)}: cannot load its tokenizer ({_first(e)}); {_tokenizer_fix(path)}"
+                           ) from None
+    except Exception as e:  # noqa: BLE001 - a tokenizer file transformers or the tokenizers library cannot build
+        # (an unknown model type, missing fields: KeyError, TypeError, the tokenizers library's plain Exception)
+        raise MedtuneError(f"{_tokenizer_file(path)}: cannot load its tokenizer ({_first(e)}); {_tokenizer_fix(path)}"
+                           ) from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = padding_side
     return tokenizer
+
+
+def _tokenizer_file(path: str) -> str:
+    """The file a tokenizer load failure is about: the .gguf itself, else the directory's first vocabulary file."""
+    if Path(path).suffix == ".gguf":
+        return path
+    return next((str(Path(path) / f) for f in VOCAB_FILES if (Path(path) / f).is_file()), path)
+
+
+def _tokenizer_fix(path: str) -> str:
+    return ("convert the model again with a tokenizer transformers reads (llama, gpt2, ...), or load its original "
+            "directory" if Path(path).suffix == ".gguf" else
+            "save the model's tokenizer beside it again (tokenizer.save_pretrained)")
+
+
+def _first(e: BaseException) -> str:
+    text = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+    return f"{type(e).__name__}: {text}" if isinstance(e, (KeyError, TypeError, AttributeError, IndexError)) or not text \
+        else text
 
 
 def load_model(name: str, adapter: str | None = None, dtype: str | None = None, device: str = "cpu",
@@ -162,6 +193,8 @@ def load_model(name: str, adapter: str | None = None, dtype: str | None = None, 
         check_adapter(adapter)  # before the model loads: a bad adapter is refused in a second, not after a minute
     dtype = dtype or weights_dtype(device)
     path = resolve(name, log=log)
+    if adapter:
+        check_not_merged(path, adapter)
     # bf16 holding reads the checkpoint in its own dtype ("auto"): a bf16 checkpoint is never widened on the way in.
     # A GGUF dequantizes to fp32 values: read in fp32, so hold_in_bf16 keeps them for exact scoring.
     gguf = Path(path).suffix == ".gguf"
@@ -171,11 +204,72 @@ def load_model(name: str, adapter: str | None = None, dtype: str | None = None, 
         hold_in_bf16(model, device)
     model.to(device)
     tokenizer = load_tokenizer(adapter if adapter and (Path(adapter) / "tokenizer_config.json").is_file() else path)
+    fit_context(tokenizer, model.config)
     if adapter:
         model = attach_adapter(model, adapter, base=(name, path), log=log)
         if merge and dtype == "float32":  # same function, plain linear layers: evaluation runs at the base model's speed
             model = model.merge_and_unload()  # (bf16 weights keep the adapter apart: merging would round W + BA)
+            model.medtune_adapter = adapter
     return model.eval(), tokenizer, path
+
+
+POSITION_FIELDS = ("n_positions", "max_position_embeddings", "n_ctx")  # lm-evaluation-harness reads these, in order
+
+
+def position_limit(config) -> tuple[int, str] | None:
+    """(positions, config field) the model can take, from its config, as lm-evaluation-harness finds its max_length;
+    None when the config states none. GPT-2's learned position table ends there (an index error past it)."""
+    for key in POSITION_FIELDS:
+        value = getattr(config, key, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value, key
+    return None
+
+
+def fit_context(tokenizer, config) -> None:
+    """The tokenizer's model_max_length lowered to the model's position limit where that is smaller, so that every
+    prompt fitted by prompts.context_limit (scoring, generation, training's batches) fits the model too."""
+    from medtune.prompts import context_limit
+
+    limit = position_limit(config)
+    if limit and limit[0] < context_limit(tokenizer):
+        tokenizer.model_max_length = limit[0]
+
+
+def check_not_merged(path: str, adapter: str) -> None:
+    """Refuse an adapter that the model (a merged export, medtune.json `export.merged`) already contains: attached
+    again it would be applied twice. Known by the adapter weights' sha256 the export records, or, for an export
+    written before it did, by the same training record (train_ids and summary) in both medtune.json files."""
+    if Path(path).suffix == ".gguf" or not (Path(path) / "medtune.json").is_file():
+        return
+    merged = read_meta(path)
+    export = merged.get("export") or {}
+    if not export.get("merged"):
+        return
+    if export.get("adapter_sha256"):
+        same = export["adapter_sha256"] == adapter_sha256(Path(adapter))
+    else:
+        meta = read_meta(adapter)
+        same = bool(meta.get("train_ids")) and all(meta.get(k) == merged.get(k) for k in ("train_ids", "summary"))
+    if same:
+        raise MedtuneError(f"--adapter {adapter}: {path} is a merged export that already contains this adapter "
+                           f"(its medtune.json, run {export.get('run')}); attached again it would be applied twice: "
+                           f"evaluate {path} alone, or the adapter on the base model {merged.get('base_model')}")
+
+
+def adapter_sha256(adapter: Path) -> str | None:
+    """sha256 of the adapter's weights file: a merged export records it, so that loading the same adapter onto the
+    export again (applying it twice) is refused (models.load_model)."""
+    weights = Path(adapter) / "adapter_model.safetensors"
+    if not weights.is_file():
+        return None
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(weights, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def load_weights(name: str, path: str, dtype, **kwargs):
@@ -187,6 +281,7 @@ def load_weights(name: str, path: str, dtype, **kwargs):
 
     where, gguf = _pretrained(path)
     if not gguf:
+        check_config_finite(path)
         check_config_fits(path)
     try:
         model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, trust_remote_code=False,
@@ -212,6 +307,27 @@ def _contiguous_input(module, args):
     allocated ~6 GB for Qwen3-1.7B's 151,936 x 2,048 head (10 prompts): that was `run`'s peak, in the report's
     explanations (benchmarks/memory_fit.py). The copy is batch x hidden values."""
     return (args[0].contiguous(), *args[1:]) if args and hasattr(args[0], "contiguous") else None
+
+
+def check_config_finite(path: str) -> None:
+    """A local config.json holding NaN or Infinity (JSON has neither, Python's reader accepts both): every value the
+    model computes would be NaN (rms_norm_eps NaN). Refused before loading, naming the field."""
+    file = Path(path) / "config.json"
+    try:
+        config = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError):
+        return  # the loader reports a config it cannot read, in one line
+
+    def bad(value, where: str) -> str | None:
+        if isinstance(value, float) and not math.isfinite(value):
+            return where
+        items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+        return next((b for k, v in items if (b := bad(v, f"{where}.{k}" if where else str(k)))), None)
+
+    field = bad(config, "")
+    if field:
+        raise MedtuneError(f"{file}: {field}: not a finite number (NaN or Infinity); use the config saved with the "
+                           "weights")
 
 
 def check_config_fits(path: str) -> None:
@@ -355,22 +471,47 @@ def check_adapter(adapter: str | Path) -> dict:
 
 
 def _bad_lora_field(cfg: dict) -> str | None:
-    """The LoRA fields PEFT would otherwise fail on with a TypeError deep inside: their types and ranges."""
+    """The LoRA fields PEFT would otherwise fail on with a TypeError deep inside, or read as something else (the
+    string "yes" for use_dora is true, so PEFT would build DoRA layers the weights do not hold): their types and
+    ranges. rank_pattern and alpha_pattern are bounded as r and lora_alpha are (PEFT allocates every rank listed)."""
     def number(v):
         return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
+    def integer(v, low, high):
+        return isinstance(v, int) and not isinstance(v, bool) and low <= v <= high
+
+    def texts(v):
+        return v is None or isinstance(v, str) or (isinstance(v, list) and all(isinstance(x, str) for x in v))
+
+    def pattern(ok):
+        return lambda v: isinstance(v, dict) and all(isinstance(k, str) and ok(x) for k, x in v.items())
+
     checks = {
-        "r": lambda v: isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= MAX_LORA_R,
+        "r": lambda v: integer(v, 1, MAX_LORA_R),
         "lora_alpha": lambda v: number(v) and v > 0,
         "lora_dropout": lambda v: number(v) and 0 <= v < 1,
-        "target_modules": lambda v: v is None or isinstance(v, str) or (
-            isinstance(v, list) and all(isinstance(x, str) for x in v)),
+        "target_modules": texts,
         "modules_to_save": lambda v: v is None or (isinstance(v, list) and all(isinstance(x, str) for x in v)),
+        "exclude_modules": texts,
+        "layers_pattern": texts,
+        "layers_to_transform": lambda v: v is None or integer(v, 0, 100_000) or (
+            isinstance(v, list) and all(integer(x, 0, 100_000) for x in v)),
+        "rank_pattern": pattern(lambda x: integer(x, 1, MAX_LORA_R)),
+        "alpha_pattern": pattern(lambda x: number(x) and x > 0),
+        "bias": lambda v: v in ("none", "all", "lora_only"),
+        "init_lora_weights": lambda v: isinstance(v, (bool, str)),
+        "task_type": lambda v: v is None or isinstance(v, str),
+        "layer_replication": lambda v: v is None,  # copies base layers; medtune never trains with it
+        **{key: lambda v: v is None or isinstance(v, bool) for key in LORA_BOOLS},
     }
     for key, ok in checks.items():
         if key in cfg and not ok(cfg[key]):
             return f"{key}: {cfg[key]!r:.60} is not a valid value"
     return None
+
+
+LORA_BOOLS = ("use_dora", "use_rslora", "fan_in_fan_out", "inference_mode", "lora_bias", "use_qalora",
+              "ensure_weight_tying", "use_bdlora")
 
 
 def read_meta(directory: str | Path) -> dict:
@@ -387,13 +528,29 @@ def read_meta(directory: str | Path) -> dict:
         raise MedtuneError(f"{path}: corrupt ({str(e)[:200]}); re-export the adapter") from None
     checks = {"prompt_style": lambda v: v in STYLES, "base_model": lambda v: isinstance(v, str) and v,
               "train_ids": lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v),
-              "export": lambda v: isinstance(v, dict)}
+              "export": lambda v: isinstance(v, dict), "base_signature": lambda v: isinstance(v, dict),
+              "train_items": lambda v: isinstance(v, list) and all(_item_record(x) for x in v)}
     if not isinstance(meta, dict):
         raise MedtuneError(f"{path}: expected a JSON object, got {type(meta).__name__}; re-export the adapter")
     bad = next((k for k, ok in checks.items() if k in meta and not ok(meta[k])), None)
     if bad:
         raise MedtuneError(f"{path}: {bad}: {meta[bad]!r:.60} is not valid; re-export the adapter")
     return meta
+
+
+def _item_record(d) -> bool:
+    """A training item as medtune.json's train_items holds it (MCQItem.to_dict): the fields evaluate.py rebuilds."""
+    from dataclasses import fields
+
+    from medtune.data.items import MCQItem
+
+    names = {f.name for f in fields(MCQItem)}
+    return (isinstance(d, dict) and set(d) <= names and isinstance(d.get("id"), str)
+            and isinstance(d.get("question"), str) and isinstance(d.get("options"), list)
+            and 2 <= len(d["options"]) and all(isinstance(o, str) for o in d["options"])
+            and isinstance(d.get("answer"), int) and not isinstance(d["answer"], bool)
+            and 0 <= d["answer"] < len(d["options"])
+            and all(d.get(k) is None or isinstance(d[k], str) for k in ("explanation", "subject", "benchmark")))
 
 
 def attach_adapter(model, adapter: str, base: tuple[str, str] | None = None, log=print):
@@ -406,14 +563,40 @@ def attach_adapter(model, adapter: str, base: tuple[str, str] | None = None, log
         _check_base(model, adapter, cfg, base, log)
     import warnings
 
+    check_finite_weights(Path(adapter) / "adapter_model.safetensors")
     try:
-        with warnings.catch_warnings():  # peft 0.21 reads `is_gradient_checkpointing`, deprecated in transformers 5
-            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-            return PeftModel.from_pretrained(model, adapter)
+        with warnings.catch_warnings(record=True) as caught:  # peft 0.21 reads `is_gradient_checkpointing`,
+            warnings.simplefilter("always")  # deprecated in transformers 5: dropped; others are shown again below
+            peft_model = PeftModel.from_pretrained(model, adapter)
     except (RuntimeError, ValueError, KeyError, TypeError) as e:  # shape mismatch, unknown target modules
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise MedtuneError(f"{adapter}: does not fit this base model ({first[:300]}); load it on the base model it "
                            "was trained on") from None
+    for w in caught:
+        text = str(w.message)
+        if "missing adapter keys" in text:  # the config implies weights (DoRA magnitudes, other layers) not stored
+            missing = re.findall(r"[\w.]+lora_\w+[\w.]*", text)
+            raise MedtuneError(f"{Path(adapter) / 'adapter_model.safetensors'}: lacks {len(missing) or 'some'} weights "
+                               f"its adapter_config.json implies (e.g. {missing[0] if missing else '?'}); the config "
+                               "does not belong to these weights: re-export the adapter")
+        if "is_gradient_checkpointing" not in text:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    peft_model.medtune_adapter = str(adapter)  # named by scoring's non-finite check
+    return peft_model
+
+
+def check_finite_weights(file: Path) -> None:
+    """Refuse a weights file holding NaN or infinity (an adapter is small: read once, before it is attached); every
+    score computed through it would be NaN."""
+    import torch
+    from safetensors import safe_open
+
+    with safe_open(str(file), framework="pt") as f:
+        for key in f.keys():  # noqa: SIM118 (safe_open has no __iter__)
+            t = f.get_tensor(key)
+            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                raise MedtuneError(f"{file}: {key} holds NaN or infinite values; the adapter is broken (a diverged "
+                                   "training run): use an earlier checkpoint or train again")
 
 
 def base_signature(config) -> dict:

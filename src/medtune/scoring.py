@@ -26,6 +26,7 @@ import math
 from dataclasses import dataclass
 
 from medtune.data.items import LETTERS, MCQItem
+from medtune.errors import MedtuneError
 from medtune.prompts import choices, context_limit, continuations, fit_prompt
 
 METHODS = ("letter", "answer", "generate")  # generate lives in generate.py: it writes text, it does not score options
@@ -46,6 +47,7 @@ class Encoded:
     options: list[list[int]]  # continuation tokens per option
     choice_chars: list[int] | None = None  # characters of each choice (lm-eval's acc_norm divides by these)
     cut: int = 0  # characters cut from the question's start to fit the context (prompts.fit_prompt)
+    id: str = ""  # the item's id: named when its scores are not finite
 
     @property
     def single_token(self) -> bool:
@@ -82,7 +84,7 @@ def encode(items: list[MCQItem], style: str, tokenizer, method: str = "letter") 
         context = tokenizer(prompt, add_special_tokens=False).input_ids
         whole = [tokenizer(prompt + c, add_special_tokens=False).input_ids for c in continuations(item, style, method)]
         out.append(Encoded(context, [w[len(context):] for w in whole], [len(c) for c in choices(item, style, method)],
-                           cut))
+                           cut, item.id))
     return out
 
 
@@ -94,7 +96,28 @@ def score(model, encoded: list[Encoded], batch_size: int = 16, mode: str = "fast
     right after fine-tuning) puts most questions within the margin, and then exact mode is cheaper, so it switches.
     Weights held in fp32 (no native bf16) are scored in fp32 in both modes."""
     with _freed_memory_returned():
-        return _score(model, encoded, batch_size, mode, margin, progress)
+        scores, rescored = _score(model, encoded, batch_size, mode, margin, progress)
+    check_finite(model, scores, encoded)
+    return scores, rescored
+
+
+def check_finite(model, scores: list[list[float]], encoded: list[Encoded] | None = None) -> None:
+    """Every log-probability finite, or one line naming the model (and adapter): NaN or infinite weights, adapter or
+    config values (e.g. rms_norm_eps NaN) make every score NaN, and a NaN row would decide an arbitrary letter and
+    write invalid JSON. (-inf is a possible log-prob only under a hard mask, which scoring never applies.)"""
+    bad = next((k for k, lps in enumerate(scores) if not all(math.isfinite(lp) for lp in lps)), None)
+    if bad is None:
+        return
+    raise MedtuneError(f"{describe_model(model)}: the model computed non-finite log-probabilities (item "
+                       f"{encoded[bad].id if encoded and encoded[bad].id else bad}): its weights, adapter or config "
+                       "(e.g. rms_norm_eps) hold NaN or infinite values; use the original checkpoint")
+
+
+def describe_model(model) -> str:
+    """The model (config._name_or_path) and the adapter attached to it, as one-line errors name them."""
+    name = getattr(getattr(model, "config", None), "_name_or_path", None) or "the model"
+    adapter = getattr(model, "medtune_adapter", None)
+    return f"{name} with adapter {adapter}" if adapter else str(name)
 
 
 @contextlib.contextmanager

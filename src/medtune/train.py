@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import importlib.util
 import json
 import math
 import shutil
@@ -452,9 +453,20 @@ def autocast_dtype(accelerator) -> str:
 def attention_kernel(cfg: Config, info, policy) -> str:
     """The policy's attention, except eager for CPU training: at exam-question lengths (~100-300 tokens) it measured
     faster than SDPA's CPU kernels here (310 vs 253 real tokens/s, embedded model, bf16 autocast)."""
-    if cfg.train.attn_implementation != "auto":
-        return cfg.train.attn_implementation
-    return "eager" if info.kind == "cpu" or cfg.device == "cpu" else policy.attn_implementation
+    kernel = cfg.train.attn_implementation
+    if kernel == "auto":
+        kernel = "eager" if info.kind == "cpu" or cfg.device == "cpu" else policy.attn_implementation
+    if kernel == "flash_attention_2":  # refused here, before the weights load, not by transformers after them
+        from medtune.hardware import flash_ok
+
+        why = ("runs on a GPU only" if info.kind == "cpu" or cfg.device == "cpu" else
+               "needs the flash-attn package (pip install flash-attn)" if importlib.util.find_spec("flash_attn") is None
+               else "flash-attn does not import or does not support this GPU" if not info.flash_attn or not flash_ok(info)
+               else None)
+        if why:
+            raise MedtuneError(f"train.attn_implementation=flash_attention_2: FlashAttention 2 {why}; set "
+                               "train.attn_implementation=auto (medtune picks what this device runs) or sdpa")
+    return kernel
 
 
 def training_base_dtype(accelerator) -> str:
@@ -487,7 +499,7 @@ def lora_model(cfg: Config, accelerator, log, attn_implementation: str | None = 
     import torch
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
-    from medtune.models import load_tokenizer, load_weights, quantization_config, resolve
+    from medtune.models import fit_context, load_tokenizer, load_weights, position_limit, quantization_config, resolve
 
     path = resolve(cfg.model, log=log if accelerator.is_main_process else (lambda *_: None))
     tokenizer = load_tokenizer(path, padding_side="right")
@@ -502,6 +514,11 @@ def lora_model(cfg: Config, accelerator, log, attn_implementation: str | None = 
         model = load_weights(cfg.model, path, getattr(torch, dtype), attn_implementation=attn_implementation,
                              quantization_config=quant,  # a quantized base is placed at load; accelerate can't move it
                              device_map={"": accelerator.device} if quant else None)
+    limit = position_limit(model.config)
+    if limit and cfg.train.max_length > limit[0]:  # GPT-2's learned positions end there: an index error mid-step
+        raise MedtuneError(f"train.max_length={cfg.train.max_length}: above the {limit[0]} positions {cfg.model} takes "
+                           f"(config.json {limit[1]}); set train.max_length to at most {limit[0]}")
+    fit_context(tokenizer, model.config)  # saved with the adapter: its evaluations fit the model too
     if quant:  # QLoRA: norms and embeddings to fp32, input grads on, checkpointing as configured
         with _peft_reads_deprecated_names():
             model = prepare_model_for_kbit_training(
