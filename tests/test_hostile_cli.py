@@ -84,7 +84,7 @@ def test_a_predictions_row_without_pred_is_named_not_a_traceback(tmp_path):
 
 @pytest.mark.parametrize("kind,lines,said", [
     ("predictions", ['{"id": "q1", "gold": "A", "pred": "A", "correct": true}', "[1]"], ":2: expected a JSON object"),
-    ("predictions", ['{"id": "q1", "gold": "A", "pred": "A", "correct": true, "probs": {"A": "x"}}'], ":1: probs"),
+    ("predictions", ['{"id": "q1", "gold": "A", "pred": "A", "correct": true, "probs": {"A": "x"}}'], ":1: item q1: probs"),
     ("metrics", ['{"step": 1, "loss": 1.0, "lr": 0.1}', '{"step": "x", "loss": "nan"}'], ":2: step"),
     ("metrics", ['{"step": 1, "loss": 1.0}'], ":1: lr"),
     ("explanations", ['{"id": "q1", "pred": "A", "explanation": "ok"}', "not json"], ":2: not valid JSON"),

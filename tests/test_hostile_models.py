@@ -141,6 +141,8 @@ def test_nan_scores_are_one_line_naming_the_model_in_eval_and_predict(nan_model,
     one_line(runner.invoke(app, ["predict", "demo", "--model", str(nan_model), "--limit", "2", "--out", str(out),
                                  "-q"]), "non-finite log-probabilities")
     assert not out.exists() or "NaN" not in out.read_text()
+    one_line(runner.invoke(app, ["ask", "--model", str(nan_model), "--question", "Q?", "--option", "a", "--option",
+                                 "b", "--max-new-tokens", "2"]), str(nan_model), "non-finite")  # AS14
 
 
 def test_generation_refuses_nan_scores(nan_model):  # the generate method and ask's explanation

@@ -151,7 +151,6 @@ def answer(loaded: Loaded, item: MCQItem, max_new_tokens: int = MAX_NEW_TOKENS, 
                            f"{MAX_PROMPT_TOKENS - max_new_tokens}")
     row = score_items(loaded.model, loaded.tokenizer, [item], loaded.style, loaded.method, loaded.mode,
                       batch_size=1)[0]
-    refuse_nonfinite([row], loaded)
     choice = LETTERS.index(row["pred"])
     out = {"id": item.id, "answer": row["pred"], "answer_text": item.options[choice], "probs": row["probs"],
            "logprobs": row["logprobs"], "scoring": {"method": f"{loaded.method}-logprob", "mode": loaded.mode,
@@ -162,20 +161,6 @@ def answer(loaded: Loaded, item: MCQItem, max_new_tokens: int = MAX_NEW_TOKENS, 
         out["explanation"], out["explanation_hit_cap"] = text, capped
         out["explanation_dtype"] = str(loaded.model.get_input_embeddings().weight.dtype).removeprefix("torch.")
     return out
-
-
-def refuse_nonfinite(rows: list[dict], loaded: Loaded) -> None:
-    """NaN or infinite probabilities (NaN weights in the model or adapter) are no answer: one line naming the weights,
-    before a percentage is formatted or a row written (json.dumps would write NaN, which no JSON reader accepts)."""
-    import math
-
-    for row in rows:
-        if not all(isinstance(p, (int, float)) and math.isfinite(p) for p in row["probs"].values()):
-            weights = f"adapter {loaded.adapter} (on {loaded.model_name})" if loaded.adapter else \
-                f"model {loaded.model_name}"
-            raise MedtuneError(f"{weights}: item {row.get('id')!r}: the option probabilities are not finite "
-                               f"({', '.join(f'{k}={v}' for k, v in row['probs'].items())[:200]}); its weights hold "
-                               "NaN or inf: retrain it, or use another checkpoint")
 
 
 def explanation(loaded: Loaded, item: MCQItem, choice: int, max_new_tokens: int) -> tuple[str, bool]:

@@ -475,9 +475,9 @@ def report(run_dir: Path, out: Annotated[Path | None, typer.Option(help="Default
 
     _in_range("--price-per-hour", price_per_hour, 0, 1e6)
     if out is not None:
+        check_file_target(out)
         if out.suffix.lower() not in (".html", ".htm"):  # `--out RUN/results.json` replaced the run's results
             raise MedtuneError(f"--out {out}: the report is an HTML page; name a .html file")
-        check_file_target(out)
     path = write_report(run_dir, out, price_per_hour=price_per_hour, explain=explain, log=_log(quiet))
     typer.echo(f"report: {path}")
 
@@ -546,7 +546,11 @@ def ask(question: Annotated[str | None, typer.Option(help="The question (or a JS
     if question is None:
         if sys.stdin.isatty():
             raise MedtuneError("give --question and --option (2-10 times), or a JSON item on stdin")
-        item = ask_mod.item_from_json(sys.stdin.read())
+        try:
+            text = sys.stdin.buffer.read().decode("utf-8-sig")
+        except UnicodeDecodeError as e:
+            raise MedtuneError(f"stdin: not UTF-8 text (byte {e.start}); give the JSON item as UTF-8") from None
+        item = ask_mod.item_from_json(text)
     else:
         item = ask_mod.make_item(question, option or [])
     _in_range("--max-new-tokens", max_new_tokens, 0, 1 << 16)

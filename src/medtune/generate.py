@@ -68,7 +68,7 @@ class _FiniteScores:
         import torch
 
         if bool(torch.isnan(scores).any()):
-            from medtune.scoring import describe_model
+            from medtune.models import describe_model
 
             raise MedtuneError(f"{describe_model(self.model)}: the model computed non-finite scores while generating: "
                                "its weights, adapter or config (e.g. rms_norm_eps) hold NaN or infinite values; use "

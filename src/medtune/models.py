@@ -419,6 +419,13 @@ def hold_in_fp32(model) -> None:
     release_freed_memory()
 
 
+def describe_model(model) -> str:
+    """The model (config._name_or_path) and the adapter attached to it, as one-line errors name them."""
+    name = getattr(getattr(model, "config", None), "_name_or_path", None) or "the model"
+    adapter = getattr(model, "medtune_adapter", None)
+    return f"{name} with adapter {adapter}" if adapter else str(name)
+
+
 def placement(model) -> dict:
     """Where the weights sit and how they are held: recorded with every result, checked by benchmarks/gpu_check.sh."""
     devices = {str(p.device) for p in model.parameters()}

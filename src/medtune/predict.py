@@ -23,7 +23,6 @@ def predict(loaded, items: list[MCQItem], out: Path, source: str, chunk: int = 6
     """Score `items` with a loaded model (see ask.load) into out (a .jsonl path); return a summary."""
     from tqdm.auto import tqdm
 
-    from medtune.ask import refuse_nonfinite
     from medtune.scoring import score_items
 
     out = Path(out)
@@ -45,7 +44,6 @@ def predict(loaded, items: list[MCQItem], out: Path, source: str, chunk: int = 6
             part = todo[start: start + chunk]
             rows = score_items(loaded.model, loaded.tokenizer, part, loaded.style, loaded.method, loaded.mode,
                                batch_size=min(16, chunk), progress=bar)
-            refuse_nonfinite(rows, loaded)  # json.dumps would write NaN: a line no JSON reader accepts
             f.write("".join(json.dumps(r) + "\n" for r in rows))
             f.flush()
             os.fsync(f.fileno())

@@ -98,7 +98,7 @@ def bad_prediction(row) -> str | None:
     if row.get("logprobs") is not None and not _letter_map(row["logprobs"], lambda v: _number(v) and abs(v) <= 1e6):
         return "logprobs: expected {letter: log-probability, finite and within 1e6 of 0}"
     if "probs" in row and not _letter_map(row["probs"], _share):
-        return "probs: expected {letter: probability in [0, 1]}"
+        return f"item {row['id']}: probs must be numbers in [0, 1], one per letter"
     return None
 
 

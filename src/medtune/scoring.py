@@ -108,16 +108,11 @@ def check_finite(model, scores: list[list[float]], encoded: list[Encoded] | None
     bad = next((k for k, lps in enumerate(scores) if not all(math.isfinite(lp) for lp in lps)), None)
     if bad is None:
         return
+    from medtune.models import describe_model
+
     raise MedtuneError(f"{describe_model(model)}: the model computed non-finite log-probabilities (item "
                        f"{encoded[bad].id if encoded and encoded[bad].id else bad}): its weights, adapter or config "
                        "(e.g. rms_norm_eps) hold NaN or infinite values; use the original checkpoint")
-
-
-def describe_model(model) -> str:
-    """The model (config._name_or_path) and the adapter attached to it, as one-line errors name them."""
-    name = getattr(getattr(model, "config", None), "_name_or_path", None) or "the model"
-    adapter = getattr(model, "medtune_adapter", None)
-    return f"{name} with adapter {adapter}" if adapter else str(name)
 
 
 @contextlib.contextmanager

@@ -45,7 +45,7 @@ def build(loaded: Loaded, max_new_tokens: int = 96, guard: QueueGuard | None = N
             raise gr.Error("nobody is waiting for this answer (the client went away); it was not computed",
                            print_exception=False)
         try:
-            item = make_item(question, (options or "").splitlines())
+            item = make_item(question, (options or "").splitlines(), names=("question", "options"))
             result = answer(loaded, item, max_new_tokens)
         except MedtuneError as e:  # a clear message in the page (and an error for API clients), never a crash, and
             raise gr.Error(str(e), print_exception=False) from None  # no traceback in the server's log for bad input
