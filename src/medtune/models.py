@@ -399,7 +399,7 @@ def glibc():
 def release_freed_memory() -> None:
     """Give the heap's free pages back to the OS (glibc malloc_trim) after a dtype change freed one copy of the weights.
     Measured on `run` (benchmarks/memory_fit.py, Qwen3-1.7B shape): peak 1.505x train's without it, 1.478x with it:
-    a small part of run's excess, whose main cause is not yet found (docs/benchmarks.md)."""
+    a small part of run's excess (the main cause was the head's strided input: `_contiguous_input`)."""
     libc = glibc()
     if libc is not None:
         libc.malloc_trim(0)
