@@ -6,11 +6,9 @@ import json
 import os
 from pathlib import Path
 
-import pytest
 from typer.testing import CliRunner
 
 from medtune.cli import app
-from medtune.errors import MedtuneError
 
 runner = CliRunner()
 MEDQA = {"question": "Which drug treats it?", "options": {"A": "Gentamicin", "B": "Ciprofloxacin", "C": "Ceftriaxone",
