@@ -181,3 +181,55 @@ def test_a_training_that_wrote_no_checkpoint_leaves_nothing_but_one_that_did_is_
                 (dest / "checkpoints" / "step-2").mkdir(parents=True)
             raise OSError(errno.ENOSPC, "No space left on device")
         assert out.exists() == checkpointed
+
+
+# --- round six (a second fresh probe: 271 cases, 257 clean) ----------------------------------------------------------
+
+def test_a_directory_or_fifo_where_a_file_is_expected_is_named_as_such(tmp_path):
+    fifo = tmp_path / "items.jsonl"
+    os.mkfifo(fifo)
+    one_line(runner.invoke(app, ["data", "validate", str(tmp_path)]), "is a directory")  # was "file not found"
+    one_line(runner.invoke(app, ["data", "validate", str(fifo)]), "not a regular file")
+    one_line(runner.invoke(app, ["eval", "--config", str(tmp_path)]), "config is a directory")
+
+
+def test_a_medqa_answer_text_that_contradicts_answer_idx_is_refused(tmp_path):
+    row = {"question": "Q?", "options": {"A": "a", "B": "b", "C": "c", "D": "d"}, "answer_idx": "B", "answer": "b"}
+    good, bad = tmp_path / "good.jsonl", tmp_path / "bad.jsonl"
+    good.write_text(json.dumps(row) + "\n")
+    bad.write_text(json.dumps({**row, "answer": "totally different"}) + "\n")
+    assert runner.invoke(app, ["data", "validate", str(good)]).exit_code == 0
+    one_line(runner.invoke(app, ["data", "validate", str(bad)]), "bad.jsonl:1: answer:", "answer_idx")
+
+
+def test_an_empty_option_is_counted_as_empty_not_missing():
+    from medtune.ask import make_item
+
+    with pytest.raises(MedtuneError, match=r"1 option\(s\) given \(1 more empty\)"):
+        make_item("Q?", ["a", ""])
+
+
+def test_a_truncated_gguf_says_truncated_and_a_non_lora_adapter_says_so(tmp_path):
+    from medtune.gguf_check import check_gguf
+    from medtune.models import check_adapter
+
+    gguf = tmp_path / "cut.gguf"
+    gguf.write_bytes(b"GGUF\x03\x00\x00\x00garbage")
+    with pytest.raises(MedtuneError, match="truncated: 15 bytes"):
+        check_gguf(gguf)
+    (tmp_path / "adapter").mkdir()
+    (tmp_path / "adapter" / "adapter_config.json").write_text('{"peft_type": "EVIL"}')
+    with pytest.raises(MedtuneError, match="peft_type 'EVIL'"):
+        check_adapter(str(tmp_path / "adapter"))
+
+
+def test_a_checkpoint_with_nan_weights_is_never_resumed(tmp_path):
+    """A NaN checkpoint at the last step was published as the final adapter by `--resume`, exit 0."""
+    import torch
+    from safetensors.torch import save_file
+
+    from medtune import checkpoint
+
+    save_file({"w": torch.full((2, 2), float("nan"))}, tmp_path / "adapter.safetensors")
+    with pytest.raises(MedtuneError, match="adapter.safetensors: w holds NaN"):
+        checkpoint.load(tmp_path, None, None, None)

@@ -85,13 +85,16 @@ def make_item(question: str, options: list[str], item_id: str = "asked",
     from medtune.data.formats import not_unicode
 
     question = (question or "").strip()
+    blank = sum(1 for o in options if not (o or "").strip())
     options = [o.strip() for o in options if o and o.strip()]
     if not question:
         raise MedtuneError("the question is empty")
     if len(question) > MAX_QUESTION_CHARS:
         raise MedtuneError(f"the question is {len(question)} characters; the limit is {MAX_QUESTION_CHARS}")
     if not MIN_OPTIONS <= len(options) <= MAX_OPTIONS:
-        raise MedtuneError(f"{len(options)} option(s) given; give between {MIN_OPTIONS} and {MAX_OPTIONS}")
+        empty = f" ({blank} more empty)" if blank else ""
+        raise MedtuneError(f"{len(options)} option(s) given{empty}; give between {MIN_OPTIONS} and {MAX_OPTIONS} "
+                           "non-empty options")
     for i, text in enumerate(options):
         if len(text) > MAX_OPTION_CHARS:
             raise MedtuneError(f"option {LETTERS[i]} is {len(text)} characters; the limit is {MAX_OPTION_CHARS}")

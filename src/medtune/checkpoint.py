@@ -208,6 +208,10 @@ def load(ckpt: Path, model, optimizer, scheduler, scaler=None, rank: int = 0) ->
     from safetensors.torch import load_file
 
     weights = load_file(str(ckpt / "adapter.safetensors"))
+    bad = next((n for n, w in weights.items() if w.is_floating_point() and not bool(torch.isfinite(w).all())), None)
+    if bad is not None:  # resuming would train on (or, at the last step, publish) NaN weights
+        raise MedtuneError(f"{ckpt / 'adapter.safetensors'}: {bad} holds NaN or infinite values; delete this "
+                           "checkpoint to resume from the one before")
     trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
     if set(weights) != set(trainable):
         raise MedtuneError(f"{ckpt}: its weights don't match this model's trainable parameters "

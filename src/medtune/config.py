@@ -106,7 +106,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     if path is not None:
         path = Path(path)
         if not path.is_file():
-            raise MedtuneError(f"{path}: config file not found")
+            from medtune.data.formats import not_a_file
+
+            raise MedtuneError(f"{path}: config {not_a_file(path)}")
         if path.stat().st_size > MAX_RECIPE_BYTES:  # YAML parses at ~2 MB/s: a 30 MB "recipe" is not one
             raise MedtuneError(f"{path}: {path.stat().st_size:,} bytes; a recipe is a few KB of settings (at most "
                                f"{MAX_RECIPE_BYTES:,} bytes)")

@@ -35,8 +35,10 @@ def check_gguf(path: str | Path) -> None:
     size = path.stat().st_size
     with open(path, "rb") as f:
         head = f.read(24)
-        if len(head) < 24 or head[:4] != MAGIC:
+        if head[:4] != MAGIC:
             _refuse(path, "not a GGUF file (no GGUF magic at its start)")
+        if len(head) < 24:
+            _refuse(path, f"truncated: {size} bytes, shorter than a GGUF header (24); copy or convert it again")
         version, n_tensors, n_kv = struct.unpack("<IQQ", head[4:])
         if version not in (2, 3):
             _refuse(path, f"GGUF version {version}; medtune reads versions 2 and 3")

@@ -464,6 +464,8 @@ def check_adapter(adapter: str | Path) -> dict:
         raise MedtuneError(f"{config}: corrupt adapter config ({str(e)[:200]}); re-export the adapter") from None
     if not isinstance(cfg, dict) or not cfg.get("peft_type"):
         raise MedtuneError(f"{config}: not a PEFT adapter config (no peft_type)")
+    if cfg["peft_type"] != "LORA":
+        raise MedtuneError(f"{config}: peft_type {str(cfg['peft_type'])[:40]!r}: medtune loads LoRA adapters (LORA) only")
     problem = _bad_lora_field(cfg)
     if problem:
         raise MedtuneError(f"{config}: {problem}; re-export the adapter")

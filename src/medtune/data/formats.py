@@ -56,6 +56,15 @@ PARQUET_BATCH_ROWS = 256  # rows decoded at a time: at most 256 x a few fields x
 SURROGATE = re.compile("[\ud800-\udfff]")
 
 
+def not_a_file(path: Path) -> str:
+    """Why `path` cannot be read as a file: missing, a directory, or something else (a FIFO would block a reader)."""
+    if path.is_dir():
+        return "is a directory; give a file"
+    if path.exists():
+        return "is not a regular file (a FIFO, socket or device); give a file"
+    return "file not found"
+
+
 def read_file(path: str | Path, cop_base: int | None = None, mapping: dict[str, str] | None = None,
               subject: str | None = None) -> list[MCQItem]:
     """Read every row of a local file into items; raise DataError listing every bad row, or MedtuneError."""
@@ -63,7 +72,7 @@ def read_file(path: str | Path, cop_base: int | None = None, mapping: dict[str, 
     if cop_base not in (None, 0, 1):
         raise MedtuneError(f"--cop-base {cop_base}: must be 0 (Hub) or 1 (published)")
     if not path.is_file():
-        raise MedtuneError(f"{path}: file not found")
+        raise MedtuneError(f"{path}: {not_a_file(path)}")
     rows = list(read_rows(path, header=mapping is not None))
     if not rows:
         raise DataError([f"{path}: no rows"])
@@ -378,6 +387,9 @@ def _medqa(row, where, path, **_) -> MCQItem:
     gold = row.get("answer_idx")
     if gold not in letters:
         raise RowError("answer_idx", f"expected one of {', '.join(letters)}, got {gold!r}")
+    if isinstance(row.get("answer"), str) and row["answer"].strip() != texts[letters.index(gold)].strip():
+        raise RowError("answer", f"{row['answer'][:60]!r} is not option {gold} ({texts[letters.index(gold)][:60]!r}) "
+                                 "although answer_idx says so; which is right?")
     return MCQItem(id=_id(row.get("id"), path, where), question=_text(row, "question"), options=texts,
                    answer=letters.index(gold), subject=_text(row, "meta_info", False), benchmark="medqa")
 
