@@ -95,7 +95,8 @@ def score(model, encoded: list[Encoded], batch_size: int = 16, mode: str = "fast
     Fast mode scores a probe of questions in bf16 first: a model with near-uniform letter probabilities (typical
     right after fine-tuning) puts most questions within the margin, and then exact mode is cheaper, so it switches.
     Weights held in fp32 (no native bf16) are scored in fp32 in both modes."""
-    scores, rescored = _score(model, encoded, batch_size, mode, margin, progress)
+    with _freed_memory_returned():
+        scores, rescored = _score(model, encoded, batch_size, mode, margin, progress)
     check_finite(model, scores, encoded)
     return scores, rescored
 
@@ -116,9 +117,7 @@ def check_finite(model, scores: list[list[float]], encoded: list[Encoded] | None
 
 @contextlib.contextmanager
 def _freed_memory_returned():
-    """While scoring in fp32 from bf16 weights (fp32_compute), a freed tensor of 1 MiB or more goes back to the OS at
-    once. Only there: every large allocation then costs fresh pages, which made fast mode's bf16 pass ~20% slower
-    (docs/benchmarks.md). glibc's malloc otherwise raises its
+    """While scoring, a freed tensor of 1 MiB or more goes back to the OS at once. glibc's malloc otherwise raises its
     mmap threshold as large blocks are freed, and the per-layer fp32 weights and activations of the next batches then
     come from a heap it does not give back (benchmarks/memory_fit.py, Qwen3-1.7B shape: eval peaked at 7,315 MB
     before this and the batch token cap, 5,076 MB after; docs/benchmarks.md). Afterwards the threshold is
@@ -240,7 +239,7 @@ def fp32_compute(model):
         else:
             handles += [module.register_forward_pre_hook(before, with_kwargs=True), module.register_forward_hook(after)]
     try:
-        with fp32_head(model), _freed_memory_returned():  # the per-layer fp32 weights go back to the OS when freed
+        with fp32_head(model):
             yield
     finally:
         for h in handles:
