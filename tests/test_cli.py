@@ -95,7 +95,8 @@ def test_eval_bad_data_writes_nothing(tmp_path):
 
 
 def test_eval_writes_predictions_and_results(tiny_model_dir, tmp_path):
-    path = write_jsonl(tmp_path / "q.jsonl", [{**MEDQA, "question": f"Q{k}?", "answer_idx": "ABCD"[k % 4]}
+    path = write_jsonl(tmp_path / "q.jsonl", [{**MEDQA, "question": f"Q{k}?", "answer_idx": "ABCD"[k % 4],
+                                                      "answer": "abcd"[k % 4]}
                                              for k in range(6)])
     out = tmp_path / "out"
     result = runner.invoke(app, ["eval", "--model", tiny_model_dir, "--data", str(path), "--out", str(out),

@@ -18,7 +18,7 @@ MEDMCQA = {"id": "x1", "question": "Q?", "opa": "a", "opb": "b", "opc": "c", "op
 
 
 def test_medqa_original_4_and_5_options(tmp_path):
-    five = {**MEDQA, "options": {**MEDQA["options"], "E": "e"}, "answer_idx": "E"}
+    five = {**MEDQA, "options": {**MEDQA["options"], "E": "e"}, "answer_idx": "E", "answer": "e"}
     items = read_file(write_jsonl(tmp_path / "m.jsonl", [MEDQA, five]))
     assert [len(i.options) for i in items] == [4, 5]
     assert [i.answer for i in items] == [1, 4]

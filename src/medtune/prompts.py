@@ -266,8 +266,8 @@ def fit_prompt(item: MCQItem, style: str, tokenizer, budget: int) -> tuple[MCQIt
     if keep < 1:
         raise MedtuneError(f"item {item.id}: the prompt without its question text is {bare} tokens, over the limit of "
                            f"{budget} (train.max_length in training; in evaluation, the context the model takes: its "
-                           "config.json's positions, less the room for the answer); drop the item or use a model with "
-                           "a longer context")
+                           "config.json's positions, less the room for the answer): its options are too long to fit; drop "
+                           "the item or use a model with a longer context")
     tail = item.question[-budget * MAX_CHARS_PER_TOKEN:]
     ids = tokenizer(tail, add_special_tokens=False).input_ids
     for _ in range(4):  # re-tokenizing the joined text can merge tokens differently: shrink until it fits
