@@ -233,3 +233,36 @@ def test_a_checkpoint_with_nan_weights_is_never_resumed(tmp_path):
     save_file({"w": torch.full((2, 2), float("nan"))}, tmp_path / "adapter.safetensors")
     with pytest.raises(MedtuneError, match="adapter.safetensors: w holds NaN"):
         checkpoint.load(tmp_path, None, None, None)
+
+
+# --- round seven (a third fresh probe: 170 cases, 161 clean) ---------------------------------------------------------
+
+def test_data_split_overwrite_never_deletes_its_own_input(tmp_path):
+    """`data split SRC --out DIR --overwrite` with SRC inside DIR deleted SRC (eval and train already refused it)."""
+    rows = "".join(json.dumps({"question": f"Q{i}?", "options": {"A": "a", "B": "b", "C": "c", "D": "d"},
+                               "answer_idx": "A"}) + "\n" for i in range(8))
+    for src in (tmp_path / "hold" / "mq.jsonl", tmp_path / "hold2" / "sub" / "mq.jsonl"):
+        src.parent.mkdir(parents=True)
+        src.write_text(rows)
+        out = src.parent if src.parent.name != "sub" else src.parent.parent
+        one_line(runner.invoke(app, ["data", "split", str(src), "--train-size", "4", "--out", str(out),
+                                     "--overwrite"]), "holds this command's input")
+        assert src.read_text() == rows
+
+
+def test_report_out_under_a_missing_directory_is_created(tmp_path):
+    from medtune import io
+
+    path = io.check_file_target(tmp_path / "new" / "sub" / "r.html")
+    io.write_text(path, "<html></html>")  # was FileNotFoundError on its temp name
+    assert path.read_text() == "<html></html>"
+
+
+def test_cost_of_an_eval_dir_has_no_gain_instead_of_an_error(tmp_path):
+    from medtune import cost
+
+    (tmp_path / "cost.json").write_text(json.dumps({"kind": "eval", "device_kind": "cpu", "device_name": "x",
+                                                    "device_count": 1, "wall_s": 2.0}))
+    (tmp_path / "results.json").write_text(json.dumps({"metrics": {"accuracy": 0.5, "n": 2, "ci95": [0.1, 0.9]}}))
+    c = cost.collect(tmp_path)
+    assert c["wall_s"] == 2.0 and c["gain_points"] is None

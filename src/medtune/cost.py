@@ -185,13 +185,24 @@ def collect(run_dir: Path) -> dict:
 
 def _gain(run_dir: Path) -> dict:
     path = run_dir / "results.json"
-    if not path.is_file():
+    if not path.is_file() or _kind(path) not in (None, "run"):  # an eval or train dir: a cost, no before/after
         return {"gain_points": None, "gain_kind": None}
     comparison = read_record(path, "run").get("comparison")
     if not comparison:
         return {"gain_points": None, "gain_kind": None}
     kind = "debiased" if isinstance(comparison.get("debiased"), dict) else "raw"
     return {"gain_points": round(comparison[kind]["diff"] * 100, 4), "gain_kind": kind}
+
+
+def _kind(path: Path):
+    """results.json's kind, or None when unreadable (read_record then names what is wrong)."""
+    from medtune.data.formats import load_json
+
+    try:
+        record = load_json(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError):
+        return None
+    return record.get("kind", "eval") if isinstance(record, dict) else None
 
 
 def load_prices(path: Path) -> dict[str, float]:

@@ -72,6 +72,7 @@ def write_bytes(path: Path, data: bytes) -> Path:
     if path.exists() and not path.is_file():
         raise MedtuneError(f"{path}: is not a regular file (a directory, device or FIFO); medtune replaces only regular "
                            "files")
+    path.parent.mkdir(parents=True, exist_ok=True)  # `report --out new/dir/r.html`: check_file_target allowed it
     tmp = _tmp_name(path)
     try:
         with open(tmp, "wb") as f:
@@ -174,7 +175,7 @@ def check_out_dir(path: Path, overwrite: bool = False, flag: str = "--out", allo
     content = _content(path)
     if content and not (overwrite or allow_existing):
         raise MedtuneError(f"{flag} {path}: already exists and is not empty ({describe(path)}); pass --overwrite to "
-                           "replace what medtune writes there, or choose a new directory")
+                           "replace the directory as a whole (everything in it), or choose a new directory")
     if content or (overwrite and path.is_symlink()):
         links = [p.name for p in content if p.is_symlink()]
         if path.is_symlink() or links:

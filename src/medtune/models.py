@@ -578,9 +578,10 @@ def attach_adapter(model, adapter: str, base: tuple[str, str] | None = None, log
             warnings.simplefilter("always")  # deprecated in transformers 5: dropped; others are shown again below
             peft_model = PeftModel.from_pretrained(model, adapter)
     except (RuntimeError, ValueError, KeyError, TypeError) as e:  # shape mismatch, unknown target modules
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise MedtuneError(f"{adapter}: does not fit this base model ({first[:300]}); load it on the base model it "
-                           "was trained on") from None
+        lines = [line.strip() for line in str(e).strip().splitlines() if line.strip()] or [type(e).__name__]
+        first = next((line for line in lines if "size mismatch" in line or "key" in line.lower()), lines[0])
+        raise MedtuneError(f"{adapter}: its weights do not fit this base model ({first[:300]}); load it on the base "
+                           "model it was trained on, or re-export it if its files were changed") from None
     for w in caught:
         text = str(w.message)
         if "missing adapter keys" in text:  # the config implies weights (DoRA magnitudes, other layers) not stored

@@ -66,7 +66,7 @@ def split_to_files(source: str, train_size: int, out: Path, seed: int = 42, cop_
                                                                  else "a split needs at least 2 items"))
     train, evals = split(items, train_size, seed)
     found = overlap(train, evals)
-    with io.claim_out_dir(out, overwrite) as dest:  # dest: a fresh dir beside an old one, swapped in at the end
+    with io.claim_out_dir(out, overwrite, inputs=(source,)) as dest:  # dest: a fresh dir beside an old one, swapped in at the end
         for name, part in (("train", train), ("eval", evals)):
             io.write_jsonl(dest / f"{name}.jsonl", [i.to_dict() for i in part])
     lines = [f"{len(train)} train / {len(evals)} eval items (seed {seed}, stratified by subject) -> {out}",
