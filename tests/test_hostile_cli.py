@@ -266,3 +266,34 @@ def test_cost_of_an_eval_dir_has_no_gain_instead_of_an_error(tmp_path):
     (tmp_path / "results.json").write_text(json.dumps({"metrics": {"accuracy": 0.5, "n": 2, "ci95": [0.1, 0.9]}}))
     c = cost.collect(tmp_path)
     assert c["wall_s"] == 2.0 and c["gain_points"] is None
+
+
+def test_predict_resume_refuses_a_source_that_changed_and_a_full_disk_leaves_whole_lines(tmp_path, tiny_model_dir,
+                                                                                         monkeypatch):
+    rows = [{"question": f"Q{i}?", "options": {"A": "a", "B": "b", "C": "c", "D": "d"}, "answer_idx": "A"}
+            for i in range(4)]
+    src, out = tmp_path / "src.jsonl", tmp_path / "p.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    args = ["predict", str(src), "--model", tiny_model_dir, "--out", str(out), "-q"]
+    assert runner.invoke(app, [*args, "--limit", "2"]).exit_code == 0
+    src.write_text("".join(json.dumps({**r, "answer_idx": "B"}) + "\n" for r in rows))  # edited since
+    one_line(runner.invoke(app, args), "src-1", "the source changed")
+
+    from medtune import predict
+
+    written = out.read_bytes()
+
+    class Full:  # the disk fills after 10 bytes of the next chunk
+        def __init__(self, f):
+            self.f = f
+
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+
+        def write(self, data):
+            self.f.write(bytes(data[:10]))
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(out))
+
+    with open(out, "ab", buffering=0) as f, pytest.raises(OSError):
+        predict.append_lines(Full(f), b'{"id": "x", "more": "text"}\n')
+    assert out.read_bytes() == written  # cut back: no half line

@@ -35,18 +35,20 @@ def predict(loaded, items: list[MCQItem], out: Path, source: str, chunk: int = 6
     meta = {"source": source, "model": loaded.model_name, "adapter": loaded.adapter, "prompt_style": loaded.style,
             "method": f"{loaded.method}-logprob", "mode": loaded.mode}
     done = _resume(out, meta)
+    changed = next((it for it in items if it.id in done and done[it.id] != it.gold_letter), None)
+    if changed is not None:  # the source was edited since: its rows would be kept as if still right
+        raise MedtuneError(f"{out}: item {changed.id} was written with gold {done[changed.id]!r}, but {source} now "
+                           f"gives {changed.gold_letter!r}: the source changed since; pass another --out or delete it")
     todo = [it for it in items if it.id not in done]
     if done:
         log(f"resuming: {len(items) - len(todo)} of {len(items)} items already in {out}")
-    with open(out, "a", encoding="utf-8") as f, \
+    with open(out, "ab", buffering=0) as f, \
             tqdm(total=len(items), initial=len(items) - len(todo), desc="predict", unit="q", disable=quiet) as bar:
         for start in range(0, len(todo), chunk):
             part = todo[start: start + chunk]
             rows = score_items(loaded.model, loaded.tokenizer, part, loaded.style, loaded.method, loaded.mode,
                                batch_size=min(16, chunk), progress=bar)
-            f.write("".join(json.dumps(r) + "\n" for r in rows))
-            f.flush()
-            os.fsync(f.fileno())
+            append_lines(f, "".join(json.dumps(r) + "\n" for r in rows).encode("utf-8"))
     summary = {"out": str(out), "items": len(items), "new": len(todo), "skipped": len(items) - len(todo), **meta}
     from medtune.models import placement
 
@@ -56,6 +58,19 @@ def predict(loaded, items: list[MCQItem], out: Path, source: str, chunk: int = 6
     return summary
 
 
+def append_lines(f, data: bytes) -> None:
+    """Append whole lines or nothing: a write that fails (a full disk) is cut back to where it started."""
+    start = f.seek(0, os.SEEK_END)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[f.write(view):]
+        os.fsync(f.fileno())
+    except OSError:
+        f.truncate(start)
+        raise
+
+
 def _check_unique(items: list[MCQItem]) -> None:
     seen: set[str] = set()
     dupes = [it.id for it in items if it.id in seen or seen.add(it.id)]
@@ -63,8 +78,9 @@ def _check_unique(items: list[MCQItem]) -> None:
         raise MedtuneError(f"{len(dupes)} duplicate item id(s) ({', '.join(dupes[:5])}); resuming needs unique ids")
 
 
-def _resume(out: Path, meta: dict) -> set[str]:
-    """Ids already written. Cuts a partial last line; refuses a file written with other settings."""
+def _resume(out: Path, meta: dict) -> dict[str, str | None]:
+    """Ids already written, with the gold letter each row recorded. Cuts a partial last line; refuses a file written
+    with other settings."""
     meta_path = out.with_name(out.stem + ".meta.json")
     if out.is_file() and out.stat().st_size:
         if meta_path.is_file():
@@ -82,18 +98,19 @@ def _resume(out: Path, meta: dict) -> set[str]:
         if keep < len(data):  # a kill mid-write left a partial line: drop it, its item is scored again
             with open(out, "r+b") as f:
                 f.truncate(keep)
-        done = set()
+        done = {}
         for n, line in enumerate(data[:keep].split(b"\n"), start=1):
             try:
                 if line.strip():
-                    done.add(_written_id(json.loads(line)))
+                    row = json.loads(line)
+                    done[_written_id(row)] = row.get("gold")
             except (ValueError, KeyError, TypeError) as e:  # ValueError: bad JSON or UTF-8
                 raise MedtuneError(f"{out}:{n}: not a predictions line ({str(e)[:120]}); pass another --out") from None
         return done
     from medtune import io
 
     io.write_json(meta_path, meta)
-    return set()
+    return {}
 
 
 def _read_meta(meta_path: Path, out: Path) -> dict:
