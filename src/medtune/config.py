@@ -106,7 +106,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     if path is not None:
         path = Path(path)
         if not path.is_file():
-            from medtune.data.formats import not_a_file
+            from medtune.errors import not_a_file
 
             raise MedtuneError(f"{path}: config {not_a_file(path)}")
         if path.stat().st_size > MAX_RECIPE_BYTES:  # YAML parses at ~2 MB/s: a 30 MB "recipe" is not one

@@ -42,6 +42,15 @@ WRITE_ERRORS = {errno.ENOSPC: ("disk full while writing", "free space at {} and 
                 errno.EPERM: ("permission denied on", "check its permissions, or write somewhere else (--out)")}
 
 
+def not_a_file(path) -> str:
+    """Why `path` cannot be read as a file: missing, a directory, or something else (a FIFO would block a reader)."""
+    if path.is_dir():
+        return "is a directory; give a file"
+    if path.exists():
+        return "is not a regular file (a FIFO, socket or device); give a file"
+    return "file not found"
+
+
 def explain(exc: BaseException, path: str | None = None) -> MedtuneError | None:
     """A one-line MedtuneError for a known library error (naming the file and what to do), or None for a bug."""
     kind, module = type(exc).__name__, type(exc).__module__ or ""

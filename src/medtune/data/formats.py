@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from medtune.data.items import LETTERS, MCQItem
-from medtune.errors import DataError, MedtuneError
+from medtune.errors import DataError, MedtuneError, not_a_file
 
 PUBMEDQA_OPTIONS = ("yes", "no", "maybe")
 
@@ -54,15 +54,6 @@ MAX_FIELD_CHARS = 100_000  # 50x a long MedQA vignette, beyond any model's conte
 MAX_PARQUET_CHARS = 256_000_000
 PARQUET_BATCH_ROWS = 256  # rows decoded at a time: at most 256 x a few fields x MAX_FIELD_CHARS before the count stops it
 SURROGATE = re.compile("[\ud800-\udfff]")
-
-
-def not_a_file(path: Path) -> str:
-    """Why `path` cannot be read as a file: missing, a directory, or something else (a FIFO would block a reader)."""
-    if path.is_dir():
-        return "is a directory; give a file"
-    if path.exists():
-        return "is not a regular file (a FIFO, socket or device); give a file"
-    return "file not found"
 
 
 def read_file(path: str | Path, cop_base: int | None = None, mapping: dict[str, str] | None = None,
