@@ -79,7 +79,7 @@ def test_ask_cli_flags_and_stdin_agree(tiny_model_dir):
                                "--max-new-tokens", "4"])
     assert text.exit_code == 0 and "answer: " in text.stdout and "Research and education only" in text.stdout
     bad = runner.invoke(app, ["ask", "--model", tiny_model_dir, "--question", "Q?", "-o", "only one"])
-    assert bad.exit_code == 2 and bad.output.strip() == "error: 1 option(s) given; give between 2 and 10"
+    assert bad.exit_code == 2 and bad.output.strip() == "error: 1 option(s) given; give between 2 and 10 non-empty options"
 
 
 def test_headline_comes_from_the_adapters_run(tmp_path):
