@@ -55,9 +55,12 @@ def main() -> None:
         where = f" (see `{e.ctx.command_path} --help`)" if e.ctx is not None else ""
         typer.echo(f"error: {one_line(e.format_message())}{where}", err=True)
         code = 2
-    except typer.Abort:  # Ctrl-C while click itself reads (a prompt)
-        typer.echo("error: SIGINT: stopped", err=True)
-        code = 130
+    except typer.Abort as e:  # a signal outside a command's own handling (click turns it into Abort)
+        cause = e.__cause__ or e.__context__
+        signum = cause.args[0] if isinstance(cause, KeyboardInterrupt) and cause.args and isinstance(
+            cause.args[0], int) else signal.SIGINT
+        typer.echo(f"error: {signal.Signals(signum).name}: stopped", err=True)
+        code = 128 + signum
     sys.exit(code if isinstance(code, int) else 0)
 
 
