@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from test_bounded import one_line  # exit 2, one `error:` line, no traceback
 from typer.testing import CliRunner
 
 from medtune import io
@@ -19,15 +20,6 @@ from medtune.errors import MedtuneError, TrainingInterrupted
 runner = CliRunner()
 
 
-def one_line(result, *expected) -> str:
-    out = result.output
-    assert result.exit_code == 2, out
-    assert "Traceback" not in out
-    errors = [line for line in out.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and out.rstrip().endswith(errors[0]), out
-    for text in expected:
-        assert text in errors[0], (text, errors[0])
-    return errors[0]
 
 
 def test_usage_errors_are_one_line_with_exit_2():

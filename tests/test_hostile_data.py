@@ -3,9 +3,9 @@ flag, or stdin field), the line and the field, exit 2, nothing written; and file
 Driven through the CLI where a user meets it; fast (no model, or the tiny one)."""
 
 import json
-import os
 from pathlib import Path
 
+from test_bounded import one_line  # exit 2, one `error:` line, no traceback
 from typer.testing import CliRunner
 
 from medtune.cli import app
@@ -16,19 +16,6 @@ MEDQA = {"question": "Which drug treats it?", "options": {"A": "Gentamicin", "B"
 SURROGATE_Q = json.dumps({**MEDQA, "question": "\ud800 lone"})  # ensure_ascii: written as the escape \ud800
 
 
-def one_line(result, *expected) -> str:
-    """Exit 2, exactly one `error:` line, the last one, no traceback; returns it."""
-    out = result.output
-    assert result.exit_code == 2, out
-    assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
-    assert "Traceback" not in out
-    errors = [line for line in out.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and out.rstrip().endswith(errors[0]), out
-    for text in expected:
-        assert text in errors[0], (text, errors[0])
-    if os.environ.get("MEDTUNE_SHOW"):
-        print("\nSHOW", errors[0])
-    return errors[0]
 
 
 def lines(path: Path, rows: list) -> Path:

@@ -10,6 +10,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+from test_bounded import one_line  # exit 2, one `error:` line, no traceback
 from typer.testing import CliRunner
 
 from medtune.cli import app
@@ -19,17 +20,6 @@ runner = CliRunner()
 DEMO = {"id": "q1", "question": "Which organ pumps blood?", "options": ["Heart", "Lung", "Liver", "Skin"], "answer": 0}
 
 
-def one_line(result, *expected) -> str:
-    """Exit 2, exactly one `error:` line and it is the last, no traceback; returns that line."""
-    out = result.output
-    assert result.exit_code == 2, out
-    assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
-    assert "Traceback" not in out
-    errors = [line for line in out.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and out.rstrip().endswith(errors[0]), out
-    for text in expected:
-        assert text in errors[0], (text, errors[0])
-    return errors[0]
 
 
 def ok(result):
