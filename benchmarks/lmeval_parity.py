@@ -51,6 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     lm_data, data = lmeval_data(args.benchmark, [Path(d).resolve() for d in args.data], out)
     task_dir = write_task(out / "lmeval_task", args.benchmark, lm_data, cop_base)
 
+    ceilings = [host_ceilings()]  # before and after: the ratio is bounded by this host's bf16 / fp32 speeds
     timings: dict[str, list[dict]] = {name: [] for name in RUNS}
     for r in range(args.repeats):
         # Alternate who runs first, so that a warm page cache or a busy neighbour does not favour one side.
@@ -70,6 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     report["accuracy"]["lmeval_reported"] = reported_accuracy(out / "rep0" / "lmeval", TASKS[args.benchmark])
     report["prompt_mismatches"] = prompt_mismatches(samples, data, args.benchmark, cop_base, args.limit)
     report["timing"] = summarize_timing(timings)
+    report["host"] = {"matmul_gflops_before": ceilings[0], "matmul_gflops_after": host_ceilings()}
     report["checks"] = checks(report)
     report["setup"] = {"data": str(data), "benchmark": args.benchmark, "limit": args.limit, "adapter": args.adapter,
                        "model_dir": model_dir, "repeats": args.repeats, "cop_base": cop_base,
@@ -319,6 +321,25 @@ def _agreement(samples: dict[int, dict], rows: list[dict]) -> float:
     return sum(samples[i]["pred"] == r["pred"] for i, r in enumerate(rows)) / len(rows) if rows else 0.0
 
 
+def host_ceilings(n: int = 2048, repeats: int = 5) -> dict:
+    """GFLOP/s of an n^3 matrix multiply in fp32 and bf16 with torch's default threads (MEASURING.md's ceilings). Fast
+    mode computes in bf16 and lm-eval in fp32, so fast mode's wall ratio cannot beat fp32 / bf16 on this host."""
+    import time
+
+    import torch
+
+    out = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+        a @ b
+        start = time.perf_counter()
+        for _ in range(repeats):
+            a @ b
+        out[str(dtype).removeprefix("torch.")] = round(2 * n ** 3 * repeats / (time.perf_counter() - start) / 1e9, 1)
+    out["bf16_over_fp32"] = round(out["bfloat16"] / out["float32"], 2)
+    return out
+
+
 def summarize_timing(timings: dict[str, list[dict]]) -> dict:
     out = {}
     for name, runs in timings.items():
@@ -370,6 +391,9 @@ def render(report: dict) -> str:
         ratio = t.get("ratio", {}).get(name, 1.0 if name == "lmeval" else None)
         lines.append(f"{name:8} {acc[name]:9.4f} {agr.get(name, 1.0):7.4f} {_fmt(tm.get('wall_s'), '8.1f')} "
                      f"{_fmt(ratio, '6.3f')} {_fmt(tm.get('peak_rss_mb'), '8.0f')}")
+    for when, c in report.get("host", {}).items():
+        lines.append(f"host {when.removeprefix('matmul_gflops_')}: matmul GFLOP/s fp32 {c['float32']}, bf16 "
+                     f"{c['bfloat16']} ({c['bf16_over_fp32']}x)")
     lines.append("checks: " + ", ".join(f"{k} {'ok' if v else 'FAIL'}" for k, v in report.get("checks", {}).items()))
     return "\n".join(lines)
 

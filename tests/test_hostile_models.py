@@ -109,6 +109,18 @@ def test_nan_in_config_json_is_refused_naming_the_field(tiny_model_dir, tmp_path
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("layers, expected", [(0, "stored that the config has no place for"),
+                                             (3, "the config needs that are not stored")])
+def test_config_with_other_layer_count_than_the_weights_is_refused(tiny_model_dir, tmp_path, layers, expected):
+    """Probe 6: num_hidden_layers 0 loaded the embeddings alone and scored (transformers only warns); 3 starts one
+    layer random. Both are one line naming config.json and a weight."""
+    model = copy(tiny_model_dir, tmp_path, f"layers{layers}")
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**config, "num_hidden_layers": layers}))
+    one_line(evaluate(model, tmp_path / "out"), "config.json does not fit these weights", expected, "model.layers.")
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.fixture(scope="module")
 def nan_model(tiny_model_dir, tmp_path_factory) -> Path:
     """The tiny model with one NaN in its weights: config and headers are fine, every score is NaN."""

@@ -182,6 +182,7 @@ def _inputs(cfg, adapter: str | None = None) -> tuple:
 def _log(quiet: bool = False):
     if quiet:  # transformers' weight-loading / shard-writing bars and huggingface_hub's download bars too
         os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+        os.environ["TQDM_DISABLE"] = "1"  # read when tqdm is imported: the GGUF conversion's own bars too
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import math
@@ -284,8 +285,10 @@ def load_weights(name: str, path: str, dtype, **kwargs):
         check_config_finite(path)
         check_config_fits(path)
     try:
-        model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, trust_remote_code=False,
-                                                     **(gguf or {"use_safetensors": True}), **kwargs)
+        with _quiet_transformers():  # its load report lists what _check_keys refuses, as a table
+            model, info = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, trust_remote_code=False,
+                                                               output_loading_info=True,
+                                                               **(gguf or {"use_safetensors": True}), **kwargs)
     except (OSError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise MedtuneError(f"{name}: could not load the model ({first}). medtune loads safetensors weights only; "
@@ -295,10 +298,34 @@ def load_weights(name: str, path: str, dtype, **kwargs):
         first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
         raise MedtuneError(f"{name}: config.json does not fit these weights ({first}); use the config saved with "
                            "them") from None
+    _check_keys(name, info)
     head = model.get_output_embeddings()
     if head is not None:
         head.register_forward_pre_hook(_contiguous_input)
     return model
+
+
+def _check_keys(name: str, info: dict) -> None:
+    """Every stored weight has a place in the model and every place a stored weight. transformers only warns: a
+    config.json with fewer layers (num_hidden_layers 0) drops the rest unseen, one with more starts them random."""
+    unexpected, missing = sorted(info.get("unexpected_keys") or ()), sorted(info.get("missing_keys") or ())
+    if unexpected or missing:
+        what = "; ".join(f"{len(keys)} weight(s) {how}, e.g. {keys[0]}" for keys, how in (
+            (unexpected, "stored that the config has no place for"), (missing, "the config needs that are not stored"))
+            if keys)
+        raise MedtuneError(f"{name}: config.json does not fit these weights ({what}); use the config saved with them")
+
+
+@contextlib.contextmanager
+def _quiet_transformers():
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
 
 
 def _contiguous_input(module, args):

@@ -95,8 +95,7 @@ def score(model, encoded: list[Encoded], batch_size: int = 16, mode: str = "fast
     Fast mode scores a probe of questions in bf16 first: a model with near-uniform letter probabilities (typical
     right after fine-tuning) puts most questions within the margin, and then exact mode is cheaper, so it switches.
     Weights held in fp32 (no native bf16) are scored in fp32 in both modes."""
-    with _freed_memory_returned():
-        scores, rescored = _score(model, encoded, batch_size, mode, margin, progress)
+    scores, rescored = _score(model, encoded, batch_size, mode, margin, progress)
     check_finite(model, scores, encoded)
     return scores, rescored
 
@@ -117,15 +116,19 @@ def check_finite(model, scores: list[list[float]], encoded: list[Encoded] | None
 
 @contextlib.contextmanager
 def _freed_memory_returned():
-    """While scoring, a freed tensor of 1 MiB or more goes back to the OS at once. glibc's malloc otherwise raises its
-    mmap threshold as large blocks are freed, and the per-layer fp32 weights and activations of the next batches then
-    come from a heap it does not give back (benchmarks/memory_fit.py, Qwen3-1.7B shape: eval peaked at 7,315 MB
-    before this and the batch token cap, 5,076 MB after; docs/benchmarks.md). Afterwards the threshold is
-    set to 32 MiB (glibc's own ceiling for its dynamic threshold). Elsewhere than glibc this does nothing."""
+    """While fp32 is computed from bf16-held weights, a freed tensor of 1 MiB or more goes back to the OS at once, and
+    the heap the bf16 pass left free is handed back first (malloc_trim). glibc's malloc otherwise raises its mmap
+    threshold as large blocks are freed, and the per-layer fp32 weights and activations of the next batches then come
+    from a heap it does not give back (benchmarks/memory_fit.py, Qwen3-1.7B shape: eval peaked at 7,315 MB before this
+    and the batch token cap, 5,076 MB after; docs/benchmarks.md). Not around the bf16 pass: there every 1 MiB
+    activation would be fresh pages from the OS: 23–72% more CPU time for the bf16 pass (docs/benchmarks.md).
+    Afterwards the threshold is set to 32 MiB (glibc's own ceiling for its dynamic threshold). Elsewhere than glibc
+    this does nothing."""
     from medtune.models import glibc
 
     libc = glibc()
     if libc is not None:
+        libc.malloc_trim(0)
         libc.mallopt(M_MMAP_THRESHOLD, 1 << 20)
     try:
         yield
@@ -239,7 +242,7 @@ def fp32_compute(model):
         else:
             handles += [module.register_forward_pre_hook(before, with_kwargs=True), module.register_forward_hook(after)]
     try:
-        with fp32_head(model):
+        with fp32_head(model), _freed_memory_returned():
             yield
     finally:
         for h in handles:
