@@ -206,3 +206,26 @@ def test_compare_and_card_section():
     card = card_section(info)
     assert "type Q8_0, 3.0 MiB" in card and f"sha256 `{'ab' * 32}`" in card
     assert "at most 0.00000 nats" in card and "agree on 50.0%" in card and "): not met." in card
+
+
+def test_quiet_hides_the_gguf_conversion_bars(small_tokenizer, tmp_path):
+    """Probe 6: `-q` still showed transformers' own "Converting and de-quantizing GGUF tensors" bar (tqdm, imported
+    before medtune could turn it off). The `medtune` command sets TQDM_DISABLE from its arguments first."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    write_gguf(_tiny("llama", small_tokenizer, tmp_path / "model"), tmp_path / "model.f16.gguf", "f16", **QUIET)
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps({"id": "q1", "question": "Which vitamin deficiency causes scurvy?",
+                                "options": ["Vitamin C", "Vitamin D"], "answer": 0}) + "\n")
+    env = {**os.environ, "MEDTUNE_CACHE": str(tmp_path / "cache")}
+    for quiet, bars in ((["-q"], False), ([], True)):
+        out = tmp_path / f"out{len(quiet)}"
+        done = subprocess.run([sys.executable, "-m", "medtune", "eval", "--model", str(tmp_path / "model.f16.gguf"),
+                               "--data", str(data), "--out", str(out), *quiet], env=env, capture_output=True,
+                              text=True, timeout=600, check=False)
+        assert done.returncode == 0, done.stderr
+        assert ("Converting and de-quantizing GGUF tensors" in done.stderr) is bars, done.stderr
+        shutil.rmtree(tmp_path / "cache", ignore_errors=True)  # converted again by the next run

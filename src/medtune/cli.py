@@ -46,6 +46,8 @@ def main() -> None:
     """The `medtune` command (and `python -m medtune`): a usage error (an unknown flag, a value of the wrong type) is one
     line, exit 2, as every other error is, instead of click's usage box."""
     usage_error = typer.BadParameter.__mro__[1]  # click's UsageError (typer 0.29 vendors click; not exported)
+    if {"-q", "--quiet"} & set(sys.argv[1:]):  # tqdm reads this once, when first imported (torch imports it early):
+        os.environ["TQDM_DISABLE"] = "1"  # the bars of transformers' GGUF conversion too
     try:
         code = app(standalone_mode=False)
     except usage_error as e:
@@ -182,7 +184,6 @@ def _inputs(cfg, adapter: str | None = None) -> tuple:
 def _log(quiet: bool = False):
     if quiet:  # transformers' weight-loading / shard-writing bars and huggingface_hub's download bars too
         os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
-        os.environ["TQDM_DISABLE"] = "1"  # read when tqdm is imported: the GGUF conversion's own bars too
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
