@@ -162,3 +162,11 @@ def test_readme_ask_and_predict_examples_run(tiny_model_dir, tmp_path, monkeypat
         assert result.exit_code == 0, (argv, result.output)
     assert len((tmp_path / "runs" / "predictions.jsonl").read_text().splitlines()) == len(demo_items("eval"))
     assert (tmp_path / "runs" / "predictions.csv").is_file()
+
+
+def test_ask_quiet_prints_the_answer_and_nothing_on_stderr(tiny_model_dir):
+    """Probe 6: ask had no --quiet, so its weight-loading bar always reached the terminal."""
+    r = runner.invoke(app, ["ask", "--model", tiny_model_dir, "--question", "Which organ pumps blood?", "-o", "Heart",
+                            "-o", "Lung", "--max-new-tokens", "0", "-q"])
+    assert r.exit_code == 0, r.output
+    assert r.stdout.startswith("answer: ") and r.stderr == ""

@@ -544,7 +544,7 @@ def ask(question: Annotated[str | None, typer.Option(help="The question (or a JS
         model: ModelOpt = "embedded", adapter: AdapterOpt = None, method: MethodOpt = None, mode: ModeOpt = "exact",
         prompt_style: PromptStyle_ = None,
         max_new_tokens: Annotated[int, typer.Option(help="Explanation length cap (tokens); 0: no explanation.")] = 96,
-        json_out: Json = False, device: Device = None) -> None:
+        json_out: Json = False, device: Device = None, quiet: Quiet = False) -> None:
     """Ask one question: the scored answer, every option's probability (eval's scoring) and a greedy explanation."""
     from medtune import ask as ask_mod
 
@@ -559,7 +559,7 @@ def ask(question: Annotated[str | None, typer.Option(help="The question (or a JS
     else:
         item = ask_mod.make_item(question, option or [])
     _in_range("--max-new-tokens", max_new_tokens, 0, 1 << 16)
-    loaded = ask_mod.load(model, adapter, method, mode, prompt_style, device=device, log=_log(json_out))
+    loaded = ask_mod.load(model, adapter, method, mode, prompt_style, device=device, log=_log(json_out or quiet))
     result = ask_mod.answer(loaded, item, max_new_tokens, explain=max_new_tokens > 0)
     typer.echo(json.dumps(result, indent=1) if json_out else ask_mod.render(result))
 
