@@ -211,3 +211,21 @@ def test_option_shuffling_prevents_a_letter_prior(tiny_model_dir, tmp_path):
     assert shares["false"][0] > 0.9, shares  # learned "always A"
     tv = 0.5 * sum(abs(x - 0.25) for x in shares["true"])  # total variation distance from uniform
     assert tv < 0.15 and shares["true"][0] < 0.4, shares  # close to uniform: no letter carries the answer
+
+
+def test_a_one_step_run_learns_and_train_quiet_still_reports_it(tiny_model_dir, tmp_path):
+    """Probe 8: with max_steps 1 the warmup (ceil(0.05 x 1) = 1 step from lr 0) took the only step, and the saved
+    adapter equalled the base (every lora_B zero) while `train -q` exited 0 printing nothing."""
+    from typer.testing import CliRunner
+
+    from medtune.cli import app
+    from medtune.config import save_config
+
+    recipe = tmp_path / "r.yaml"
+    save_config(cfg_for(tiny_model_dir, tmp_path / "run", **{"train.max_steps": 1, "data.source": "demo"}), recipe)
+    result = CliRunner().invoke(app, ["train", "--config", str(recipe), "-q"])
+    assert result.exit_code == 0, result.output
+    assert result.stderr.startswith("trained 1 steps") and len(result.stderr.splitlines()) == 1
+    lora_b = [v for k, v in adapter_tensors(tmp_path / "run").items() if "lora_B" in k]
+    assert lora_b and any(v.abs().max() > 0 for v in lora_b)
+    assert json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])["lr"] > 0

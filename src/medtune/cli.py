@@ -34,7 +34,7 @@ PromptStyle_ = Annotated[str | None, typer.Option(help="harness, chat or seed (a
 BatchSize_ = Annotated[int | None, typer.Option(help="Questions per forward pass.")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
 Json = Annotated[bool, typer.Option("--json", help="Print the result as JSON.")]
-CopBase = Annotated[int | None, typer.Option("--cop-base", help="MedMCQA `cop` base (0 Hub, 1 published).")]
+CopBase = Annotated[int | None, typer.Option("--cop-base", min=0, max=1, help="MedMCQA `cop` base (0 Hub, 1 published).")]
 Map = Annotated[str | None, typer.Option("--map", help="Column mapping: question=q,options=a|b|c|d,answer=label")]
 Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace a non-empty output dir as a whole: the new run "
                                                             "is built beside it and swapped in when it succeeds.")]
@@ -176,9 +176,10 @@ def _check_trackers(cfg) -> None:
                            f"{' '.join(TRACKER_PACKAGES[t][0] for t in missing)}, or drop it from train.report_to")
 
 
-def _inputs(cfg, adapter: str | None = None) -> tuple:
-    """What a command reads: an --overwrite of --out must never delete them (io.claim_out_dir refuses)."""
-    return (cfg.model, adapter, cfg.data.source, cfg.data.eval_source)
+def _inputs(cfg, adapter: str | None = None, config: Path | None = None) -> tuple:
+    """What a command reads: an --overwrite of --out must never delete them (io.claim_out_dir refuses), the recipe
+    (`--config RUN/config.yaml --out RUN`) included."""
+    return (cfg.model, adapter, cfg.data.source, cfg.data.eval_source, config)
 
 
 def _log(quiet: bool = False):
@@ -251,7 +252,7 @@ def eval_(
         from medtune.evaluate import run_suite
 
         out = out or Path("runs") / f"eval-{cfg.data.source}"
-        with claim_out_dir(out, overwrite, inputs=(cfg.model, adapter)) as dest:  # dest: beside an old run, swapped in
+        with claim_out_dir(out, overwrite, inputs=(cfg.model, adapter, config)) as dest:  # dest: beside an old run, swapped in
             summary = run_suite(cfg, dest, adapter, quiet, _log(quiet))
         _print_results({"suite": summary}, json_out, out)
         return
@@ -259,7 +260,7 @@ def eval_(
     check_out_dir(out, overwrite)
     items = sources.load(cfg.data.source, "eval", cop_base=cop_base, mapping=parse_mapping(mapping) if mapping else None)
     items = items[: cfg.data.limit] if cfg.data.limit else items
-    with claim_out_dir(out, overwrite, inputs=_inputs(cfg, adapter)) as dest:  # dest: beside an old run, swapped in
+    with claim_out_dir(out, overwrite, inputs=_inputs(cfg, adapter, config)) as dest:  # beside an old run, swapped in
         results = _eval_items(items, cfg, dest, adapter, quiet)
     _print_results({"eval": results}, json_out, out)
 
@@ -289,15 +290,17 @@ def train(config: Config_ = None, sets: Set_ = None,
     resolve_device(cfg.device)
     _check_trackers(cfg)
     log = _log(quiet)
+    if resume and overwrite:
+        raise MedtuneError("--resume continues the run in --out, --overwrite replaces it: pass one of them")
     if resume and not (Path(cfg.out_dir) / "checkpoints").is_dir():
         raise MedtuneError(f"--resume: {cfg.out_dir} holds no earlier run (no checkpoints/); drop --resume to start one")
     check_out_dir(Path(cfg.out_dir), overwrite, allow_existing=resume)
     train_items, eval_items, data = prepare_data(cfg, log)
     train_items, val_items, data = validation_split(cfg, train_items, eval_items, data)  # data.validation
-    with claim_out_dir(Path(cfg.out_dir), overwrite, allow_existing=resume, inputs=_inputs(cfg),
+    with claim_out_dir(Path(cfg.out_dir), overwrite, allow_existing=resume, inputs=_inputs(cfg, config=config),
                        resumable=True) as dest:
         train_fn(cfg, train_items, dest, resume=resume, quiet=quiet, log=log, extra_meta={"data": data},
-                 val_items=val_items)
+                 val_items=val_items, done=_log())
 
 
 @app.command()
@@ -317,7 +320,7 @@ def run(config: Config_ = None, sets: Set_ = None,
     resolve_device(cfg.device)
     _check_trackers(cfg)
     try:
-        with claim_out_dir(Path(cfg.out_dir), overwrite, inputs=_inputs(cfg)) as dest:  # beside an old run, swapped in
+        with claim_out_dir(Path(cfg.out_dir), overwrite, inputs=_inputs(cfg, config=config)) as dest:  # beside an old run, swapped in
             results = run_fn(cfg, quiet=quiet, log=_log(quiet), out=dest)  # the config records the final --out
     except TrainingInterrupted as e:  # `run` has no --resume: rolled back like any failure, the old run kept whole
         raise TrainingInterrupted(f"{str(e).split(':')[0]}: `medtune run` stopped during training; a run does not "
@@ -429,10 +432,11 @@ def audit(
     check_out_dir(out, overwrite)
     items = sources.load(cfg.data.source, "eval", cop_base=cop_base, mapping=parse_mapping(mapping) if mapping else None)
     items = items[: cfg.data.limit] if cfg.data.limit else items
-    _audit_items(items, cfg, out, adapter, quiet, json_out, overwrite)
+    _audit_items(items, cfg, out, adapter, quiet, json_out, overwrite, config)
 
 
-def _audit_items(items, cfg, out: Path, adapter: str | None, quiet: bool, json_out: bool, overwrite: bool) -> None:
+def _audit_items(items, cfg, out: Path, adapter: str | None, quiet: bool, json_out: bool, overwrite: bool,
+                 config: Path | None = None) -> None:
     from medtune.audit import render
     from medtune.data import sources
     from medtune.evaluation_extras import audit_eval
@@ -440,7 +444,7 @@ def _audit_items(items, cfg, out: Path, adapter: str | None, quiet: bool, json_o
 
     split_name = "eval" if cfg.data.source in sources.PRESETS or cfg.data.source == sources.DEMO else "file"
     fingerprint = sources.fingerprint(items, cfg.data.source, split_name)
-    with claim_out_dir(out, overwrite, inputs=_inputs(cfg, adapter)) as dest:  # beside an old run, swapped in
+    with claim_out_dir(out, overwrite, inputs=_inputs(cfg, adapter, config)) as dest:  # beside an old run, swapped in
         results = audit_eval(items, cfg, dest, adapter, fingerprint, quiet, _log(quiet))
     if json_out:
         typer.echo(json.dumps(results, indent=1, default=str))
@@ -526,8 +530,13 @@ def data_split(source: str, train_size: Annotated[int, typer.Option(help="Items 
                seed: int = 42, cop_base: CopBase = None, overwrite: Overwrite = False) -> None:
     """Seeded, subject-stratified train/eval partition; reports exact duplicates between the parts."""
     from medtune.data.inspect import split_to_files
+    from medtune.data.sources import trains_on_test
 
     _in_range("--seed", seed, 0, 2**32 - 1)
+    why = trains_on_test(source)
+    if why:  # its train.jsonl would carry test questions under a name the training guard no longer recognises
+        raise MedtuneError(f"{why}; `data split` makes a training part and medtune never trains on test: split a "
+                           "train or dev file")
     typer.echo(split_to_files(source, train_size, out, seed, cop_base, overwrite=overwrite))
 
 
@@ -548,6 +557,8 @@ def ask(question: Annotated[str | None, typer.Option(help="The question (or a JS
     """Ask one question: the scored answer, every option's probability (eval's scoring) and a greedy explanation."""
     from medtune import ask as ask_mod
 
+    if question is None and option:
+        raise MedtuneError("--question is missing (options were given with --option/-o)")
     if question is None:
         if sys.stdin.isatty():
             raise MedtuneError("give --question and --option (2-10 times), or a JSON item on stdin")

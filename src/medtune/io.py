@@ -197,8 +197,9 @@ def _refuse_inputs_inside(where: Path, inputs: tuple, flag: str, path: Path) -> 
     for given in inputs:
         if not given or not Path(str(given)).exists():
             continue
-        resolved = Path(os.path.abspath(str(given)))
-        if resolved == where or where in resolved.parents:
+        real_where = Path(os.path.realpath(where))  # a link to a file inside --out is an input inside it too
+        if any(r == w or w in r.parents for r in (Path(os.path.abspath(str(given))), Path(os.path.realpath(str(given))))
+               for w in (where, real_where)):
             raise MedtuneError(f"{flag} {path}: holds this command's input {given}; --overwrite replaces the whole "
                                "dir, so write to another --out (or move the input out first)")
 

@@ -16,6 +16,7 @@ import dataclasses
 import importlib.util
 import json
 import math
+import re
 import shutil
 import time
 import warnings
@@ -29,7 +30,8 @@ from medtune.errors import MedtuneError, TrainingInterrupted
 
 
 def train(cfg: Config, items: list[MCQItem], out_dir: Path, resume: bool = False, quiet: bool = False,
-          log=print, extra_meta: dict | None = None, base_model=None, val_items: list[MCQItem] | None = None) -> dict:
+          log=print, extra_meta: dict | None = None, base_model=None, val_items: list[MCQItem] | None = None,
+          done=None) -> dict:
     """Train a LoRA adapter on `items`; write it to out_dir/adapter with everything needed to trace it.
     `base_model`: the base already in memory (run.py), trained in place instead of loading it again; the LoRA
     layers are taken out of it again before this returns, so the caller holds the plain base (one copy throughout).
@@ -39,7 +41,8 @@ def train(cfg: Config, items: list[MCQItem], out_dir: Path, resume: bool = False
     in out_dir are replaced (the CLI refuses a non-empty out_dir unless --overwrite).
 
     `val_items` (data.prepare.validation_split): validated every train.eval_every steps (validation.py); the row of
-    that step in metrics.jsonl gets val_accuracy, val_correct, val_n, val_ci95 and val_best_step."""
+    that step in metrics.jsonl gets val_accuracy, val_correct, val_n, val_ci95 and val_best_step. `done` prints the
+    final "trained N steps" line (default `log`; `train -q` still prints it, as `eval -q` prints its results)."""
     out_dir = Path(out_dir)
     if cfg.train.eval_every and not val_items:
         raise MedtuneError(f"train.eval_every={cfg.train.eval_every}: no validation items were held out; set "
@@ -47,7 +50,7 @@ def train(cfg: Config, items: list[MCQItem], out_dir: Path, resume: bool = False
     launch = _launch(cfg, out_dir, items, resume, log)
     run, tokenizer, plan = _prepare(cfg, launch, items, out_dir, log, base_model, val_items)
     loss = _loop(run, plan, tokenizer, len(items), quiet)
-    summary = _finish(run, launch, plan, tokenizer, loss, cfg, items, out_dir, extra_meta, val_items, log)
+    summary = _finish(run, launch, plan, tokenizer, loss, cfg, items, out_dir, extra_meta, val_items, done or log)
     if base_model is not None:
         _release_base(launch.accelerator.unwrap_model(run.model), base_model)
     return summary
@@ -111,8 +114,10 @@ def _prepare(cfg: Config, launch: Launch, items: list[MCQItem], out_dir: Path, l
     steps = len(plan) if t.max_steps is None else min(t.max_steps, len(plan))
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
-    scheduler = get_scheduler(t.scheduler, optimizer, num_warmup_steps=math.ceil(t.warmup * steps),
-                              num_training_steps=steps)
+    # Warmup starts at lr 0, so it leaves at least one step after it: a 1-step run (max_steps 1, a huge grad_accum)
+    # had warmup take its only step and saved an adapter equal to the base (probe 8).
+    warmup = min(math.ceil(t.warmup * steps), steps - 1)
+    scheduler = get_scheduler(t.scheduler, optimizer, num_warmup_steps=warmup, num_training_steps=steps)
     fill_deepspeed(accelerator, t.batch_size)
     model, optimizer = accelerator.prepare(model, optimizer)
     if t.report_to:
@@ -534,8 +539,15 @@ def lora_model(cfg: Config, accelerator, log, attn_implementation: str | None = 
     targets = cfg.lora.target_modules
     lora = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout, task_type="CAUSAL_LM",
                       target_modules="all-linear" if targets == ["all-linear"] else targets)
-    with _peft_reads_deprecated_names():
-        model = get_peft_model(model, lora)
+    try:
+        with _peft_reads_deprecated_names():
+            model = get_peft_model(model, lora)
+    except ValueError as e:  # a name that matches a whole block (`5`: model.layers.5; `mlp`), not a layer LoRA wraps
+        found = re.match(r"Target module (\w+)", str(e))
+        if found is None:
+            raise
+        raise MedtuneError(f"lora.target_modules={targets}: matches a {found[1]}, which LoRA cannot wrap (only linear "
+                           "layers); use all-linear or names of linear layers, e.g. q_proj, v_proj") from None
     model.config.use_cache = False
     return model, tokenizer
 

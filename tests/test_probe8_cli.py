@@ -1,0 +1,82 @@
+"""Hostile input, round eight (a fresh probe, 330 cases, 94.8% clean): the cases of the command line, run directories
+and training. Each refused case is one `error:` line, exit 2, nothing touched; the valid neighbour works."""
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from test_bounded import one_line  # exit 2, one `error:` line, no traceback
+from typer.testing import CliRunner
+
+from medtune.cli import app
+
+runner = CliRunner()
+ROWS = "".join(f'{{"id": "q{i}", "question": "Which {i}?", "options": ["a", "b"], "answer": 0}}\n' for i in range(8))
+
+
+def _tree(path: Path) -> list:
+    return sorted((p.relative_to(path), p.read_bytes() if p.is_file() else None) for p in path.rglob("*"))
+
+
+def test_overwrite_refuses_an_input_reached_through_a_link_and_the_recipe_it_read(tmp_path, tiny_model_dir):
+    """L07: --data a symlink (outside --out) to a file inside --out was deleted by --overwrite (the guard compared
+    unresolved paths). L06: `eval --config RUN/config.yaml --out RUN --overwrite` replaced the recipe it read."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "in.jsonl").write_text(ROWS)
+    (out / "config.yaml").write_text(f"model: {tiny_model_dir}\ndata:\n  source: demo\n")
+    (tmp_path / "link.jsonl").symlink_to(out / "in.jsonl")
+    before = _tree(out)
+    for args in (["--model", tiny_model_dir, "--data", str(tmp_path / "link.jsonl")],
+                 ["--config", str(out / "config.yaml")]):
+        one_line(runner.invoke(app, ["eval", *args, "--limit", "1", "--out", str(out), "--overwrite", "-q"]),
+                 "holds this command's input")
+    one_line(runner.invoke(app, ["train", "--config", str(out / "config.yaml"), "--out", str(out), "--overwrite",
+                                 "--set", "train.max_steps=1"]), "holds this command's input")
+    assert _tree(out) == before
+    shutil.copy(out / "in.jsonl", tmp_path / "real.jsonl")  # the neighbour: data outside --out is fine
+    result = runner.invoke(app, ["eval", "--model", tiny_model_dir, "--data", str(tmp_path / "real.jsonl"), "--limit",
+                                 "1", "--out", str(out), "--overwrite", "-q"])
+    assert result.exit_code == 0, result.output
+    assert (out / "results.json").is_file() and not (out / "in.jsonl").exists()
+
+
+def test_data_split_refuses_a_test_split(tmp_path, shared_data):
+    """S09: `data split` of MedQA's test file wrote train.jsonl, and `train` accepted it under its new name."""
+    out = tmp_path / "s"
+    one_line(runner.invoke(app, ["data", "split", str(shared_data / "medqa" / "test.jsonl"), "--train-size", "10",
+                                 "--out", str(out)]), "test split", "never trains on test")
+    one_line(runner.invoke(app, ["data", "split", "medqa:eval", "--train-size", "10", "--out", str(out)]),
+             "is a test split")
+    assert not out.exists()
+    result = runner.invoke(app, ["data", "split", str(shared_data / "medqa" / "dev.jsonl"), "--train-size", "10",
+                                 "--out", str(out)])
+    assert result.exit_code == 0 and (out / "train.jsonl").is_file(), result.output
+
+
+def test_contradicting_or_missing_flags_are_one_line(tmp_path):
+    """T16: --resume with --overwrite dropped --overwrite silently. F21: --cop-base 2 was accepted when the data
+    was not MedMCQA. K11: `ask -o a -o b` without --question blamed stdin."""
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    one_line(runner.invoke(app, ["train", "--resume", "--overwrite", "--out", str(run)]), "--resume", "--overwrite")
+    for args in (["eval", "--data", "demo", "--out", str(tmp_path / "o")], ["data", "validate", "demo"]):
+        done = subprocess.run([sys.executable, "-m", "medtune", *args, "--cop-base", "2"], capture_output=True,
+                              text=True, timeout=120, check=False)  # a usage error: one line from medtune's main
+        assert done.returncode == 2 and done.stdout == "", done
+        assert done.stderr.startswith("error: ") and done.stderr.count("\n") == 1 and "--cop-base" in done.stderr
+    one_line(runner.invoke(app, ["ask", "-o", "a", "-o", "b"], input=""), "--question is missing")
+    assert not (tmp_path / "o").exists() and os.listdir(run) == ["checkpoints"]
+
+
+def test_target_module_that_is_not_a_linear_layer_is_one_line(tmp_path, tiny_model_dir):
+    """T08: `lora.target_modules=5` matched model.layers.5 (a decoder layer): PEFT's ValueError and a 60-line
+    traceback, exit 1."""
+    for name in ("1", "mlp"):  # the tiny model has layers 0 and 1
+        one_line(runner.invoke(app, ["train", "--out", str(tmp_path / name), "--set", f"model={tiny_model_dir}",
+                                     "--set", "data.source=demo", "--set", "train.max_steps=1", "--set",
+                                     f"lora.target_modules={name}", "-q"]),
+                 f"lora.target_modules=['{name}']", "LoRA cannot wrap")
+        assert not (tmp_path / name).exists()
