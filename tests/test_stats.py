@@ -93,9 +93,12 @@ def test_paired_compare_won_and_lost():
     assert (r["b"], r["c"], r["n"]) == (1, 2, 6)
     assert r["acc_a"] == 0.5 and r["acc_b"] == pytest.approx(4 / 6)
     assert r["diff"] == pytest.approx(1 / 6)
-    # half-width = 1.959964·sqrt(3 − 1/6)/6 = 1.959964·1.683251/6 = 0.549852
-    assert r["diff_ci"][0] == pytest.approx(1 / 6 - 0.549852, abs=1e-5)
-    assert r["diff_ci"][1] == pytest.approx(1 / 6 + 0.549852, abs=1e-5)
+    # Newcombe method 10 with e, f, g, h = 2, 2, 1, 1: eh − fg = 0, so φ = 0 and the limits are square-and-add of the
+    # Wilson intervals of 4/6 (l1, u1) and 3/6 (l2, u2): 1/6 − sqrt((4/6 − l1)² + (u2 − 3/6)²), likewise above
+    (l1, u1), (l2, u2) = wilson_ci(4, 6), wilson_ci(3, 6)
+    assert r["diff_ci"][0] == pytest.approx(1 / 6 - math.hypot(4 / 6 - l1, u2 - 3 / 6), abs=1e-12)
+    assert r["diff_ci"][1] == pytest.approx(1 / 6 + math.hypot(u1 - 4 / 6, 3 / 6 - l2), abs=1e-12)
+    assert r["diff_ci"] == pytest.approx((-0.315031, 0.558515), abs=1e-6)
     assert r["mcnemar_p"] == 1.0
 
 

@@ -57,8 +57,10 @@ def explain(exc: BaseException, path: str | None = None) -> MedtuneError | None:
     detail = _first_line(exc)
     if kind == "SafetensorError":
         where = path or _file_in_traceback(exc, (".safetensors",)) or "a .safetensors file"
+        stamp = os.path.join(os.path.dirname(where), "medtune-source.json")  # medtune's converted embedded model
         todo = ("delete this checkpoint to resume from the one before" if re.search(r"checkpoints/step-\d+/", where)
-                else "copy it again or re-export it")
+                else f"delete medtune's cache directory {os.path.dirname(where)} and rerun, which converts the "
+                     "embedded model again" if os.path.isfile(stamp) else "copy it again or re-export it")
         return MedtuneError(f"{where}{_link(where)}: not a readable safetensors file ({detail}); it is truncated or not "
                             f"model weights: {todo}")
     if module.startswith("jinja2"):

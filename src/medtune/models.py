@@ -655,6 +655,12 @@ def _check_base(model, adapter: str, cfg: dict, base: tuple[str, str], log) -> N
     if recorded and recorded != base_signature(model.config):
         diff = ", ".join(f"{k} {recorded.get(k)} vs {v}" for k, v in base_signature(model.config).items()
                          if recorded.get(k) != v)
+        written = (meta.get("base_model"), cfg.get("base_model_name_or_path"))  # train writes the Hub id for embedded
+        if all(written) and len({str(Path(x).resolve()) if Path(x).exists() else EMBEDDED_HUB if x == EMBEDDED
+                                 else str(x) for x in written}) > 1:  # which of the two to advise? neither
+            raise MedtuneError(f"{adapter}: its own files disagree on the base model: medtune.json says {written[0]}, "
+                               f"adapter_config.json says {written[1]} (edited, or files of two adapters mixed); it "
+                               f"does not fit {name} either ({diff}); restore the adapter as its training run wrote it")
         raise MedtuneError(f"{adapter}: trained for base model {trained_name}, not {name} ({diff}); pass "
                            f"--model {meta.get('base_model') or trained_name}")
     log(f"warning: {adapter} was trained for base model {trained_name}, loading it on {name} (same "

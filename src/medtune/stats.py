@@ -102,8 +102,8 @@ def mcnemar_exact(b: int, c: int) -> float:
 def paired_compare(correct_a: list[bool], correct_b: list[bool], ids: list[str], z: float = Z95) -> dict:
     """Compare systems A and B on the same items (e.g. base vs tuned).
 
-    diff = acc_b − acc_a = (c − b)/n. Its CI is the Wald interval for a paired difference of proportions:
-    diff ± z·sqrt((b + c) − (b − c)²/n) / n, clipped to [−1, 1]. The p-value is `mcnemar_exact(b, c)`.
+    diff = acc_b − acc_a = (c − b)/n. Its CI is `paired_diff_ci` (Newcombe's method 10), which keeps a width when no
+    item is discordant, where the Wald interval collapses to [0, 0]. The p-value is `mcnemar_exact(b, c)`.
     Returns n, acc_a, acc_b, diff, diff_ci (low, high), b, c, mcnemar_p, won (ids right in B, wrong in A),
     lost (ids right in A, wrong in B).
     """
@@ -113,19 +113,42 @@ def paired_compare(correct_a: list[bool], correct_b: list[bool], ids: list[str],
     lost = [i for i, a, bb in zip(ids, correct_a, correct_b) if a and not bb]
     b, c = len(lost), len(won)
     diff = (c - b) / n
-    half = z * math.sqrt(max(0.0, (b + c) - (b - c) ** 2 / n)) / n
+    both = sum(bool(x) and bool(y) for x, y in zip(correct_a, correct_b))
     return {
         "n": n,
         "acc_a": sum(map(bool, correct_a)) / n,
         "acc_b": sum(map(bool, correct_b)) / n,
         "diff": diff,
-        "diff_ci": (max(-1.0, diff - half), min(1.0, diff + half)),
+        "diff_ci": paired_diff_ci(both, c, b, n - both - b - c, z),
         "b": b,
         "c": c,
         "mcnemar_p": mcnemar_exact(b, c),
         "won": won,
         "lost": lost,
     }
+
+
+def paired_diff_ci(e: int, f: int, g: int, h: int, z: float = Z95) -> tuple[float, float]:
+    """Newcombe's method 10 interval for θ = p1 − p2 = (f − g)/n on paired data (Stat Med 1998;17:2635-50).
+
+    e = right in both, f = right in 1 only, g = right in 2 only, h = wrong in both. With (l1, u1), (l2, u2) the
+    Wilson intervals of p1 = (e+f)/n and p2 = (e+g)/n, and φ the correlation of the pairs (A = eh − fg; φ = (A − n/2)/
+    sqrt((e+f)(g+h)(e+g)(f+h)) if A > n/2, A/sqrt(…) if A < 0, else 0; 0 when a margin is empty):
+    low = θ − sqrt((p1−l1)² − 2φ(p1−l1)(u2−p2) + (u2−p2)²),  high = θ + sqrt((u1−p1)² − 2φ(u1−p1)(p2−l2) + (p2−l2)²).
+    With no discordant pairs it is still as wide as the data warrant (27, 0, 0, 27 gives ±0.0351), not [0, 0].
+    """
+    n = e + f + g + h
+    if min(e, f, g, h) < 0 or n == 0:
+        raise ValueError(f"paired_diff_ci needs counts >= 0 with n > 0, got {(e, f, g, h)}")
+    p1, p2 = (e + f) / n, (e + g) / n
+    l1, u1 = wilson_ci(e + f, n, z)
+    l2, u2 = wilson_ci(e + g, n, z)
+    margins = (e + f) * (g + h) * (e + g) * (f + h)
+    a = e * h - f * g
+    phi = 0.0 if margins == 0 or 0 <= a <= n / 2 else (a - n / 2 if a > 0 else a) / math.sqrt(margins)
+    low = p1 - p2 - math.sqrt(max(0.0, (p1 - l1) ** 2 - 2 * phi * (p1 - l1) * (u2 - p2) + (u2 - p2) ** 2))
+    high = p1 - p2 + math.sqrt(max(0.0, (u1 - p1) ** 2 - 2 * phi * (u1 - p1) * (p2 - l2) + (p2 - l2) ** 2))
+    return (max(-1.0, low), min(1.0, high))
 
 
 def risk_coverage(confidences: list[float], correct: list[bool]) -> list[dict]:

@@ -313,8 +313,9 @@ def decide_cop_base(path: Path, rows: list[tuple[str, dict]], cop_base: int | No
         return 0
     if has4:
         return 1
-    bad = [f"{where}: cop: expected an integer 0-4, got {row.get('cop')!r}" for where, row in rows
-           if _integer(row.get("cop")) is None]
+    bad = [f"{where}: cop: expected an integer 0-4, got {row.get('cop')!r}" if _integer(row.get("cop")) is None
+           else f"{where}: cop: {_integer(row.get('cop'))} is out of range 0..4" for where, row in rows
+           if _integer(row.get("cop")) not in (1, 2, 3)]
     if bad:  # undecidable, and these rows would fail whatever the base: say so, not "only values 1-3 occur"
         raise DataError(bad)
     raise MedtuneError(
@@ -486,17 +487,35 @@ def _mapped(row, where, path, mapping, **_) -> MCQItem:
     cols = mapping["options"].split("|")
     texts = tuple(_text({c: str(row[c]) if isinstance(row.get(c), (int, float)) else row.get(c)} if c in row else {},
                         c) for c in cols)
-    gold = row.get(mapping["answer"])
-    if isinstance(gold, str) and gold.strip().upper() in LETTERS[: len(texts)]:
-        answer = LETTERS.index(gold.strip().upper())
-    elif isinstance(gold, str) and gold.strip() in texts:
-        answer = texts.index(gold.strip())
-    else:
-        answer = _index(gold, len(texts), mapping["answer"], base=int(mapping.get("answer_base", 0)))
+    answer = _mapped_answer(row.get(mapping["answer"]), texts, cols, mapping["answer"],
+                            int(mapping.get("answer_base", 0)))
     get = lambda key: _text({key: str(row[mapping[key]])}, key, False) if key in mapping and row.get(mapping[key]) \
         is not None else None
     return MCQItem(id=get("id") or _line_id(path, where), question=_text(row, mapping["question"]), options=texts,
                    answer=answer, explanation=get("explanation"), subject=get("subject"))
+
+
+def _mapped_answer(gold, texts: tuple[str, ...], cols: list[str], field: str, base: int) -> int:
+    """A --map answer is a letter, an option's text or an option number. A value that reads two ways to two different
+    options (letter A, and the text of the option whose text is "A") is refused, not guessed."""
+    value = gold.strip() if isinstance(gold, str) else gold
+    number = _integer(value)
+    readings = {}  # option index -> how the value names it
+    if isinstance(value, str) and value.upper() in LETTERS[: len(texts)]:
+        k = LETTERS.index(value.upper())
+        readings[k] = f"letter {value.upper()} = option {k + 1} ({cols[k]}: {texts[k]!r})"
+    if isinstance(value, str) and value in texts:
+        k = texts.index(value)
+        readings.setdefault(k, f"the text of option {k + 1} ({cols[k]})")
+    if number is not None and base <= number < len(texts) + base:
+        k = number - base
+        readings.setdefault(k, f"number {number} = option {k + 1} ({cols[k]}: {texts[k]!r}; answer_base={base})")
+    if not readings:
+        return _index(gold, len(texts), field, base=base)  # says why it is none of the three
+    if len(readings) > 1:
+        fix = "as its letter" if number is not None else "as an option number (0-based, or 1-based with answer_base=1)"
+        raise RowError(field, f"{gold!r} is ambiguous: {', or '.join(readings.values())}; write the answer {fix}")
+    return next(iter(readings))
 
 
 READERS = {"medqa": _medqa, "medqa-hub": _medqa_hub, "medmcqa": _medmcqa, "pubmedqa": _pubmedqa, "mmlu": _mmlu,

@@ -19,16 +19,36 @@ def _load(source: str, cop_base: int | None, mapping: str | None) -> list[MCQIte
 
 
 def validate(source: str, cop_base: int | None = None, mapping: str | None = None) -> tuple[str, list[MCQItem]]:
-    """The line a user reads (how many valid items, which format) and the items; a bad row raises with file:line.
-    The overlong-item check needs prompts (and a tokenizer), layers above data: prompts.overlong_warnings."""
+    """The lines a user reads (how many valid items, which format, then any warnings) and the items; a bad row raises
+    with file:line. The overlong-item check needs prompts (and a tokenizer), layers above data:
+    prompts.overlong_warnings."""
     items = _load(source, cop_base, mapping)
+    path = Path(source)
+    rows = list(read_rows(path, header=mapping is not None)) if path.is_file() else []
     note = ""
-    if Path(source).is_file() and items and items[0].benchmark == "medmcqa" and cop_base is None and not mapping:
-        rows = list(read_rows(Path(source)))
-        if detect_format(Path(source), rows[0][1]) == "medmcqa":  # not medtune's own layout of MedMCQA items (no cop)
-            base = decide_cop_base(Path(source), rows, None)
-            note = f", cop {'1-based (published)' if base else '0-based (Hub)'} detected"
-    return f"{source}: {len(items)} valid items ({items[0].benchmark} format{note})", items
+    if rows and items[0].benchmark == "medmcqa" and cop_base is None and not mapping \
+            and detect_format(path, rows[0][1]) == "medmcqa":  # not medtune's own layout of MedMCQA items (no cop)
+        base = decide_cop_base(path, rows, None)
+        note = f", cop {'1-based (published)' if base else '0-based (Hub)'} detected"
+    wheres = [w for w, _ in rows] if len(rows) == len(items) else [f"{source}: item {i.id}" for i in items]
+    return "\n".join([f"{source}: {len(items)} valid items ({items[0].benchmark} format{note})",
+                      *answer_twice_warnings(items, wheres)]), items
+
+
+def answer_twice_warnings(items: list[MCQItem], wheres: list[str], limit: int = 20) -> list[str]:
+    """A warning per item whose answer's text is also another option's: a model that picks the other letter is scored
+    wrong for the right text. Not refused: real MedMCQA dev has such items, and they are kept as published."""
+    def same(text: str) -> str:
+        return " ".join(text.split()).casefold()
+
+    lines = []
+    for item, where in zip(items, wheres):
+        twins = [LETTERS[k] for k, text in enumerate(item.options) if same(text) == same(item.options[item.answer])]
+        if len(twins) > 1:
+            lines.append(f"warning: {where}: options: {', '.join(twins[:-1])} and {twins[-1]} have the same text as "
+                         f"the answer ({item.gold_letter})")
+    return lines[:limit] + ([f"warning: ... and {len(lines) - limit} more items with the answer's text twice"]
+                            if len(lines) > limit else [])
 
 
 def summarize(items: list[MCQItem]) -> dict:

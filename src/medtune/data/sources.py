@@ -4,10 +4,16 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
+import os
 import re
+import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
+from urllib.parse import urlparse
 
 from medtune.data.formats import read_file
 from medtune.data.items import MCQItem
@@ -108,14 +114,18 @@ def _hub(name: str, split: str) -> list[MCQItem]:
     hub_split = preset.train_split if split == "train" else preset.eval_split
     if hub_split is None:
         raise MedtuneError(f"{name}: has no training split on the Hub; train on another source")
+    unreachable = None
     try:
         import datasets  # heavy; only for Hub presets
 
-        ds = datasets.load_dataset(preset.hub_id, preset.config, split=hub_split)
+        unreachable = _hub_unreachable(datasets.config.HF_ENDPOINT)
+        with _quiet_hub(offline=unreachable is not None):
+            ds = datasets.load_dataset(preset.hub_id, preset.config, split=hub_split)
     except (ConnectionError, OSError, ValueError) as e:
+        cause = unreachable or e  # offline by our choice: the unreachable Hub is the cause, not "offline mode"
         raise MedtuneError(
             f"{name}: could not load {preset.hub_id} ({hub_split}) from the Hugging Face Hub; presets need a network "
-            f"(or a filled HF_HOME cache). Offline, pass a local file instead. Cause: {type(e).__name__}: {e}"
+            f"(or a filled HF_HOME cache). Offline, pass a local file instead. Cause: {type(cause).__name__}: {cause}"
         ) from None
     from medtune.data.formats import READERS, RowError, detect_format
 
@@ -134,6 +144,41 @@ def _hub(name: str, split: str) -> list[MCQItem]:
 
         raise DataError(problems)
     return items
+
+
+def _hub_unreachable(endpoint: str) -> OSError | None:
+    """Why the Hub cannot be reached (one connection attempt, 5 s at most), or None. huggingface_hub retries each
+    request 5 times with backoff (~30 s of log lines per file) before datasets falls back to the cache; one failed
+    attempt here sends the load straight to the cache. Behind a proxy a direct attempt proves nothing: not tried."""
+    if any(os.environ.get(k) for k in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return None
+    url = urlparse(endpoint)
+    try:
+        socket.create_connection((url.hostname, url.port or (80 if url.scheme == "http" else 443)), timeout=5).close()
+    except OSError as e:
+        return OSError(f"{url.hostname}: {e.strerror or e}")
+    return None
+
+
+@contextmanager
+def _quiet_hub(offline: bool) -> Iterator[None]:
+    """While a preset loads: the Hub libraries' log lines (retries, "using the cached version") are not medtune's
+    output, and `offline` switches both libraries to their cache (they read these flags at call time)."""
+    import datasets
+    from huggingface_hub import constants
+
+    loggers = [logging.getLogger(name) for name in ("huggingface_hub", "datasets", "fsspec")]
+    saved = [lg.level for lg in loggers], constants.HF_HUB_OFFLINE, datasets.config.HF_HUB_OFFLINE
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    if offline:
+        constants.HF_HUB_OFFLINE = datasets.config.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, saved[0]):
+            lg.setLevel(level)
+        constants.HF_HUB_OFFLINE, datasets.config.HF_HUB_OFFLINE = saved[1], saved[2]
 
 
 def fingerprint(items: list[MCQItem], source: str, split: str) -> dict:
