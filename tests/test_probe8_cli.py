@@ -80,3 +80,10 @@ def test_target_module_that_is_not_a_linear_layer_is_one_line(tmp_path, tiny_mod
                                      f"lora.target_modules={name}", "-q"]),
                  f"lora.target_modules=['{name}']", "LoRA cannot wrap")
         assert not (tmp_path / name).exists()
+
+
+def test_an_empty_data_source_is_named_as_empty():
+    """D45: `data validate ""` said `.: is a directory`."""
+    for args in (["data", "validate", ""], ["data", "show", " "]):
+        one_line(runner.invoke(app, args), "the data source is empty")
+    one_line(runner.invoke(app, ["eval", "--data", ""]), "source: must not be empty")  # the config's own check

@@ -50,6 +50,8 @@ def load(source: str, split: str | None = None, cop_base: int | None = None,
          mapping: dict[str, str] | None = None) -> list[MCQItem]:
     """Items of `source` (a preset name, `demo`, or a file path); `split` selects train/eval for presets and demo,
     and `demo:train` / `medqa:train` name a split explicitly."""
+    if not source.strip():  # Path("") is `.`: "is a directory" would name a path the user never gave
+        raise MedtuneError("the data source is empty: give a file, `demo` or a preset name")
     source, split = resolve(source, split)
     if source == DEMO:
         return demo_items(split)
