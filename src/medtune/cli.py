@@ -34,7 +34,7 @@ PromptStyle_ = Annotated[str | None, typer.Option(help="harness, chat or seed (a
 BatchSize_ = Annotated[int | None, typer.Option(help="Questions per forward pass.")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
 Json = Annotated[bool, typer.Option("--json", help="Print the result as JSON.")]
-CopBase = Annotated[int | None, typer.Option("--cop-base", min=0, max=1, help="MedMCQA `cop` base (0 Hub, 1 published).")]
+CopBase = Annotated[int | None, typer.Option("--cop-base", help="MedMCQA `cop` base (0 Hub, 1 published).")]
 Map = Annotated[str | None, typer.Option("--map", help="Column mapping: question=q,options=a|b|c|d,answer=label")]
 Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace a non-empty output dir as a whole: the new run "
                                                             "is built beside it and swapped in when it succeeds.")]

@@ -52,6 +52,8 @@ def load(source: str, split: str | None = None, cop_base: int | None = None,
     and `demo:train` / `medqa:train` name a split explicitly."""
     if not source.strip():  # Path("") is `.`: "is a directory" would name a path the user never gave
         raise MedtuneError("the data source is empty: give a file, `demo` or a preset name")
+    if cop_base not in (None, 0, 1):  # checked whatever the source, not only where a MedMCQA file reads it
+        raise MedtuneError(f"--cop-base {cop_base}: must be 0 (Hub) or 1 (published)")
     source, split = resolve(source, split)
     if source == DEMO:
         return demo_items(split)
