@@ -225,7 +225,8 @@ def test_a_one_step_run_learns_and_train_quiet_still_reports_it(tiny_model_dir, 
     save_config(cfg_for(tiny_model_dir, tmp_path / "run", **{"train.max_steps": 1, "data.source": "demo"}), recipe)
     result = CliRunner().invoke(app, ["train", "--config", str(recipe), "-q"])
     assert result.exit_code == 0, result.output
-    assert result.stderr.startswith("trained 1 steps") and len(result.stderr.splitlines()) == 1
+    assert result.stdout.startswith("trained 1 steps") and len(result.stdout.splitlines()) == 1, result.output
+    assert result.stderr == ""
     lora_b = [v for k, v in adapter_tensors(tmp_path / "run").items() if "lora_B" in k]
     assert lora_b and any(v.abs().max() > 0 for v in lora_b)
     assert json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])["lr"] > 0

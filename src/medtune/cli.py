@@ -300,7 +300,7 @@ def train(config: Config_ = None, sets: Set_ = None,
     with claim_out_dir(Path(cfg.out_dir), overwrite, allow_existing=resume, inputs=_inputs(cfg, config=config),
                        resumable=True) as dest:
         train_fn(cfg, train_items, dest, resume=resume, quiet=quiet, log=log, extra_meta={"data": data},
-                 val_items=val_items, done=_log())
+                 val_items=val_items, done=typer.echo)  # the result on stdout, as eval's (-q too)
 
 
 @app.command()
