@@ -288,9 +288,10 @@ def run_medtune(arch: dict, examples, epochs: int, device: str, seed: int, base_
     cfg.data.shuffle_options = False  # option order only changes the text; the ids here are already random
     seen: dict = {}
 
-    def from_pretrained(_path, dtype=None, attn_implementation=None, **_):
+    def from_pretrained(_path, dtype=None, attn_implementation=None, output_loading_info=False, **_):
         seen.update(weights=str(base_dtype or dtype).removeprefix("torch."), attention=attn_implementation)
-        return build_model(arch, base_dtype or dtype, attn_implementation, "cpu" if device == "cpu" else "cuda")
+        model = build_model(arch, base_dtype or dtype, attn_implementation, "cpu" if device == "cpu" else "cuda")
+        return (model, {"missing_keys": [], "unexpected_keys": []}) if output_loading_info else model
 
     real_lora_model, real_plan = T.lora_model, T.batch_plan
 
