@@ -5,6 +5,7 @@ import os
 import shutil
 from pathlib import Path
 
+import pytest
 from test_bounded import one_line  # exit 2, one `error:` line, no traceback
 from typer.testing import CliRunner
 
@@ -83,3 +84,24 @@ def test_an_empty_data_source_is_named_as_empty():
     for args in (["data", "validate", ""], ["data", "show", " "]):
         one_line(runner.invoke(app, args), "the data source is empty")
     one_line(runner.invoke(app, ["eval", "--data", ""]), "source: must not be empty")  # the config's own check
+
+
+# --- round nine (a fifth fresh probe: 316 cases, 308 clean) ----------------------------------------------------------
+
+@pytest.mark.slow
+def test_checkpoint_tensor_of_the_wrong_shape_is_one_line_on_resume(tmp_path, tiny_model_dir):
+    """T14: one tensor of the newest checkpoint replaced by a 3 x 3 one: `--resume` ended in a RuntimeError traceback
+    from copy_, exit 1."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    argv = ["train", "--set", f"model={tiny_model_dir}", "--set", "device=cpu", "--set", "train.max_steps=2", "--set",
+            "train.save_every=1", "--set", "data.train_size=8", "--set", "train.batch_size=4", "--out",
+            str(tmp_path / "run"), "--quiet"]
+    assert runner.invoke(app, argv).exit_code == 0
+    weights = max((tmp_path / "run" / "checkpoints").iterdir()) / "adapter.safetensors"
+    tensors = load_file(str(weights))
+    first = min(tensors)
+    save_file({**tensors, first: torch.zeros(3, 3)}, str(weights))
+    one_line(runner.invoke(app, [*argv, "--resume"]), str(weights), f"{first} has shape [3, 3]",
+             "resume from the one before")

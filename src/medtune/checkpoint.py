@@ -216,11 +216,20 @@ def load(ckpt: Path, model, optimizer, scheduler, scaler=None, rank: int = 0) ->
     if set(weights) != set(trainable):
         raise MedtuneError(f"{ckpt}: its weights don't match this model's trainable parameters "
                            f"({len(weights)} vs {len(trainable)} tensors); was it written for another model?")
+    shaped = next((n for n, p in trainable.items() if weights[n].shape != p.shape), None)
+    if shaped is not None:  # copy_ would broadcast or raise a RuntimeError traceback
+        raise MedtuneError(f"{ckpt / 'adapter.safetensors'}: {shaped} has shape {list(weights[shaped].shape)}, the "
+                           f"model expects {list(trainable[shaped].shape)}; delete this checkpoint to resume from the "
+                           "one before")
     with torch.no_grad():
         for n, p in trainable.items():
             p.copy_(weights[n].to(p.device))
     optimizer.load_state_dict(_optimizer_from(load_file(str(ckpt / "optimizer.safetensors")),
                                               _read_json(ckpt / "optimizer.json")))
+    moments = ((p, m) for g in optimizer.param_groups for p in g["params"] for m in optimizer.state.get(p, {}).values())
+    if any(torch.is_tensor(m) and m.dim() and m.shape != p.shape for p, m in moments):  # AdamW's exp_avg(_sq)
+        raise MedtuneError(f"{ckpt / 'optimizer.safetensors'}: its moments do not have the shapes of the model's "
+                           "trainable parameters; delete this checkpoint to resume from the one before")
     scheduler.load_state_dict(_read_json(ckpt / "scheduler.json"))
     state = _read_json(ckpt / "state.json")
     if scaler is not None and state.get("scaler"):
