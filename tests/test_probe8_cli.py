@@ -105,3 +105,15 @@ def test_checkpoint_tensor_of_the_wrong_shape_is_one_line_on_resume(tmp_path, ti
     save_file({**tensors, first: torch.zeros(3, 3)}, str(weights))
     one_line(runner.invoke(app, [*argv, "--resume"]), str(weights), f"{first} has shape [3, 3]",
              "resume from the one before")
+
+
+def test_permute_with_generate_is_said_and_recorded_not_dropped(tmp_path, tiny_model_dir):
+    """S15: `--method generate --permute cyclic` dropped the rotations silently and recorded permute "none"."""
+    import json
+
+    result = runner.invoke(app, ["eval", "--model", tiny_model_dir, "--data", "demo", "--limit", "1", "--method",
+                                 "generate", "--permute", "cyclic", "--set", "eval.max_new_tokens=4", "--out",
+                                 str(tmp_path / "o")])
+    assert result.exit_code == 0, result.output
+    assert "note: --permute cyclic skipped: not applicable: generate decodes" in result.output
+    assert json.loads((tmp_path / "o" / "results.json").read_text())["permute"].startswith("not applicable")

@@ -35,6 +35,8 @@ def run_eval(items: list[MCQItem], cfg, out_dir: Path | None, adapter: str | Non
     e = cfg.eval
 
     if e.method == "generate":
+        if e.permute != "none":  # said and recorded, as for options scored as words (_debias), never dropped silently
+            log(f"note: --permute {e.permute} skipped: {GENERATE_PERMUTE}")
         return _generate_eval(items, cfg, out_dir, model, tokenizer, style, path, adapter, fingerprint, contamination,
                               started, quiet, label, recorder)
     from tqdm.auto import tqdm
@@ -116,6 +118,9 @@ def _write(out_dir, rows: list[dict], results: dict, recorder=None) -> None:
             recorder.stop(out_dir, items=len(rows))
 
 
+GENERATE_PERMUTE = "not applicable: generate decodes an answer, it scores no options to rotate"
+
+
 def _generate_eval(items, cfg, out_dir, model, tokenizer, style, path, adapter, fingerprint, contamination, started,
                    quiet, label, recorder=None) -> tuple[dict, list[dict]]:
     import time
@@ -129,7 +134,8 @@ def _generate_eval(items, cfg, out_dir, model, tokenizer, style, path, adapter, 
         rows = generate_rows(model, tokenizer, items, style, cfg.eval.max_new_tokens, cfg.eval.batch_size, bar)
     m = metrics(items, rows)
     m["generation"] = generation_metrics(rows)
-    results = {"metrics": m, "method": "generate-greedy", "mode": "exact", "prompt_style": style, "permute": "none",
+    permute = "none" if cfg.eval.permute == "none" else GENERATE_PERMUTE
+    results = {"metrics": m, "method": "generate-greedy", "mode": "exact", "prompt_style": style, "permute": permute,
                "model": cfg.model, "model_path": str(path), "adapter": adapter, "data": fingerprint,
                "contamination": contamination, "max_new_tokens": cfg.eval.max_new_tokens,
                "wall_s": round(time.time() - started, 2), "environment": environment()}
