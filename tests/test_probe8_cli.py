@@ -10,6 +10,7 @@ from test_bounded import one_line  # exit 2, one `error:` line, no traceback
 from typer.testing import CliRunner
 
 from medtune.cli import app
+from medtune.errors import MedtuneError
 
 runner = CliRunner()
 ROWS = "".join(f'{{"id": "q{i}", "question": "Which {i}?", "options": ["a", "b"], "answer": 0}}\n' for i in range(8))
@@ -117,3 +118,19 @@ def test_permute_with_generate_is_said_and_recorded_not_dropped(tmp_path, tiny_m
     assert result.exit_code == 0, result.output
     assert "note: --permute cyclic skipped: not applicable: generate decodes" in result.output
     assert json.loads((tmp_path / "o" / "results.json").read_text())["permute"].startswith("not applicable")
+
+
+def test_eval_source_is_used_with_a_demo_or_preset_source(tmp_path):
+    """R31: with data.source demo (or a preset) data.eval_source was ignored, even a file that does not exist, and
+    config.yaml recorded it as if used."""
+    from medtune.config import load_config
+    from medtune.data.prepare import prepare_data
+
+    (tmp_path / "e.jsonl").write_text(ROWS)
+    cfg = load_config(None, ["data.source=demo", f"data.eval_source={tmp_path / 'e.jsonl'}"])
+    train_items, eval_items, data = prepare_data(cfg, log=lambda *_: None)
+    assert [i.question for i in eval_items] == [f"Which {i}?" for i in range(8)] and len(train_items) > 8
+    assert data["eval"]["source"] == str(tmp_path / "e.jsonl")
+    missing = load_config(None, ["data.source=demo", f"data.eval_source={tmp_path / 'none.jsonl'}"])
+    with pytest.raises(MedtuneError, match="none.jsonl"):
+        prepare_data(missing, log=lambda *_: None)

@@ -19,12 +19,15 @@ def prepare_data(cfg: Config, log=print) -> tuple[list[MCQItem], list[MCQItem], 
     """Training and eval items and their fingerprints. Refuses to train on a test split."""
     d = cfg.data
     refuse_test(d.source)  # every spelling (medqa:eval, mmlu-anatomy, test.jsonl, ...), before any file or network
-    if d.source == sources.DEMO:
-        train_items, eval_items = sources.load(d.source, "train"), sources.load(d.source, "eval")
-        names = ("demo:train", "demo:eval")
-    elif d.source in sources.PRESETS:
-        train_items, eval_items = sources.load(d.source, "train"), sources.load(d.source, "eval")
-        names = (f"{d.source}:{sources.PRESETS[d.source].train_split}", f"{d.source}:{sources.PRESETS[d.source].eval_split}")
+    if d.source == sources.DEMO or d.source in sources.PRESETS:  # their own eval split, unless data.eval_source
+        preset = sources.PRESETS.get(d.source)
+        names = ("demo:train", "demo:eval") if preset is None else \
+            (f"{d.source}:{preset.train_split}", f"{d.source}:{preset.eval_split}")
+        train_items = sources.load(d.source, "train")
+        if d.eval_source:  # was ignored here, silently (probe 9)
+            eval_items, names = sources.load(d.eval_source, "eval", cop_base=d.cop_base), (names[0], d.eval_source)
+        else:
+            eval_items = sources.load(d.source, "eval")
     else:
         items = sources.load(d.source, cop_base=d.cop_base)
         if d.eval_source:
