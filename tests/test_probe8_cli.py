@@ -134,3 +134,10 @@ def test_eval_source_is_used_with_a_demo_or_preset_source(tmp_path):
     missing = load_config(None, ["data.source=demo", f"data.eval_source={tmp_path / 'none.jsonl'}"])
     with pytest.raises(MedtuneError, match="none.jsonl"):
         prepare_data(missing, log=lambda *_: None)
+
+
+def test_a_table_format_medtune_does_not_read_is_named(tmp_path):
+    """D60: a .tsv was read as JSON lines: "json: Expecting value" on every line."""
+    tsv = tmp_path / "d.tsv"
+    tsv.write_text("question\tA\tB\tanswer\nWhich?\ta\tb\tA\n")
+    one_line(runner.invoke(app, ["data", "validate", str(tsv)]), "d.tsv: .tsv files are not read", ".csv")

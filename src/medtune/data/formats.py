@@ -142,9 +142,15 @@ def read_text(path: Path) -> str:
                           f"{column}; save the file as UTF-8")]) from None
 
 
+NOT_READ = (".tsv", ".tab", ".xlsx", ".xls", ".ods")  # tables medtune has no reader for; any other suffix is JSONL
+
+
 def read_rows(path: Path, header: bool = False) -> Iterator[tuple[str, dict]]:
     """(`file:line`, row) pairs. JSONL/JSON/CSV/Parquet; a JSON object keyed by id (PubMedQA) yields its values."""
     suffix = path.suffix.lower()
+    if suffix in NOT_READ:  # read as JSON lines, every line was "json: Expecting value" (probe 9)
+        raise MedtuneError(f"{path}: {suffix} files are not read; supported: .jsonl, .json, .csv, .parquet (save it "
+                           "as CSV, with --map naming the columns if needed)")
     if suffix == ".parquet":
         yield from _parquet_rows(path)
         return
