@@ -141,3 +141,16 @@ def test_a_table_format_medtune_does_not_read_is_named(tmp_path):
     tsv = tmp_path / "d.tsv"
     tsv.write_text("question\tA\tB\tanswer\nWhich?\ta\tb\tA\n")
     one_line(runner.invoke(app, ["data", "validate", str(tsv)]), "d.tsv: .tsv files are not read", ".csv")
+
+
+def test_two_predicts_on_one_file_the_second_is_refused(tmp_path, tiny_model_dir):
+    """P14: two `predict` runs on the same --out at once both wrote every row (each id twice); a rerun then counted
+    the doubled file as done. The file is locked for the command's life, as a run dir is."""
+    from medtune.io import out_dir_lock
+
+    out = tmp_path / "p.jsonl"
+    args = ["predict", "demo", "--model", tiny_model_dir, "--out", str(out), "--limit", "2", "-q"]
+    with out_dir_lock(out):  # another predict holds it
+        one_line(runner.invoke(app, args), str(out))
+    assert not out.exists()
+    assert runner.invoke(app, args).exit_code == 0 and len(out.read_text().splitlines()) == 2

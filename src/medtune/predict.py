@@ -16,15 +16,12 @@ from pathlib import Path
 
 from medtune.data.items import LETTERS, MCQItem
 from medtune.errors import MedtuneError
+from medtune.io import out_dir_lock
 
 
 def predict(loaded, items: list[MCQItem], out: Path, source: str, chunk: int = 64, write_csv: bool = False,
             quiet: bool = False, log=print) -> dict:
     """Score `items` with a loaded model (see ask.load) into out (a .jsonl path); return a summary."""
-    from tqdm.auto import tqdm
-
-    from medtune.scoring import score_items
-
     out = Path(out)
     if out.suffix != ".jsonl":
         raise MedtuneError(f"{out}: the output must be a .jsonl file (e.g. predictions.jsonl)")
@@ -32,6 +29,16 @@ def predict(loaded, items: list[MCQItem], out: Path, source: str, chunk: int = 6
         raise MedtuneError("--chunk must be 1 or more")
     _check_unique(items)
     out.parent.mkdir(parents=True, exist_ok=True)
+    with out_dir_lock(out, "--out"):  # a second predict on the same file is refused: both wrote every row (probe 9)
+        return _predict(loaded, items, out, source, chunk, write_csv, quiet, log)
+
+
+def _predict(loaded, items: list[MCQItem], out: Path, source: str, chunk: int, write_csv: bool, quiet: bool,
+             log) -> dict:
+    from tqdm.auto import tqdm
+
+    from medtune.scoring import score_items
+
     meta = {"source": source, "model": loaded.model_name, "adapter": loaded.adapter, "prompt_style": loaded.style,
             "method": f"{loaded.method}-logprob", "mode": loaded.mode}
     done = _resume(out, meta)
