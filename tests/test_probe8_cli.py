@@ -154,3 +154,19 @@ def test_two_predicts_on_one_file_the_second_is_refused(tmp_path, tiny_model_dir
         one_line(runner.invoke(app, args), str(out))
     assert not out.exists()
     assert runner.invoke(app, args).exit_code == 0 and len(out.read_text().splitlines()) == 2
+
+
+def test_conformal_refuses_the_calibration_items_under_other_ids(tmp_path, tiny_model_dir, shared_data):
+    """C12: the calibration file copied under another name and evaluated: its ids (made from the file name) differed,
+    so the overlap check passed and a coverage of 0.950 on the calibration items themselves was reported."""
+    rows = (shared_data / "medqa" / "dev.jsonl").read_text().splitlines(keepends=True)
+    (tmp_path / "cal_dev.jsonl").write_text("".join(rows[:12]))
+    (tmp_path / "renamed.jsonl").write_text("".join(rows[:12]))
+    (tmp_path / "other.jsonl").write_text("".join(rows[12:24]))
+    for name in ("cal_dev", "renamed", "other"):
+        result = runner.invoke(app, ["eval", "--model", tiny_model_dir, "--data", str(tmp_path / f"{name}.jsonl"),
+                                     "--out", str(tmp_path / name), "-q", "--mode", "exact"])
+        assert result.exit_code == 0, result.output
+    one_line(runner.invoke(app, ["conformal", str(tmp_path / "cal_dev"), str(tmp_path / "renamed")]),
+             "12 of its items", "same questions under other ids")
+    assert runner.invoke(app, ["conformal", str(tmp_path / "cal_dev"), str(tmp_path / "other")]).exit_code == 0

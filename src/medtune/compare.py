@@ -225,8 +225,24 @@ def conformal_files(calibration: Path, evaluation: Path, alpha: float = 0.1, met
         if bad is not None:
             raise MedtuneError(f"{path}: item {bad[0]}: {bad[1]}; evaluate with --method letter or answer (generation "
                                "scoring has no option probabilities)")
+    seen, ids = {_scored_as(r) for r in rows[0]} - {None}, {r["id"] for r in rows[0]}
+    same = [r["id"] for r in rows[1] if r["id"] not in ids and _scored_as(r) in seen]  # same ids: conformal_summary
+    if same:  # ids come from file names (MedQA has none): a renamed copy of the calibration file passed (probe 9)
+        raise MedtuneError(f"{evaluation}: {len(same)} of its items (e.g. {same[0]}) were scored exactly as items of "
+                           f"{calibration} (same answer text and log-probabilities): the same questions under other "
+                           "ids; calibrate on items kept out of the evaluation")
     summary = conformal_summary(*rows, alpha=alpha, method=method)
     return {"calibration_source": str(calibration), "evaluation_source": str(evaluation), **summary}
+
+
+def _scored_as(row: dict) -> tuple | None:
+    """What identifies a question across files for one model: its gold letter, the predicted option's text and
+    every option's log-probability (to 1e-4: fast mode's batches can move the last digits). None without them."""
+    logprobs, text = row.get("logprobs"), row.get("pred_text")
+    if not isinstance(logprobs, dict) or not logprobs or not isinstance(text, str):
+        return None
+    return row.get("gold"), text, tuple((k, round(v, 4)) for k, v in sorted(logprobs.items())
+                                        if isinstance(v, (int, float)))
 
 
 def _bad_probs(row: dict) -> str | None:
