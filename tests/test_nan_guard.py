@@ -123,8 +123,10 @@ except MedtuneError as e:
 model = seen["acc"].unwrap_model(seen["acc"]._models[0])
 step1 = load_file(str(out / "checkpoints" / "step-0000001" / "adapter.safetensors"))
 now = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
-print("RESULT " + json.dumps({"rank": rank, "error": error, "tensors": len(now), "same": now.keys() == step1.keys()
-                              and all(torch.equal(now[n], step1[n]) for n in now)}), flush=True)
+line = "RESULT " + json.dumps({"rank": rank, "error": error, "tensors": len(now), "same": now.keys() == step1.keys()
+                              and all(torch.equal(now[n], step1[n]) for n in now)}) + "\n"
+sys.stdout.flush()
+os.write(1, line.encode())  # one write: the two ranks share the pipe, and print's text and newline could interleave
 '''
 
 
