@@ -31,7 +31,7 @@ import shutil
 from pathlib import Path
 
 from medtune import io
-from medtune.errors import MedtuneError
+from medtune.errors import MedtuneError, shown
 
 FILES = ("adapter.safetensors", "optimizer.safetensors", "optimizer.json", "scheduler.json", "rng.json", "state.json",
          "best.safetensors")
@@ -127,13 +127,13 @@ def latest(out_dir: Path) -> Path | None:
 def check(ckpt: Path, cfg_dict: dict, data: dict | None = None) -> dict:
     """Refuse a checkpoint that holds anything but medtune's safetensors/JSON files, whose training-shaping config
     differs from `cfg_dict`, or whose training items differ from `data` (data_fingerprint); return its state.json."""
-    unexpected = sorted(p.name for p in ckpt.iterdir() if p.name not in FILES and not RNG_FILE.fullmatch(p.name))
+    unexpected = sorted(shown(p.name) for p in ckpt.iterdir() if p.name not in FILES and not RNG_FILE.fullmatch(p.name))
     if unexpected:
         raise MedtuneError(f"{ckpt}: holds {', '.join(unexpected)}, which medtune never writes (a pickle can run code "
                            "when loaded); refusing to resume from it. Delete that file or the checkpoint")
     state = read_state(ckpt)
     saved, now = state.get("config") or {}, shaping_config(cfg_dict)
-    diff = [f"{k}: {saved.get(k, '(unset)')!r} -> {now.get(k, '(unset)')!r}" for k in sorted(set(saved) | set(now))
+    diff = [f"{shown(k)}: {saved.get(k, '(unset)')!r} -> {now.get(k, '(unset)')!r}" for k in sorted(set(saved) | set(now))
             if saved.get(k) != now.get(k)]
     if diff:
         raise MedtuneError(f"--resume: the config differs from the checkpoint's ({'; '.join(diff)}); resume with the "

@@ -42,6 +42,11 @@ WRITE_ERRORS = {errno.ENOSPC: ("disk full while writing", "free space at {} and 
                 errno.EPERM: ("permission denied on", "check its permissions, or write somewhere else (--out)")}
 
 
+def shown(name) -> str:
+    """A key or name as an error message shows it: as is when printable, else its repr (a key "\n" stays one line)."""
+    return name if isinstance(name, str) and name.isprintable() and name.strip() == name and name else repr(name)
+
+
 def not_a_file(path) -> str:
     """Why `path` cannot be read as a file: missing, a directory, or something else (a FIFO would block a reader)."""
     if path.is_dir():

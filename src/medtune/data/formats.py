@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from medtune.data.items import LETTERS, MCQItem
-from medtune.errors import DataError, MedtuneError, not_a_file
+from medtune.errors import DataError, MedtuneError, not_a_file, shown
 
 PUBMEDQA_OPTIONS = ("yes", "no", "maybe")
 
@@ -299,7 +299,7 @@ def detect_format(path: Path, row: dict) -> str:
     if {"question", "options", "answer"} <= keys:
         return "demo"
     raise MedtuneError(
-        f"{path}: unknown format (first row keys: {', '.join(sorted(k for k in keys if not k.startswith('__')))}); "
+        f"{path}: unknown format (first row keys: {', '.join(sorted(shown(k) for k in keys if not k.startswith('__')))}); "
         "supported: MedQA, MedMCQA, PubMedQA, MMLU, medtune's demo layout, or pass --map question=COL,options=COL|COL,"
         "answer=COL for any other file"
     )
