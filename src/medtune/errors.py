@@ -75,6 +75,10 @@ def explain(exc: BaseException, path: str | None = None) -> MedtuneError | None:
     if kind == "NoMatchingPeftModuleError":
         return MedtuneError(f"lora.target_modules: {detail.split('. ')[0]}; use all-linear (every linear layer) or "
                             "module names of this model, e.g. q_proj, v_proj")
+    unwrappable = re.match(r"Target module (\w+)", str(exc)) if kind == "ValueError" else None
+    if unwrappable:  # a name matching a whole block (`5`: model.layers.5; `mlp`): PEFT's ValueError and its repr
+        return MedtuneError(f"lora.target_modules: a name matches a {unwrappable[1]}, which LoRA cannot wrap (only "
+                            "linear layers); use all-linear or names of linear layers, e.g. q_proj, v_proj")
     if isinstance(exc, json.JSONDecodeError):
         where = path or _file_in_traceback(exc, (".json", ".jsonl")) or "a JSON file"
         return MedtuneError(f"{where}:{exc.lineno}: not valid JSON: {exc.msg} at column {exc.colno}; it is corrupt "

@@ -120,8 +120,8 @@ def _freed_memory_returned():
     the heap the bf16 pass left free is handed back first (malloc_trim). glibc's malloc otherwise raises its mmap
     threshold as large blocks are freed, and the per-layer fp32 weights and activations of the next batches then come
     from a heap it does not give back (benchmarks/memory_fit.py, Qwen3-1.7B shape: eval peaked at 7,315 MB before this
-    and the batch token cap, 5,076 MB after; docs/benchmarks.md). Not around the bf16 pass: there every 1 MiB
-    activation would be fresh pages from the OS: 23–72% more CPU time for the bf16 pass (docs/benchmarks.md).
+    and the batch token cap, 5,076 MB after; docs/benchmarks.md). Not around the bf16 pass, which needs neither (and
+    whose every 1 MiB activation would then be fresh pages from the OS: benchmarks/profile_fast.py --mallopt).
     Afterwards the threshold is set to 32 MiB (glibc's own ceiling for its dynamic threshold). Elsewhere than glibc
     this does nothing."""
     from medtune.models import glibc

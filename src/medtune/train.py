@@ -16,7 +16,6 @@ import dataclasses
 import importlib.util
 import json
 import math
-import re
 import shutil
 import time
 import warnings
@@ -539,15 +538,8 @@ def lora_model(cfg: Config, accelerator, log, attn_implementation: str | None = 
     targets = cfg.lora.target_modules
     lora = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout, task_type="CAUSAL_LM",
                       target_modules="all-linear" if targets == ["all-linear"] else targets)
-    try:
-        with _peft_reads_deprecated_names():
-            model = get_peft_model(model, lora)
-    except ValueError as e:  # a name that matches a whole block (`5`: model.layers.5; `mlp`), not a layer LoRA wraps
-        found = re.match(r"Target module (\w+)", str(e))
-        if found is None:
-            raise
-        raise MedtuneError(f"lora.target_modules={targets}: matches a {found[1]}, which LoRA cannot wrap (only linear "
-                           "layers); use all-linear or names of linear layers, e.g. q_proj, v_proj") from None
+    with _peft_reads_deprecated_names():
+        model = get_peft_model(model, lora)
     model.config.use_cache = False
     return model, tokenizer
 

@@ -59,9 +59,7 @@ SURROGATE = re.compile("[\ud800-\udfff]")
 def read_file(path: str | Path, cop_base: int | None = None, mapping: dict[str, str] | None = None,
               subject: str | None = None) -> list[MCQItem]:
     """Read every row of a local file into items; raise DataError listing every bad row, or MedtuneError."""
-    path = Path(path)
-    if cop_base not in (None, 0, 1):
-        raise MedtuneError(f"--cop-base {cop_base}: must be 0 (Hub) or 1 (published)")
+    path = Path(path)  # (cop_base's range is checked by sources.load, for every source)
     if not path.is_file():
         raise MedtuneError(f"{path}: {not_a_file(path)}")
     rows = list(read_rows(path, header=mapping is not None))
@@ -308,8 +306,6 @@ def detect_format(path: Path, row: dict) -> str:
 def decide_cop_base(path: Path, rows: list[tuple[str, dict]], cop_base: int | None) -> int:
     """MedMCQA `cop` is 1-based in the published files and 0-based on the Hub; decide from the whole file."""
     if cop_base is not None:
-        if cop_base not in (0, 1):
-            raise MedtuneError(f"--cop-base must be 0 or 1, got {cop_base}")
         return cop_base
     values = {_integer(row.get("cop")) for _, row in rows}  # as _index reads them; the rest fail per row
     has0, has4 = 0 in values, 4 in values

@@ -24,31 +24,35 @@ def validate(source: str, cop_base: int | None = None, mapping: str | None = Non
     prompts.overlong_warnings."""
     items = _load(source, cop_base, mapping)
     path = Path(source)
-    rows = list(read_rows(path, header=mapping is not None)) if path.is_file() else []
+    medmcqa = items[0].benchmark == "medmcqa" and cop_base is None and not mapping
+    twice = answer_twice(items)
+    # the file is read again only for what the items do not keep: MedMCQA's cop values, the lines of the warnings
+    rows = list(read_rows(path, header=mapping is not None)) if path.is_file() and (medmcqa or twice) else []
     note = ""
-    if rows and items[0].benchmark == "medmcqa" and cop_base is None and not mapping \
-            and detect_format(path, rows[0][1]) == "medmcqa":  # not medtune's own layout of MedMCQA items (no cop)
+    if rows and medmcqa and detect_format(path, rows[0][1]) == "medmcqa":  # not medtune's own layout (no cop)
         base = decide_cop_base(path, rows, None)
         note = f", cop {'1-based (published)' if base else '0-based (Hub)'} detected"
-    wheres = [w for w, _ in rows] if len(rows) == len(items) else [f"{source}: item {i.id}" for i in items]
-    return "\n".join([f"{source}: {len(items)} valid items ({items[0].benchmark} format{note})",
-                      *answer_twice_warnings(items, wheres)]), items
+    where = (lambda k: rows[k][0]) if len(rows) == len(items) else (lambda k: f"{source}: item {items[k].id}")
+    warnings = [f"warning: {where(k)}: options: {', '.join(twins[:-1])} and {twins[-1]} have the same text as the "
+                f"answer ({items[k].gold_letter})" for k, twins in twice[:WARNINGS]]
+    more = [f"warning: ... and {len(twice) - WARNINGS} more items with the answer's text twice"] \
+        if len(twice) > WARNINGS else []
+    return "\n".join([f"{source}: {len(items)} valid items ({items[0].benchmark} format{note})", *warnings, *more]), \
+        items
 
 
-def answer_twice_warnings(items: list[MCQItem], wheres: list[str], limit: int = 20) -> list[str]:
-    """A warning per item whose answer's text is also another option's: a model that picks the other letter is scored
-    wrong for the right text. Not refused: real MedMCQA dev has such items, and they are kept as published."""
+WARNINGS = 20  # answer-twice warnings printed at most; the rest are counted
+
+
+def answer_twice(items: list[MCQItem]) -> list[tuple[int, list[str]]]:
+    """(index, letters) per item whose answer's text is also another option's: a model that picks the other letter is
+    scored wrong for the right text. Not refused: real MedMCQA dev has such items, and they are kept as published."""
     def same(text: str) -> str:
         return " ".join(text.split()).casefold()
 
-    lines = []
-    for item, where in zip(items, wheres):
-        twins = [LETTERS[k] for k, text in enumerate(item.options) if same(text) == same(item.options[item.answer])]
-        if len(twins) > 1:
-            lines.append(f"warning: {where}: options: {', '.join(twins[:-1])} and {twins[-1]} have the same text as "
-                         f"the answer ({item.gold_letter})")
-    return lines[:limit] + ([f"warning: ... and {len(lines) - limit} more items with the answer's text twice"]
-                            if len(lines) > limit else [])
+    found = [(k, [LETTERS[o] for o, text in enumerate(it.options) if same(text) == same(it.options[it.answer])])
+             for k, it in enumerate(items)]
+    return [(k, twins) for k, twins in found if len(twins) > 1]
 
 
 def summarize(items: list[MCQItem]) -> dict:
