@@ -34,7 +34,7 @@ def main() -> None:
 
     def bf16_pass() -> None:
         with scoring.fp32_head(model):
-            scoring._score_batched(model, encoded, 16, None)
+            scoring.score_batched(model, encoded, 16, None)
 
     bf16_pass()  # warm-up
     if args.mallopt:

@@ -147,20 +147,20 @@ def _score(model, encoded: list[Encoded], batch_size: int, mode: str, margin: fl
     exact = [False] * len(encoded)
     if mode != "fast" or not held_in_bf16(model):
         with fp32_compute(model):
-            return _score_batched(model, encoded, batch_size, progress), exact
+            return score_batched(model, encoded, batch_size, progress), exact
     with fp32_head(model):
-        scores = _score_batched(model, encoded[:PROBE], batch_size, None)
+        scores = score_batched(model, encoded[:PROBE], batch_size, None)
     if sum(margin_of(s) < margin for s in scores) > MAX_CLOSE * len(scores):
         with fp32_compute(model):
-            return _score_batched(model, encoded, batch_size, progress), [True] * len(encoded)
+            return score_batched(model, encoded, batch_size, progress), [True] * len(encoded)
     if progress is not None:
         progress.update(min(PROBE, len(encoded)))  # the probe counts: the bar's rate (and ETA) includes it
     with fp32_head(model):
-        scores += _score_batched(model, encoded[PROBE:], batch_size, progress)
+        scores += score_batched(model, encoded[PROBE:], batch_size, progress)
     rescored = list(exact)
     close = [i for i in range(len(encoded)) if _decisions_close(scores[i], encoded[i], margin)]
     with fp32_compute(model):
-        for i, lp in zip(close, _score_batched(model, [encoded[i] for i in close], batch_size, None)):
+        for i, lp in zip(close, score_batched(model, [encoded[i] for i in close], batch_size, None)):
             scores[i], rescored[i] = lp, True
     return scores, rescored
 
@@ -264,7 +264,7 @@ def _decisions_close(lps: list[float], e: Encoded, margin: float) -> bool:
     return False
 
 
-def _score_batched(model, encoded: list[Encoded], batch_size: int, progress) -> list[list[float]]:
+def score_batched(model, encoded: list[Encoded], batch_size: int, progress) -> list[list[float]]:
     """Single-token continuations: one sequence per question. Otherwise the prompt's cache is reused per option."""
     single = [i for i, e in enumerate(encoded) if e.single_token]
     multi = [i for i, e in enumerate(encoded) if not e.single_token]
