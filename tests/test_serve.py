@@ -244,6 +244,19 @@ def test_abandoned_queue_joins_lose_their_places(monkeypatch):
         page.close()
 
 
+def test_an_api_call_with_another_number_of_inputs_is_one_line_not_a_traceback(server):
+    import httpx
+
+    url, proc = server
+    with httpx.Client(timeout=60) as http:
+        for data, got in ((["Only a question?"], 1), (["Q?", "a\nb", "extra"], 3)):
+            event = http.post(url + "gradio_api/call/ask", json={"data": data}).json()["event_id"]
+            body = http.get(url + f"gradio_api/call/ask/{event}").text
+            assert "event: error" in body and f"takes 2 inputs (Question, Options, one per line), got {got}" in body, \
+                body
+    assert "Traceback" not in proc.log.read_text()  # gradio's ValueError printed one for too few inputs
+
+
 def test_sigterm_stops_the_server_with_one_line_and_143(server):
     """Last in this file (it stops the module's server): gradio catches the interrupt and returns normally, so
     `medtune serve` exited 0 on SIGTERM; it ends as every command does on a signal."""

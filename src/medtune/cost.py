@@ -30,17 +30,43 @@ RAPL = Path("/sys/class/powercap")
 class Recorder:
     """Started when a job starts; `stop(out_dir, **produced)` adds wall time and energy and writes out_dir/cost.json.
 
-    Two calls instead of a `with` block, so a long function gets its cost recorded without re-indenting its body."""
+    Two calls instead of a `with` block, so a long function gets its cost recorded without re-indenting its body.
+    A resumed training run carries its earlier sessions' cost (`so_far`, kept in each checkpoint; `resumed`), so its
+    cost.json is the whole run's: every session up to its last checkpoint (work after it was lost, and is not known)."""
 
     def __init__(self, kind: str):
         device = device_summary()
         self.rec = {"kind": kind, **device, "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
         self.meter = EnergyMeter(device["device_kind"])
         self.t0 = time.perf_counter()
+        self.earlier: dict | None = None
+
+    def resumed(self, earlier) -> None:
+        """The cost a checkpoint recorded for the sessions before this one; a value that is not one counts as none."""
+        ok = isinstance(earlier, dict) and all(
+            isinstance(earlier.get(k), (int, float)) and not isinstance(earlier.get(k), bool)
+            and math.isfinite(earlier[k]) and earlier[k] >= 0 for k in ("wall_s", "sessions")) \
+            and (earlier.get("energy_j") is None or isinstance(earlier["energy_j"], (int, float)))
+        self.earlier = earlier if ok else {"wall_s": 0.0, "energy_j": None, "sessions": 0,
+                                           "unknown": "the checkpoint's record of earlier sessions is not medtune's: "
+                                                      "their cost is not included"}
+
+    def so_far(self) -> dict:
+        """Wall time and energy from the first session until now (this session's energy: until now)."""
+        now = {"wall_s": time.perf_counter() - self.t0, **self.meter.stop()}
+        if self.earlier is None:
+            return {**now, "wall_s": round(now["wall_s"], 3), "sessions": 1}
+        energy = None if None in (now["energy_j"], self.earlier["energy_j"]) else now["energy_j"] + \
+            self.earlier["energy_j"]
+        note = now["energy_note"] if energy is not None or now["energy_j"] is None else \
+            "an earlier session of this run had no energy counter: its energy is unknown"
+        return {**now, "wall_s": round(now["wall_s"] + self.earlier["wall_s"], 3),
+                "energy_j": energy if energy is None else round(energy, 6), "energy_note": note,
+                "sessions": int(self.earlier["sessions"]) + 1,
+                **({"earlier_sessions": self.earlier["unknown"]} if "unknown" in self.earlier else {})}
 
     def stop(self, out_dir: Path | str | None, **produced) -> dict:
-        self.rec["wall_s"] = round(time.perf_counter() - self.t0, 3)
-        self.rec.update(self.meter.stop())
+        self.rec.update(self.so_far())
         self.rec.update(produced)
         if out_dir is not None:
             from medtune.report import write_json

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from medtune.config import MAX_LORA_R
 from medtune.data.formats import load_json
+from medtune.data.sources import hub_unreachable
 from medtune.errors import MedtuneError
 from medtune.gguf_check import check_gguf
 
@@ -44,6 +45,8 @@ def resolve(name: str, log=print) -> str:
         if not Path(name).exists() and (not HUB_ID.fullmatch(name) or Path(name).parent.name and
                                         Path(name).parent.is_dir()):  # runs/merge: runs/ is here, so a path
             raise MedtuneError(f"{name}: no such directory (and not a Hub id, which reads org/name); check the path")
+        if not Path(name).exists():
+            offline_if_unreachable()
         return name
     gguf = embedded_gguf()
     if gguf is None:
@@ -122,6 +125,24 @@ def quantization_config(quantize: str, compute_dtype: str):
         return BitsAndBytesConfig(load_in_8bit=True)
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                               bnb_4bit_compute_dtype=getattr(torch, compute_dtype))
+
+
+HUB_DOWN: dict[str, OSError] = {}  # "cause": why the Hub could not be reached, once offline_if_unreachable found it
+
+
+def offline_if_unreachable() -> None:
+    """Before a Hub id loads: when the Hub cannot be reached (one connection attempt), the process goes offline, so
+    transformers reads the HF_HOME cache at once. Otherwise huggingface_hub retries every file request five times with
+    backoff (~50 s of retry lines) before it falls back to the cache or fails."""
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return
+    cause = hub_unreachable(constants.ENDPOINT)
+    if cause is not None:
+        constants.HF_HUB_OFFLINE = True  # read at call time by huggingface_hub and transformers (is_offline_mode)
+        os.environ["HF_HUB_OFFLINE"] = "1"  # and by any process started from this one (accelerate launch ranks)
+        HUB_DOWN["cause"] = cause
 
 
 def _pretrained(path: str) -> tuple[str, dict]:
@@ -291,6 +312,9 @@ def load_weights(name: str, path: str, dtype, **kwargs):
                                                                **(gguf or {"use_safetensors": True}), **kwargs)
     except (OSError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if HUB_DOWN and not Path(where).exists():
+            raise MedtuneError(f"{name}: not in the local Hugging Face cache, and the Hub cannot be reached "
+                               f"({HUB_DOWN['cause']}); offline, use `embedded` or a local dir") from None
         raise MedtuneError(f"{name}: could not load the model ({first}). medtune loads safetensors weights only; "
                            "offline, use `embedded` or a local dir.") from None
     except (RuntimeError, StrictDataclassError, AttributeError, TypeError) as e:  # shapes that do not match, a

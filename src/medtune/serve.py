@@ -77,6 +77,16 @@ def build(loaded: Loaded, max_new_tokens: int = 96, guard: QueueGuard | None = N
                                  elem_id="explanation")
                 details = gr.JSON(label="Full result (as `medtune ask --json`)", visible=False)
         submit.click(ask_fn, [question, options], [verdict, bars, why, details], api_name="ask")
+
+    def validate_inputs(block_fn, inputs: list) -> None:
+        """An API call with another number of inputs: the caller's error in one line (gradio raised a ValueError for
+        too few, a traceback in the server's log, and dropped extra inputs silently)."""
+        if len(inputs) != len(block_fn.inputs):
+            names = ", ".join(getattr(b, "label", None) or type(b).__name__ for b in block_fn.inputs)
+            raise gr.Error(f"this endpoint takes {len(block_fn.inputs)} inputs ({names}), got {len(inputs)}",
+                           print_exception=False)
+
+    page.validate_inputs = validate_inputs  # Blocks.process_api calls it before the function
     return page
 
 

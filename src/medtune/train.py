@@ -122,6 +122,7 @@ def _prepare(cfg: Config, launch: Launch, items: list[MCQItem], out_dir: Path, l
     if t.report_to:
         accelerator.init_trackers("medtune", config=_tracker_config(cfg.to_dict()))
     run = TrainRun(accelerator, model, optimizer, scheduler, cfg, out_dir, steps, log)
+    run.recorder = launch.recorder
     if t.eval_every:
         from medtune.validation import Validation
 
@@ -175,7 +176,7 @@ def _finish(run: TrainRun, launch: Launch, plan: list, tokenizer, loss: float, c
     state = accelerator.get_state_dict(model)  # every rank: FSDP / ZeRO-3 gather the sharded weights whole
     if accelerator.is_main_process:
         save_adapter(accelerator.unwrap_model(model), state, tokenizer, cfg, items, out_dir, summary, extra_meta)
-        launch.recorder.stop(out_dir, train_tokens=run.tokens, steps=run.step - run.start,
+        launch.recorder.stop(out_dir, train_tokens=run.tokens, steps=run.step, resumed_from_step=run.start,
                              device_count=max(accelerator.num_processes, 1))
         log(f"trained {run.step} steps in {summary['wall_s']} s, {summary['tokens_per_s']} real tokens/s, "
             f"final loss {loss:.4f}")
@@ -258,6 +259,7 @@ class TrainRun:
         self.sharded = checkpoint.sharded(accelerator)
         self.data: dict = {}  # the data fingerprint every checkpoint records (begin)
         self.validation = None  # validation.Validation when train.eval_every is on
+        self.recorder = None  # cost.Recorder: every checkpoint keeps the run's cost so far, for a resume to go on from
 
     def stopped(self) -> bool:
         """Early stopping (train.patience) reached, in this run or in the checkpoint it resumed."""
@@ -278,6 +280,8 @@ class TrainRun:
             self.step = self.start = self.last_saved = state["step"]
             self.tokens, self.loss = state.get("tokens", 0), state.get("loss", float("nan"))
             self.t0 = time.time() - state.get("elapsed_s", 0.0)  # throughput continues across the interruption
+            if self.recorder is not None:
+                self.recorder.resumed(state.get("cost"))
             if self.acc.is_main_process:
                 self.log(f"resumed from {ckpt} (step {self.step})")
         if self.acc.is_main_process:
@@ -339,6 +343,8 @@ class TrainRun:
         if self.acc.is_main_process:
             state = {"tokens": self.tokens, "elapsed_s": time.time() - self.t0, "loss": self.loss,
                      "config": checkpoint.shaping_config(self.cfg.to_dict()), "data": self.data}
+            if self.recorder is not None:
+                state["cost"] = self.recorder.so_far()
             best = None
             if self.validation is not None:
                 state["validation"], best = self.validation.state(), self.validation.best_weights

@@ -122,7 +122,7 @@ def _hub(name: str, split: str) -> list[MCQItem]:
     try:
         import datasets  # heavy; only for Hub presets
 
-        unreachable = _hub_unreachable(datasets.config.HF_ENDPOINT)
+        unreachable = hub_unreachable(datasets.config.HF_ENDPOINT)
         with _quiet_hub(offline=unreachable is not None):
             ds = datasets.load_dataset(preset.hub_id, preset.config, split=hub_split)
     except (ConnectionError, OSError, ValueError) as e:
@@ -150,7 +150,7 @@ def _hub(name: str, split: str) -> list[MCQItem]:
     return items
 
 
-def _hub_unreachable(endpoint: str) -> OSError | None:
+def hub_unreachable(endpoint: str) -> OSError | None:
     """Why the Hub cannot be reached (one connection attempt, 5 s at most), or None. huggingface_hub retries each
     request 5 times with backoff (~30 s of log lines per file) before datasets falls back to the cache; one failed
     attempt here sends the load straight to the cache. Behind a proxy a direct attempt proves nothing: not tried."""
