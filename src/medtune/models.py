@@ -51,6 +51,7 @@ def resolve(name: str, log=print) -> str:
     gguf = embedded_gguf()
     if gguf is None:
         log(f"note: the embedded model package is not installed ({EMBEDDED_PIP}); trying the Hub's {EMBEDDED_HUB}")
+        offline_if_unreachable()
         return EMBEDDED_HUB
     out = cache_dir() / "smollm2-135m-instruct"
     expected = {"gguf": gguf.name, "size": gguf.stat().st_size}
