@@ -34,6 +34,18 @@ def _images(page: str) -> list[bytes]:
 
 
 @pytest.mark.slow
+def test_report_says_when_earlier_sessions_cost_is_unknown(tiny_run, tmp_path):
+    """A resumed training whose checkpoint's cost record was not medtune's: cost.json says so, and so does the page."""
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run[0], run)
+    cost = json.loads((run / "cost.json").read_text())
+    note = "the checkpoint's record of this run's earlier sessions is not medtune's: their cost is not included"
+    (run / "cost.json").write_text(json.dumps({**cost, "sessions": None, "earlier_sessions": note}))
+    result = CliRunner().invoke(app, ["report", str(run), "-q"])
+    assert result.exit_code == 0, result.output
+    assert "their cost is not included" in (run / "report.html").read_text()
+
+
 def test_run_writes_a_self_contained_report(tiny_run):
     from PIL import Image
 

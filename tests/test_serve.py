@@ -254,6 +254,17 @@ def test_an_api_call_with_another_number_of_inputs_is_one_line_not_a_traceback(s
             body = http.get(url + f"gradio_api/call/ask/{event}").text
             assert "event: error" in body and f"takes 2 inputs (Question, Options, one per line), got {got}" in body, \
                 body
+        for value in (999, "x", -5, 1.5, None, {"index": 1}):  # the examples' loader takes an example's index
+            event = http.post(url + "gradio_api/call/load_example", json={"data": [value]}).json()["event_id"]
+            body = http.get(url + f"gradio_api/call/load_example/{event}").text
+            assert "event: error" in body and body.count("\n") <= 3, body  # one line (was multi-line, 2 tracebacks)
+        joined = http.post(url + "gradio_api/queue/join", json={"data": ["Q?", "a\nb"], "fn_index": 99,
+                                                                 "session_hash": "probe10"})
+        assert joined.status_code == 404 and "no such endpoint or function" in joined.json()["error"]  # was 500
+        named = http.post(url + "gradio_api/call/nope", json={"data": ["Q?", "a\nb"]})
+        assert named.status_code == 404 and "no such endpoint or function" in named.json()["error"]
+        unknown = http.get(url + "gradio_api/call/ask/deadbeef")  # was a broken stream
+        assert unknown.status_code == 404 and "no such event 'deadbeef'" in unknown.json()["error"]
     assert "Traceback" not in proc.log.read_text()  # gradio's ValueError printed one for too few inputs
 
 

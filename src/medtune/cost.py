@@ -22,9 +22,11 @@ import time
 from pathlib import Path
 
 from medtune.errors import MedtuneError
-from medtune.records import read_record
+from medtune.records import COST_FIELDS, read_record
 
 RAPL = Path("/sys/class/powercap")
+UNKNOWN_EARLIER = ("the checkpoint's record of this run's earlier sessions is not medtune's: their cost is not "
+                   "included (wall time and energy are this session's and later ones' only)")
 
 
 class Recorder:
@@ -42,28 +44,31 @@ class Recorder:
         self.earlier: dict | None = None
 
     def resumed(self, earlier) -> None:
-        """The cost a checkpoint recorded for the sessions before this one; a value that is not one counts as none."""
-        ok = isinstance(earlier, dict) and all(
-            isinstance(earlier.get(k), (int, float)) and not isinstance(earlier.get(k), bool)
-            and math.isfinite(earlier[k]) and earlier[k] >= 0 for k in ("wall_s", "sessions")) \
-            and (earlier.get("energy_j") is None or isinstance(earlier["energy_j"], (int, float)))
-        self.earlier = earlier if ok else {"wall_s": 0.0, "energy_j": None, "sessions": 0,
-                                           "unknown": "the checkpoint's record of earlier sessions is not medtune's: "
-                                                      "their cost is not included"}
+        """The cost a checkpoint recorded for the sessions before this one, held to cost.json's own bounds
+        (records.COST_FIELDS); a value that is not one counts as unknown, and cost.json then says so."""
+        ok = isinstance(earlier, dict) and all(COST_FIELDS[k](earlier.get(k)) for k in ("wall_s", "energy_j")) \
+            and "sessions" in earlier and COST_FIELDS["sessions"](earlier["sessions"])
+        self.earlier = earlier if ok else {"wall_s": 0.0, "energy_j": None, "sessions": None}
+        if not ok or (earlier["sessions"] is None and not COST_FIELDS["earlier_sessions"](
+                earlier.get("earlier_sessions"))):
+            self.earlier["earlier_sessions"] = UNKNOWN_EARLIER
+        if ok and isinstance(earlier.get("started"), str):
+            self.rec["started"] = earlier["started"]  # the run's start, not this session's
 
     def so_far(self) -> dict:
         """Wall time and energy from the first session until now (this session's energy: until now)."""
-        now = {"wall_s": time.perf_counter() - self.t0, **self.meter.stop()}
+        now = {"wall_s": time.perf_counter() - self.t0, **self.meter.stop(), "started": self.rec["started"]}
         if self.earlier is None:
             return {**now, "wall_s": round(now["wall_s"], 3), "sessions": 1}
         energy = None if None in (now["energy_j"], self.earlier["energy_j"]) else now["energy_j"] + \
             self.earlier["energy_j"]
         note = now["energy_note"] if energy is not None or now["energy_j"] is None else \
             "an earlier session of this run had no energy counter: its energy is unknown"
+        sessions = self.earlier["sessions"]
         return {**now, "wall_s": round(now["wall_s"] + self.earlier["wall_s"], 3),
                 "energy_j": energy if energy is None else round(energy, 6), "energy_note": note,
-                "sessions": int(self.earlier["sessions"]) + 1,
-                **({"earlier_sessions": self.earlier["unknown"]} if "unknown" in self.earlier else {})}
+                "sessions": None if sessions is None else sessions + 1,
+                **({"earlier_sessions": self.earlier["earlier_sessions"]} if sessions is None else {})}
 
     def stop(self, out_dir: Path | str | None, **produced) -> dict:
         self.rec.update(self.so_far())
@@ -204,7 +209,8 @@ def collect(run_dir: Path) -> dict:
            "energy_j": round(sum(energies), 3) if all(e is not None for e in energies) else None,
            "energy_note": "; ".join(sorted({p["energy_note"] for p in parts.values() if p.get("energy_note")})),
            "train_tokens": sum(p.get("train_tokens") or 0 for p in parts.values()) or None,
-           "train_wall_s": sum(p["wall_s"] for p in parts.values() if p["kind"] == "train") or None}
+           "train_wall_s": sum(p["wall_s"] for p in parts.values() if p["kind"] == "train") or None,
+           "notes": [f"{name}: {p['earlier_sessions']}" for name, p in parts.items() if "earlier_sessions" in p]}
     out.update(_gain(run_dir))
     return out
 
@@ -282,6 +288,7 @@ def render(rows: list[tuple[dict, dict]]) -> str:
             "per M train tokens": _money(p["cost_per_million_train_tokens"]), "accuracy gain (points)": gain,
             "per point gained": _money(p["cost_per_point"])})
         notes.append(f"{c['run']}: energy: {c['energy_note'] or '-'}")
+        notes += [f"{c['run']}: {note}" for note in c["notes"]]
         if c["gain_kind"] == "raw":
             notes.append(f"{c['run']}: no permutation-debiased accuracy in this run; the raw accuracy gain was used")
         elif c["gain_points"] is not None and c["gain_points"] <= 0:

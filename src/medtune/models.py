@@ -146,6 +146,13 @@ def offline_if_unreachable() -> None:
         HUB_DOWN["cause"] = cause
 
 
+def _not_cached(name: str, where: str) -> None:
+    """A Hub id that failed to load while offline_if_unreachable had found the Hub down: that is the reason."""
+    if HUB_DOWN and not Path(where).exists():
+        raise MedtuneError(f"{name}: not in the local Hugging Face cache, and the Hub cannot be reached "
+                           f"({HUB_DOWN['cause']}); offline, use `embedded` or a local dir") from None
+
+
 def _pretrained(path: str) -> tuple[str, dict]:
     """from_pretrained arguments: a `.gguf` file is read as `from_pretrained(its dir, gguf_file=its name)`."""
     if Path(path).suffix == ".gguf":
@@ -167,6 +174,7 @@ def load_tokenizer(path: str, padding_side: str = "left"):
     try:  # no code from a model's or an adapter's tokenizer_config.json `auto_map`, whatever it asks
         tokenizer = AutoTokenizer.from_pretrained(where, trust_remote_code=False, **kwargs)
     except ValueError as e:
+        _not_cached(path, where)
         if "trust_remote_code" in str(e):
             raise MedtuneError(f"{where}: cannot load its tokenizer (it asks to run its own Python code (auto_map); "
                                "medtune never runs code from a model or adapter)") from None
@@ -174,6 +182,7 @@ def load_tokenizer(path: str, padding_side: str = "left"):
                            ) from None
     except Exception as e:  # noqa: BLE001 - a tokenizer file transformers or the tokenizers library cannot build
         # (an unknown model type, missing fields: KeyError, TypeError, the tokenizers library's plain Exception)
+        _not_cached(path, where)
         raise MedtuneError(f"{_tokenizer_file(path)}: cannot load its tokenizer ({_first(e)}); {_tokenizer_fix(path)}"
                            ) from None
     if tokenizer.pad_token is None:
@@ -313,9 +322,7 @@ def load_weights(name: str, path: str, dtype, **kwargs):
                                                                **(gguf or {"use_safetensors": True}), **kwargs)
     except (OSError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        if HUB_DOWN and not Path(where).exists():
-            raise MedtuneError(f"{name}: not in the local Hugging Face cache, and the Hub cannot be reached "
-                               f"({HUB_DOWN['cause']}); offline, use `embedded` or a local dir") from None
+        _not_cached(name, where)
         raise MedtuneError(f"{name}: could not load the model ({first}). medtune loads safetensors weights only; "
                            "offline, use `embedded` or a local dir.") from None
     except (RuntimeError, StrictDataclassError, AttributeError, TypeError) as e:  # shapes that do not match, a

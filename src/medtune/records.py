@@ -40,7 +40,9 @@ COST_FIELDS = {"kind": lambda v: isinstance(v, str), "wall_s": lambda v: _number
                "device_count": lambda v: _count(v, 10**6) and v >= 1,
                "energy_j": lambda v: v is None or (_number(v) and 0 <= v <= 1e15),
                "train_tokens": lambda v: v is None or _count(v, 10**15),
-               "energy_note": lambda v: v is None or isinstance(v, str)}
+               "energy_note": lambda v: v is None or isinstance(v, str),
+               "sessions": lambda v: v is None or (_count(v, 10**6) and v >= 1),  # None: earlier ones unknown
+               "earlier_sessions": lambda v: isinstance(v, str)}
 
 
 def read_record(path: Path, kind: str) -> dict:

@@ -78,16 +78,39 @@ def build(loaded: Loaded, max_new_tokens: int = 96, guard: QueueGuard | None = N
                 details = gr.JSON(label="Full result (as `medtune ask --json`)", visible=False)
         submit.click(ask_fn, [question, options], [verdict, bars, why, details], api_name="ask")
 
-    def validate_inputs(block_fn, inputs: list) -> None:
-        """An API call with another number of inputs: the caller's error in one line (gradio raised a ValueError for
-        too few, a traceback in the server's log, and dropped extra inputs silently)."""
+    preprocess = page.preprocess_data
+
+    async def preprocess_data(block_fn, inputs: list, state, explicit_call: bool = False):
+        """An API call's inputs: another number of them than the form's, or a value a field cannot take, is the
+        caller's error in one line (gradio raised a ValueError for too few, a traceback in the server's log, dropped
+        extra inputs silently, and answered a wrong value with a multi-line message and two tracebacks)."""
         if len(inputs) != len(block_fn.inputs):
             names = ", ".join(getattr(b, "label", None) or type(b).__name__ for b in block_fn.inputs)
             raise gr.Error(f"this endpoint takes {len(block_fn.inputs)} inputs ({names}), got {len(inputs)}",
                            print_exception=False)
+        try:
+            return await preprocess(block_fn, inputs, state, explicit_call)
+        except Exception as e:  # noqa: BLE001 - any value a component cannot read is the caller's error
+            raise gr.Error(f"an input is not a value this field takes ({str(e).strip().splitlines()[0][:200]})",
+                           print_exception=False) from None
 
-    page.validate_inputs = validate_inputs  # Blocks.process_api calls it before the function
+    page.preprocess_data = preprocess_data  # Blocks.process_api calls it before the function
+    for block_fn in page.fns.values():  # the examples' loader (its value an example's index): a bad one is one line
+        if block_fn.name == "load_example":
+            block_fn.fn = _one_line(block_fn.fn, gr.Error)
     return page
+
+
+def _one_line(fn, error):
+    import functools
+
+    @functools.wraps(fn)  # gradio reads the function's signature
+    def call(*args):
+        try:
+            return fn(*args)
+        except Exception as e:  # noqa: BLE001 - gradio's own example loader, given a value it cannot read
+            raise error(f"not an example of this page ({type(e).__name__})", print_exception=False) from None
+    return call
 
 
 def model_line(loaded: Loaded) -> str:
@@ -231,7 +254,9 @@ class _StreamCounter:
             self.guard._sweeper = asyncio.get_running_loop().create_task(self.guard.sweep(self.page._queue))
         key = _stream_key(scope)
         if key is None:
-            return await self.app(scope, receive, send)
+            return await self._routed(scope, receive, send)
+        if not scope["path"].endswith("/queue/data") and not self._known_event(key):
+            return await _json_error(send, 404, f"no such event {key[:80]!r} (unknown, or its answer was read)")
         self.guard.open[key] = self.guard.open.get(key, 0) + 1
         try:
             return await self.app(scope, receive, send)
@@ -239,6 +264,42 @@ class _StreamCounter:
             self.guard.open[key] -= 1
             if not self.guard.open[key]:
                 del self.guard.open[key]
+
+
+    def _known_event(self, event_id: str) -> bool:
+        """A /call answer stream for an event the queue holds, or whose answer waits to be read (gradio answered an
+        unknown one with a broken stream and a RuntimeError traceback in the log)."""
+        queue = self.page._queue
+        return event_id in queue.event_ids_to_events or any(event_id in ids for ids in
+                                                             list(queue.pending_event_ids_session.values()))
+
+    async def _routed(self, scope, receive, send):
+        """A call to a function or API name the page does not have (fn_index 99, /call/nope) is a 404 in one line;
+        gradio raised KeyError / FnIndexInferError out of its routes: HTTP 500 and a traceback in the log."""
+        from gradio.route_utils import FnIndexInferError
+
+        started = False
+
+        async def sending(message):
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            return await self.app(scope, receive, sending)
+        except (KeyError, FnIndexInferError) as e:
+            if started or scope["type"] != "http":
+                raise
+            await _json_error(send, 404, f"no such endpoint or function on this page ({str(e)[:80]})")
+
+
+async def _json_error(send, status: int, message: str) -> None:
+    import json
+
+    body = json.dumps({"error": message}).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})
 
 
 def _stream_key(scope) -> str | None:

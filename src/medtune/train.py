@@ -176,9 +176,12 @@ def _finish(run: TrainRun, launch: Launch, plan: list, tokenizer, loss: float, c
     state = accelerator.get_state_dict(model)  # every rank: FSDP / ZeRO-3 gather the sharded weights whole
     if accelerator.is_main_process:
         save_adapter(accelerator.unwrap_model(model), state, tokenizer, cfg, items, out_dir, summary, extra_meta)
-        launch.recorder.stop(out_dir, train_tokens=run.tokens, steps=run.step, resumed_from_step=run.start,
-                             device_count=max(accelerator.num_processes, 1))
-        log(f"trained {run.step} steps in {summary['wall_s']} s, {summary['tokens_per_s']} real tokens/s, "
+        finished = run.step == run.start and (out_dir / "cost.json").is_file()  # a --resume of a finished run
+        if not finished:  # (its cost.json is the training's; a resume that trains nothing leaves it as it is)
+            launch.recorder.stop(out_dir, train_tokens=run.tokens, steps=run.step, resumed_from_step=run.start,
+                                 device_count=max(accelerator.num_processes, 1))
+        log(f"nothing to train: the run had finished at step {run.step} (final loss {loss:.4f})" if finished else
+            f"trained {run.step} steps in {summary['wall_s']} s, {summary['tokens_per_s']} real tokens/s, "
             f"final loss {loss:.4f}")
     accelerator.wait_for_everyone()
     if cfg.train.report_to:

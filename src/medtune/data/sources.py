@@ -5,9 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import re
-import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -151,16 +149,23 @@ def _hub(name: str, split: str) -> list[MCQItem]:
 
 
 def hub_unreachable(endpoint: str) -> OSError | None:
-    """Why the Hub cannot be reached (one connection attempt, 5 s at most), or None. huggingface_hub retries each
-    request 5 times with backoff (~30 s of log lines per file) before datasets falls back to the cache; one failed
-    attempt here sends the load straight to the cache. Behind a proxy a direct attempt proves nothing: not tried."""
-    if any(os.environ.get(k) for k in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
-        return None
-    url = urlparse(endpoint)
+    """Why the Hub cannot be reached (one HTTP request, 5 s at most, through the proxy the environment names), or None.
+    huggingface_hub retries each request 5 times with backoff (~30-50 s of log lines per file) before it falls back
+    to the cache, and waits on a server that accepts and never answers; one failed request here sends the load
+    straight to the cache. Any HTTP answer, an error status too, counts as reachable."""
+    from urllib.error import HTTPError, URLError
+    from urllib.request import Request, urlopen
+
+    host = urlparse(endpoint).hostname
+    if not host:
+        return OSError(f"{endpoint!r} (HF_ENDPOINT) is not a URL")
     try:
-        socket.create_connection((url.hostname, url.port or (80 if url.scheme == "http" else 443)), timeout=5).close()
-    except OSError as e:
-        return OSError(f"{url.hostname}: {e.strerror or e}")
+        urlopen(Request(endpoint, method="HEAD"), timeout=5).close()
+    except HTTPError:
+        return None
+    except (URLError, OSError, ValueError) as e:
+        reason = getattr(e, "reason", e)
+        return OSError(f"{host}: {getattr(reason, 'strerror', None) or reason}")
     return None
 
 
