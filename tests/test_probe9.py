@@ -96,6 +96,21 @@ def test_unreachable_hub_model_in_the_cache_loads_from_it_quietly(tmp_path, tiny
     assert seconds < 60
 
 
+
+def test_training_a_cached_hub_model_with_the_hub_down_prints_its_result_line_only(tmp_path, tiny_model_dir):
+    """PEFT's adapter save asked the Hub for the base's config.json (to decide on saving embeddings): 2 warning lines."""
+    repo = tmp_path / "hf" / "hub" / "models--org--tiny"
+    revision = "1" * 40
+    shutil.copytree(tiny_model_dir, repo / "snapshots" / revision)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(revision)
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({**MEDQA, "question": f"Question {k}?"}) + "\n" for k in range(8)))
+    rc, out, _ = _medtune(["train", "-q", "--out", str(tmp_path / "o"), "--set", "model=org/tiny", "--set",
+                           f"data.source={data}", "--set", "train.max_steps=1", "--set", "train.dtype=float32",
+                           "--set", "device=cpu"], _hub_down_env(tmp_path))
+    assert rc == 0 and len(out.splitlines()) == 1 and out.startswith("trained 1 steps"), out
+
 # --- V12: the cost of a resumed training run is the whole run's -------------------------------------------------------
 
 def test_resumed_training_cost_counts_every_session(tiny_model_dir, tmp_path):

@@ -583,7 +583,9 @@ def save_adapter(model, state: dict, tokenizer, cfg: Config, items: list[MCQItem
     from medtune.report import environment
 
     with io.atomic_dir(out_dir / "adapter") as tmp:
-        model.save_pretrained(tmp, state_dict=state)  # PEFT keeps the adapter's entries of the gathered state
+        # PEFT keeps the adapter's entries of the gathered state. medtune never resizes the vocabulary, so no base
+        # embedding is saved; PEFT's "auto" asked the Hub for a Hub base's config.json to decide (a warning offline)
+        model.save_pretrained(tmp, state_dict=state, save_embedding_layers=False)
         if cfg.model == EMBEDDED:  # name the base by its Hub id, not this machine's cache path
             peft_cfg = json.loads((tmp / "adapter_config.json").read_text())
             io.write_json(tmp / "adapter_config.json", {**peft_cfg, "base_model_name_or_path": EMBEDDED_HUB}, indent=2)
