@@ -76,14 +76,19 @@ def test_unreachable_hub_model_id_is_one_line_in_seconds(tmp_path, verb, kind, t
     assert not (tmp_path / "o").exists()
 
 
+def _cache_hub_model(tmp_path: Path, model_dir: str) -> None:
+    """`model_dir` in tmp_path's HF_HOME cache as the Hub model org/tiny, laid out as huggingface_hub writes it."""
+    repo = tmp_path / "hf" / "hub" / "models--org--tiny"
+    revision = "0" * 40
+    shutil.copytree(model_dir, repo / "snapshots" / revision)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(revision)
+
+
 @pytest.mark.parametrize("kind", ["refused", "tarpit"])
 def test_unreachable_hub_model_in_the_cache_loads_from_it_quietly(tmp_path, tiny_model_dir, kind, tarpit):
     """A Hub id already in HF_HOME's cache: loaded from there at once, with no retry lines, while the Hub is down."""
-    repo = tmp_path / "hf" / "hub" / "models--org--tiny"
-    revision = "0" * 40
-    shutil.copytree(tiny_model_dir, repo / "snapshots" / revision)
-    (repo / "refs").mkdir()
-    (repo / "refs" / "main").write_text(revision)
+    _cache_hub_model(tmp_path, tiny_model_dir)
     data = tmp_path / "d.jsonl"
     data.write_text(json.dumps(MEDQA) + "\n")
     env = _hub_down_env(tmp_path)
@@ -96,20 +101,16 @@ def test_unreachable_hub_model_in_the_cache_loads_from_it_quietly(tmp_path, tiny
     assert seconds < 60
 
 
-
 def test_training_a_cached_hub_model_with_the_hub_down_prints_its_result_line_only(tmp_path, tiny_model_dir):
     """PEFT's adapter save asked the Hub for the base's config.json (to decide on saving embeddings): 2 warning lines."""
-    repo = tmp_path / "hf" / "hub" / "models--org--tiny"
-    revision = "1" * 40
-    shutil.copytree(tiny_model_dir, repo / "snapshots" / revision)
-    (repo / "refs").mkdir()
-    (repo / "refs" / "main").write_text(revision)
+    _cache_hub_model(tmp_path, tiny_model_dir)
     data = tmp_path / "d.jsonl"
     data.write_text("".join(json.dumps({**MEDQA, "question": f"Question {k}?"}) + "\n" for k in range(8)))
     rc, out, _ = _medtune(["train", "-q", "--out", str(tmp_path / "o"), "--set", "model=org/tiny", "--set",
                            f"data.source={data}", "--set", "train.max_steps=1", "--set", "train.dtype=float32",
                            "--set", "device=cpu"], _hub_down_env(tmp_path))
     assert rc == 0 and len(out.splitlines()) == 1 and out.startswith("trained 1 steps"), out
+
 
 # --- V12: the cost of a resumed training run is the whole run's -------------------------------------------------------
 
@@ -163,3 +164,20 @@ def test_resumed_training_cost_counts_every_session(tiny_model_dir, tmp_path):
     result = CliRunner().invoke(app, ["cost", str(tmp_path), "--price-per-hour", "2"])
     assert result.exit_code == 0 and "earlier sessions is not medtune's: their cost is not included" in result.output, \
         result.output
+
+
+def test_resumed_cost_sums_energy_and_says_when_an_earlier_session_had_no_counter():
+    from types import SimpleNamespace
+
+    from medtune.cost import Recorder
+
+    counted = {"energy_source": "rapl", "energy_j": 5.0, "energy_note": "whole-device counters"}
+    recorder = Recorder("train")
+    recorder.meter = SimpleNamespace(stop=lambda: counted)
+    recorder.resumed({"wall_s": 10.0, "energy_j": 7.5, "sessions": 2, "started": "2026-12-01T00:00:00Z"})
+    both = recorder.so_far()
+    assert both["energy_j"] == 12.5 and both["sessions"] == 3 and both["wall_s"] >= 10.0
+    assert both["started"] == "2026-12-01T00:00:00Z" and both["energy_note"] == "whole-device counters"
+    recorder.resumed({"wall_s": 10.0, "energy_j": None, "sessions": 1})
+    gap = recorder.so_far()
+    assert gap["energy_j"] is None and "earlier session of this run had no energy counter" in gap["energy_note"]

@@ -47,28 +47,26 @@ class Recorder:
         """The cost a checkpoint recorded for the sessions before this one, held to cost.json's own bounds
         (records.COST_FIELDS); a value that is not one counts as unknown, and cost.json then says so."""
         ok = isinstance(earlier, dict) and all(COST_FIELDS[k](earlier.get(k)) for k in ("wall_s", "energy_j")) \
-            and "sessions" in earlier and COST_FIELDS["sessions"](earlier["sessions"])
-        self.earlier = earlier if ok else {"wall_s": 0.0, "energy_j": None, "sessions": None}
-        if not ok or (earlier["sessions"] is None and not COST_FIELDS["earlier_sessions"](
-                earlier.get("earlier_sessions"))):
-            self.earlier["earlier_sessions"] = UNKNOWN_EARLIER
+            and "sessions" in earlier and COST_FIELDS["sessions"](earlier["sessions"]) \
+            and (earlier["sessions"] is not None or COST_FIELDS["earlier_sessions"](earlier.get("earlier_sessions")))
+        self.earlier = earlier if ok else {"wall_s": 0.0, "energy_j": None, "sessions": None,
+                                           "earlier_sessions": UNKNOWN_EARLIER}
         if ok and isinstance(earlier.get("started"), str):
             self.rec["started"] = earlier["started"]  # the run's start, not this session's
 
     def so_far(self) -> dict:
         """Wall time and energy from the first session until now (this session's energy: until now)."""
         now = {"wall_s": time.perf_counter() - self.t0, **self.meter.stop(), "started": self.rec["started"]}
-        if self.earlier is None:
-            return {**now, "wall_s": round(now["wall_s"], 3), "sessions": 1}
-        energy = None if None in (now["energy_j"], self.earlier["energy_j"]) else now["energy_j"] + \
-            self.earlier["energy_j"]
-        note = now["energy_note"] if energy is not None or now["energy_j"] is None else \
-            "an earlier session of this run had no energy counter: its energy is unknown"
-        sessions = self.earlier["sessions"]
-        return {**now, "wall_s": round(now["wall_s"] + self.earlier["wall_s"], 3),
-                "energy_j": energy if energy is None else round(energy, 6), "energy_note": note,
-                "sessions": None if sessions is None else sessions + 1,
-                **({"earlier_sessions": self.earlier["earlier_sessions"]} if sessions is None else {})}
+        earlier = self.earlier or {"wall_s": 0.0, "energy_j": 0.0, "sessions": 0}
+        energy = None if None in (now["energy_j"], earlier["energy_j"]) else round(now["energy_j"] +
+                                                                                   earlier["energy_j"], 6)
+        out = {**now, "wall_s": round(now["wall_s"] + earlier["wall_s"], 3), "energy_j": energy,
+               "sessions": None if earlier["sessions"] is None else earlier["sessions"] + 1}
+        if energy is None and now["energy_j"] is not None:
+            out["energy_note"] = "an earlier session of this run had no energy counter: its energy is unknown"
+        if "earlier_sessions" in earlier:
+            out["earlier_sessions"] = earlier["earlier_sessions"]
+        return out
 
     def stop(self, out_dir: Path | str | None, **produced) -> dict:
         self.rec.update(self.so_far())

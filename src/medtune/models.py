@@ -132,7 +132,7 @@ HUB_DOWN: dict[str, OSError] = {}  # "cause": why the Hub could not be reached, 
 
 
 def offline_if_unreachable() -> None:
-    """Before a Hub id loads: when the Hub cannot be reached (one connection attempt), the process goes offline, so
+    """Before a Hub id loads: when the Hub cannot be reached (one HTTP request), the process goes offline, so
     transformers reads the HF_HOME cache at once. Otherwise huggingface_hub retries every file request five times with
     backoff (~50 s of retry lines) before it falls back to the cache or fails."""
     from huggingface_hub import constants

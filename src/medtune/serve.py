@@ -97,19 +97,22 @@ def build(loaded: Loaded, max_new_tokens: int = 96, guard: QueueGuard | None = N
     page.preprocess_data = preprocess_data  # Blocks.process_api calls it before the function
     for block_fn in page.fns.values():  # the examples' loader (its value an example's index): a bad one is one line
         if block_fn.name == "load_example":
-            block_fn.fn = _one_line(block_fn.fn, gr.Error)
+            block_fn.fn = _one_line_errors(block_fn.fn)
     return page
 
 
-def _one_line(fn, error):
+def _one_line_errors(load_example):
+    """gradio's own example loader, given a value that is not an example index (null): one line, not a traceback."""
     import functools
 
-    @functools.wraps(fn)  # gradio reads the function's signature
+    import gradio as gr
+
+    @functools.wraps(load_example)  # gradio reads the function's signature
     def call(*args):
         try:
-            return fn(*args)
-        except Exception as e:  # noqa: BLE001 - gradio's own example loader, given a value it cannot read
-            raise error(f"not an example of this page ({type(e).__name__})", print_exception=False) from None
+            return load_example(*args)
+        except Exception as e:  # noqa: BLE001 - whatever it fails with, the value was the caller's
+            raise gr.Error(f"not an example of this page ({type(e).__name__})", print_exception=False) from None
     return call
 
 
@@ -264,7 +267,6 @@ class _StreamCounter:
             self.guard.open[key] -= 1
             if not self.guard.open[key]:
                 del self.guard.open[key]
-
 
     def _known_event(self, event_id: str) -> bool:
         """A /call answer stream for an event the queue holds, or whose answer waits to be read (gradio answered an
